@@ -13,12 +13,18 @@ Standard library only; runs on CPython 3.6 and newer. Copy this one file anywher
 """
 
 import base64
+import errno
+import functools
 import hashlib
+import http.client
+import ipaddress
 import json
 import os
+import re
 import secrets
 import select
 import socket
+import ssl
 import sys
 import time
 import urllib.error
@@ -40,18 +46,35 @@ CHAT_QUESTION = "Who is on the executive team?"
 CODE_PREFIX_LENGTH = 16  # how much of the authorization code is ever printed
 STATE_BYTES = 32
 CODE_VERIFIER_BYTES = 64  # 86 base64url characters: inside RFC 7636 §4.1's 43..128
+HTTP_TIMEOUT_SECONDS = 30
 CALLBACK_TIMEOUT_SECONDS = 300
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # far above any token or chat answer
 MAX_CALLBACK_REQUEST_BYTES = 16 * 1024  # a browser's GET is a few hundred bytes
+EXCERPT_CHARACTERS = 300  # how much of an unexpected body an error message shows
+USER_AGENT = "glean-oauth/{} Python/{}.{}".format(__version__, *sys.version_info[:2])
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class FlowError(Exception):
-    """The flow cannot go on. The message is for the user: one line, no secrets."""
+    """The flow cannot go on. The message is for the user: one line, no secrets.
 
-    def __init__(self, message, exit_code=EXIT_FAILURE):
+    `status` is the HTTP status when a server's answer was the problem.
+    """
+
+    def __init__(self, message, exit_code=EXIT_FAILURE, status=None):
         super().__init__(message)
         self.exit_code = exit_code
+        self.status = status
+
+
+def one_line(text):
+    """`text` with control and other unprintable characters made spaces, on one line.
+
+    Text from a server or a browser goes through here before it reaches a terminal, so
+    it cannot move the cursor, recolour, or hide what follows (escape injection).
+    """
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
 # --- Output -----------------------------------------------------------------------------
@@ -76,7 +99,7 @@ class Console:
         self.line(json.dumps(value, indent=2, ensure_ascii=False))
 
     def problem(self, text):
-        self._write(self.err, text)
+        self._write(self.err, one_line(text))
 
     def _write(self, stream, text):
         if self.secret:
@@ -96,15 +119,18 @@ class Console:
 class Config:
     """What one run needs, read from the environment (doc step 1)."""
 
-    def __init__(self, client_id, client_secret, backend_url, redirect_uri):
+    def __init__(self, client_id, client_secret, backend_url, redirect_uri,
+                 http_timeout=HTTP_TIMEOUT_SECONDS, callback_timeout=CALLBACK_TIMEOUT_SECONDS):
         self.client_id = client_id
         self.client_secret = client_secret
         self.backend_url = backend_url
         self.redirect_uri = redirect_uri
+        self.http_timeout = http_timeout
+        self.callback_timeout = callback_timeout
 
 
 def load_config(environ):
-    """Return a Config from `environ`; raise FlowError (exit 2) naming what to set."""
+    """Return a Config from `environ`; raise FlowError (exit 2) naming what to fix."""
     values = {name: environ.get(name, "").strip() for name in PLACEHOLDERS}
     unset = [name for name, value in values.items() if value in ("", PLACEHOLDERS[name])]
     if unset:
@@ -112,61 +138,267 @@ def load_config(environ):
             "Set {} before you run this script (see --help).".format(", ".join(unset)),
             EXIT_USAGE,
         )
+    backend_url = values["GLEAN_BACKEND_URL"].rstrip("/")
+    check_transport(backend_url, "GLEAN_BACKEND_URL", EXIT_USAGE)
+    redirect_uri = environ.get("REDIRECT_URI", "").strip() or DEFAULT_REDIRECT_URI
+    check_redirect_uri(redirect_uri)
     return Config(
         client_id=values["CLIENT_ID"],
         client_secret=values["CLIENT_SECRET"],
-        backend_url=values["GLEAN_BACKEND_URL"].rstrip("/"),
-        redirect_uri=environ.get("REDIRECT_URI", "").strip() or DEFAULT_REDIRECT_URI,
+        backend_url=backend_url,
+        redirect_uri=redirect_uri,
+        http_timeout=seconds(environ, "GLEAN_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS),
+        callback_timeout=seconds(environ, "GLEAN_CALLBACK_TIMEOUT", CALLBACK_TIMEOUT_SECONDS),
     )
+
+
+def seconds(environ, name, default):
+    """The positive number of seconds in `environ[name]`, or `default` when unset."""
+    text = environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not 0 < value < float("inf"):
+        raise FlowError("{} must be a positive number of seconds, not {!r}.".format(name, text), EXIT_USAGE)
+    return value
+
+
+def is_loopback(host):
+    """True for `localhost` and loopback addresses (127.0.0.0/8, ::1)."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport(url, name, exit_code=EXIT_FAILURE):
+    """Refuse a URL that credentials must not be sent to (RFC 6749 §1.6, §3.1, §3.2).
+
+    Secrets, codes and tokens go only over TLS, or over plain HTTP that never leaves
+    this machine.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname and (parts.scheme == "https" or parts.scheme == "http" and is_loopback(parts.hostname)):
+        return
+    raise FlowError(
+        "{} must be an https:// URL (http:// only for 127.0.0.1, [::1] or localhost), "
+        "not {}.".format(name, url),
+        exit_code,
+    )
+
+
+def check_redirect_uri(redirect_uri):
+    """Refuse a redirect URI this script cannot safely listen on (RFC 8252 §7.3, §8.3)."""
+    parts = urllib.parse.urlsplit(redirect_uri)
+    problem = None
+    try:
+        parts.port  # raises ValueError for a port that is not a number in 0..65535
+    except ValueError:
+        problem = "its port is not a number from 0 to 65535"
+    if parts.scheme != "http":
+        problem = "it must start with http:// (the listener is plain HTTP on this machine)"
+    elif not is_loopback(parts.hostname):
+        problem = "its host must be 127.0.0.1, [::1] or localhost, so that only this machine can receive the code"
+    elif parts.fragment:
+        problem = "it must not have a #fragment (RFC 6749 §3.1.2)"
+    if problem:
+        raise FlowError("REDIRECT_URI {} is refused: {}.".format(redirect_uri, problem), EXIT_USAGE)
 
 
 # --- HTTP -------------------------------------------------------------------------------
 
 
-def fetch_json(url, data=None, headers=None):
-    """Send one request and return the response body parsed as JSON.
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A 3xx ends the request instead of being followed.
 
-    `data` (bytes) makes it a POST. A status other than 2xx raises FlowError
-    `Request to <url> failed (<status>): <body>`, as the example's fetchJson does.
+    urllib's own handler copies the request's headers, Authorization included, to
+    whatever host the Location names; no request here may take a credential there.
     """
-    request = urllib.request.Request(url, data=data, headers=headers or {})
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _tls_context():
+    """Certificates verified against the system's CAs, or SSL_CERT_FILE / SSL_CERT_DIR.
+
+    Made once: loading the CA bundle costs tens of milliseconds.
+    """
+    return ssl.create_default_context()
+
+
+def _opener(url):
+    parts = urllib.parse.urlsplit(url)
+    handlers = [_NoRedirect()]
+    if parts.scheme == "https":
+        handlers.append(urllib.request.HTTPSHandler(context=_tls_context()))
+    if is_loopback(parts.hostname):
+        handlers.append(urllib.request.ProxyHandler({}))  # no proxy can reach our loopback
+    return urllib.request.build_opener(*handlers)  # else HTTPS_PROXY and NO_PROXY apply
+
+
+def http_request(url, data=None, headers=None, timeout=HTTP_TIMEOUT_SECONDS):
+    """Send one request (a POST when `data` is given); return `(status, body bytes)`.
+
+    Any status comes back, except a redirect, which raises FlowError naming where it
+    pointed. Raises FlowError when no answer comes within `timeout` seconds, when the
+    connection fails, or when the body is over MAX_RESPONSE_BYTES.
+    """
+    request = urllib.request.Request(url, data=data, headers=dict(headers or {}, **{"User-Agent": USER_AGENT}))
+    deadline = time.monotonic() + timeout
     try:
-        with urllib.request.urlopen(request) as response:
-            body = response.read()
-    except urllib.error.HTTPError as error:
-        text = error.read().decode("utf-8", "replace")
-        raise FlowError("Request to {} failed ({}): {}".format(url, error.code, text))
+        try:
+            response = _opener(url).open(request, timeout=timeout)
+        except urllib.error.HTTPError as error:
+            response = error  # an answer all the same: its status and body are the news
+        with response:
+            status = response.getcode()
+            if 300 <= status < 400:
+                raise FlowError(
+                    "Request to {} was redirected ({}) to {}; not following it, since no "
+                    "credential may go to another address. Check GLEAN_BACKEND_URL.".format(
+                        url, status, response.headers.get("Location") or "nowhere"),
+                    status=status,
+                )
+            return status, _read_limited(response, url, deadline)
     except urllib.error.URLError as error:
-        raise FlowError("Request to {} failed: {}".format(url, error.reason))
-    return json.loads(body.decode("utf-8"))
+        raise FlowError("Request to {} failed: {}".format(url, _reason(error.reason)))
+    except (OSError, http.client.HTTPException) as error:
+        raise FlowError("Request to {} failed: {}".format(url, _reason(error)))
 
 
-def form_post(url, fields):
-    """POST `fields` as application/x-www-form-urlencoded and return the JSON answer."""
+def _reason(error):
+    """What went wrong with a connection, in words, with what to do for the common cases."""
+    if isinstance(error, socket.timeout):
+        return "no answer in time (GLEAN_HTTP_TIMEOUT sets the limit in seconds)"
+    if isinstance(error, ssl.CertificateError) or "CERTIFICATE_VERIFY_FAILED" in str(error):
+        return ("the server's TLS certificate is not trusted ({}); behind a corporate proxy or CA, "
+                "set SSL_CERT_FILE to its CA bundle".format(getattr(error, "verify_message", None) or error))
+    return str(getattr(error, "strerror", None) or error)
+
+
+def _read_limited(response, url, deadline):
+    """The body of `response`, refusing one over MAX_RESPONSE_BYTES before it is all read."""
+    length = response.headers.get("Content-Length")
+    if length and length.isdigit() and int(length) > MAX_RESPONSE_BYTES:
+        raise FlowError("Response from {} is {} bytes, over the {} byte limit.".format(url, length, MAX_RESPONSE_BYTES))
+    chunks, size = [], 0
+    while True:
+        if time.monotonic() > deadline:
+            raise socket.timeout()
+        chunk = response.read(64 * 1024)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise FlowError("Response from {} is over the {} byte limit.".format(url, MAX_RESPONSE_BYTES))
+        chunks.append(chunk)
+
+
+def excerpt(body):
+    """The start of a response body, on one line, for an error message."""
+    text = one_line(body.decode("utf-8", "replace"))
+    return text if len(text) <= EXCERPT_CHARACTERS else text[:EXCERPT_CHARACTERS] + "..."
+
+
+def json_object(url, status, body):
+    """`body` parsed as a JSON object; FlowError when it is anything else."""
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except ValueError:  # also UnicodeDecodeError
+        value = None
+    if not isinstance(value, dict):
+        raise FlowError("Response from {} ({}) is not a JSON object: {}".format(url, status, excerpt(body)), status=status)
+    return value
+
+
+def fetch_json(url, data=None, headers=None, timeout=HTTP_TIMEOUT_SECONDS):
+    """Send one request and return its JSON object answer.
+
+    A status other than 2xx raises FlowError `Request to <url> failed (<status>): <body>`,
+    as the example's fetchJson does.
+    """
+    status, body = http_request(url, data, headers, timeout)
+    if not 200 <= status < 300:
+        raise FlowError("Request to {} failed ({}): {}".format(url, status, excerpt(body)), status=status)
+    return json_object(url, status, body)
+
+
+def token_request(token_endpoint, fields, timeout=HTTP_TIMEOUT_SECONDS):
+    """POST `fields` to the token endpoint as a form; return the token response.
+
+    An RFC 6749 §5.2 error answer becomes `token request failed (400): invalid_grant:
+    <error_description>`. An answer without an access token is an error too.
+    """
     body = urllib.parse.urlencode(fields).encode("ascii")
     headers = {"Content-Type": "application/x-www-form-urlencoded"}
-    return fetch_json(url, data=body, headers=headers)
+    status, answer = http_request(token_endpoint, body, headers, timeout)
+    if not 200 <= status < 300:
+        error = _oauth_error(answer)
+        if error:
+            raise FlowError("token request failed ({}): {}".format(status, error), status=status)
+        raise FlowError("Request to {} failed ({}): {}".format(token_endpoint, status, excerpt(answer)), status=status)
+    response = json_object(token_endpoint, status, answer)
+    if not isinstance(response.get("access_token"), str) or not response["access_token"]:
+        raise FlowError("The token response from {} has no access_token: {}".format(token_endpoint, excerpt(answer)))
+    return response
+
+
+def _oauth_error(body):
+    """`error: error_description` from an RFC 6749 §5.2 error body, or None."""
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("error"), str):
+        return None
+    description = value.get("error_description")
+    return value["error"] + (": " + str(description) if description else "")
 
 
 # --- Step 2: discovery ------------------------------------------------------------------
 
 
-def discover_metadata(backend_url):
-    """Fetch the RFC 8414 authorization server metadata of `backend_url` (doc step 2)."""
-    return fetch_json(backend_url + METADATA_PATH)
+def discover_metadata(config):
+    """Fetch the RFC 8414 authorization server metadata of the backend (doc step 2)."""
+    return fetch_json(config.backend_url + METADATA_PATH, timeout=config.http_timeout)
+
+
+def check_metadata(metadata):
+    """Refuse metadata this flow cannot use: no endpoints, no PKCE S256, or an endpoint
+    that would carry credentials in the clear. Glean's issuer may differ from the
+    backend URL (it can be `{backend}/oauth`), so it is shown, not compared."""
+    missing = [key for key in ("authorization_endpoint", "token_endpoint")
+               if not isinstance(metadata.get(key), str) or not metadata[key]]
+    if missing:
+        raise FlowError("The authorization server metadata has no {}.".format(" and no ".join(missing)))
+    methods = metadata.get("code_challenge_methods_supported")
+    if methods is not None and "S256" not in methods:
+        raise FlowError("The authorization server does not offer PKCE S256 (its "
+                        "code_challenge_methods_supported is {}); this flow needs it.".format(json.dumps(methods)))
+    for key in ("authorization_endpoint", "token_endpoint"):
+        check_transport(metadata[key], "The metadata's " + key)
 
 
 def print_metadata(metadata, console):
     """Print the metadata lines the example prints, one listed method a line."""
     for key in ("issuer", "authorization_endpoint", "token_endpoint"):
-        console.line("{}={}".format(key, metadata.get(key)))
+        console.line("{}={}".format(key, one_line(str(metadata.get(key)))))
     for title, key in (
         ("code challenge methods", "code_challenge_methods_supported"),
         ("token endpoint auth methods", "token_endpoint_auth_methods_supported"),
     ):
         console.line("\n" + title + ":")
         for method in metadata.get(key) or []:
-            console.line(str(method))
+            console.line(one_line(str(method)))
 
 
 # --- Step 3: PKCE and state -------------------------------------------------------------
@@ -195,6 +427,7 @@ def make_pkce():
 class CallbackListener:
     """Receives the browser's redirect on the host and port of the redirect URI (doc step 4).
 
+    It listens on loopback only (RFC 8252 §8.3), so no other machine can send it a code.
     One thread and `select`: a connection that opens and sends nothing (a browser's
     pre-connect) just sits there, so it can never hold up the real callback.
     """
@@ -203,8 +436,18 @@ class CallbackListener:
         parts = urllib.parse.urlsplit(redirect_uri)
         self.path = parts.path or "/"
         port = 80 if parts.port is None else parts.port  # 0: the system picks one
-        self.sockets = [_listen(parts.hostname, port)]
+        # Browsers may resolve localhost to either address, so listen on both.
+        hosts = ["127.0.0.1", "::1"] if parts.hostname.lower() == "localhost" else [parts.hostname]
+        self.sockets = [_listen(hosts[0], port)]
         port = self.sockets[0].getsockname()[1]
+        try:
+            for host in hosts[1:]:
+                sock = _listen(host, port, optional=True)
+                if sock:
+                    self.sockets.append(sock)
+        except FlowError:
+            self.close()
+            raise
         # With port 0 the system picked one: the redirect URI must name it.
         self.redirect_uri = urllib.parse.urlunsplit(
             parts._replace(netloc="{}:{}".format(_bracketed(parts.hostname), port))
@@ -233,14 +476,18 @@ class CallbackListener:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise FlowError(
-                        "No callback reached {} within {} s. Check that this redirect URI "
+                        "No callback reached {} within {:g} s. Check that this redirect URI "
                         "is registered on your static client and that sign-in finished in "
-                        "the browser.".format(self.redirect_uri, timeout)
+                        "the browser (GLEAN_CALLBACK_TIMEOUT sets the limit in seconds)."
+                        .format(self.redirect_uri, timeout)
                     )
                 readable, _, _ = select.select(self.sockets + list(pending), [], [], remaining)
                 for sock in readable:
                     if sock in self.sockets:
-                        conn, _ = sock.accept()
+                        try:
+                            conn, _ = sock.accept()
+                        except OSError:  # the peer gave up before we took it
+                            continue
                         conn.setblocking(False)
                         pending[conn] = b""
                         continue
@@ -255,9 +502,15 @@ class CallbackListener:
 
     def _answer(self, conn, head, check):
         """Answer one request; return the code when it was the callback, else None."""
+        if b"\r\n\r\n" not in head:
+            _respond(conn, "431 Request Header Fields Too Large", "Request too large\n")
+            return None
         method, path, query = _parse_request_head(head)
         if path != self.path:
             _respond(conn, "404 Not Found", "Not found\n")
+            return None
+        if method != "GET":
+            _respond(conn, "405 Method Not Allowed", "Method not allowed\n", "Allow: GET\r\n")
             return None
         try:
             code = check(query)
@@ -272,19 +525,35 @@ CALLBACK_DONE_PAGE = "OAuth callback captured. You can return to the terminal.\n
 CALLBACK_FAILED_PAGE = "OAuth callback failed. Check the terminal for details.\n"
 
 
-def _listen(host, port):
-    """A listening socket on `host`:`port`; FlowError when the port is taken."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def _listen(host, port, optional=False):
+    """A listening socket on `host`:`port`.
+
+    FlowError when the port is taken; with `optional`, None when this machine has no
+    such address (no IPv6), since the other address is enough.
+    """
+    address = "{}:{}".format(_bracketed(host), port)
+    try:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:
+        if optional:
+            return None
+        raise FlowError("Cannot listen on {}: this machine has no such address.".format(address))
     try:
         if os.name == "posix":  # elsewhere SO_REUSEADDR lets another process share the port
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(16)
+        return sock
     except OSError as error:
         sock.close()
-        raise FlowError("Cannot listen on {}:{}: {}.".format(host, port, error.strerror))
-    return sock
+        if error.errno == errno.EADDRINUSE:
+            raise FlowError(
+                "Port {} on {} is already in use (another run of this script?). Stop what "
+                "holds it, or register another loopback redirect URI on your client and set "
+                "REDIRECT_URI to it.".format(port, _bracketed(host)), EXIT_USAGE)
+        if optional and error.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            return None
+        raise FlowError("Cannot listen on {}: {}.".format(address, error.strerror or error))
 
 
 def _bracketed(host):
@@ -318,14 +587,22 @@ def _parse_request_head(head):
     return parts[0], path, query
 
 
-def _respond(conn, status, text):
-    """Send a small text/plain answer and close `conn`."""
+def _respond(conn, status, text, extra_headers=""):
+    """Send a small fixed text/plain page and close `conn`.
+
+    The page never echoes the request, is not cached (it follows a URL holding the
+    code), and sends no Referer onward.
+    """
     body = text.encode("utf-8")
     head = (
         "HTTP/1.1 {}\r\n"
         "Content-Type: text/plain; charset=utf-8\r\n"
         "Content-Length: {}\r\n"
-        "Connection: close\r\n\r\n".format(status, len(body))
+        "Cache-Control: no-store\r\n"
+        "Referrer-Policy: no-referrer\r\n"
+        "X-Content-Type-Options: nosniff\r\n"
+        "{}"
+        "Connection: close\r\n\r\n".format(status, len(body), extra_headers)
     )
     try:
         conn.setblocking(True)
@@ -363,17 +640,24 @@ def build_authorization_url(authorization_endpoint, client_id, redirect_uri, sta
 # --- Step 6: the callback ---------------------------------------------------------------
 
 
-def parse_callback(query, expected_state):
+def parse_callback(query, expected_state, issuer=None, iss_required=False):
     """Return the authorization code from the callback's query string (doc step 6).
 
-    Raises FlowError for an error response (RFC 6749 §4.1.2.1), a state that is not the
-    one this run sent (§10.12: the response is not ours) or a missing code.
+    Raises FlowError for a response from another issuer (RFC 9207 §2.4: an `iss` that
+    is not `issuer`, compared as plain strings, or none when `iss_required`), an error
+    response (RFC 6749 §4.1.2.1), a state that is not the one this run sent (§10.12:
+    the response is not ours) or a missing code.
     """
     params = urllib.parse.parse_qs(query, keep_blank_values=True)
 
     def first(name):
         return params.get(name, [""])[0]
 
+    if "iss" in params and first("iss") != issuer:
+        raise FlowError("Issuer mismatch: the callback's iss {} is not the metadata's issuer {} "
+                        "(RFC 9207).".format(first("iss"), issuer))
+    if "iss" not in params and iss_required:
+        raise FlowError("The callback has no iss, though the metadata says the server sends it (RFC 9207).")
     if first("error"):
         description = first("error_description")
         raise FlowError("OAuth error: " + first("error") + (": " + description if description else ""))
@@ -389,24 +673,24 @@ def parse_callback(query, expected_state):
 
 def exchange_code(metadata, config, code, code_verifier):
     """Trade the authorization code for tokens with client_secret_post (doc step 7)."""
-    return form_post(metadata["token_endpoint"], [
+    return token_request(metadata["token_endpoint"], [
         ("grant_type", "authorization_code"),
         ("code", code),
         ("redirect_uri", config.redirect_uri),
         ("client_id", config.client_id),
         ("client_secret", config.client_secret),
         ("code_verifier", code_verifier),
-    ])
+    ], config.http_timeout)
 
 
 def refresh_tokens(metadata, config, refresh_token):
     """Use the refresh_token grant (RFC 6749 §6; doc step 10)."""
-    return form_post(metadata["token_endpoint"], [
+    return token_request(metadata["token_endpoint"], [
         ("grant_type", "refresh_token"),
         ("refresh_token", refresh_token),
         ("client_id", config.client_id),
         ("client_secret", config.client_secret),
-    ])
+    ], config.http_timeout)
 
 
 # --- Step 8: the Chat API ---------------------------------------------------------------
@@ -418,27 +702,49 @@ def chat_request_body(question=CHAT_QUESTION):
     return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
 
-def call_chat_api(backend_url, access_token):
+def call_chat_api(config, access_token):
     """POST one question to the Chat API with the access token as a bearer token."""
     headers = {"Authorization": "Bearer " + access_token, "Content-Type": "application/json"}
-    return fetch_json(backend_url + CHAT_PATH, data=chat_request_body(), headers=headers)
+    return fetch_json(config.backend_url + CHAT_PATH, chat_request_body(), headers, config.http_timeout)
 
 
 # --- Step 9: the access token's claims --------------------------------------------------
 
 
+JWT_SEGMENT = re.compile(r"^[A-Za-z0-9_-]+$")  # base64url, no padding (RFC 7515 §2)
+
+
 def decode_jwt_part(part):
-    """Decode one base64url JWT segment as JSON; ValueError when it is not that."""
-    if not part:
-        raise ValueError("Missing JWT segment")
-    padded = part + "=" * (-len(part) % 4)
-    return json.loads(base64.urlsafe_b64decode(padded.encode("ascii")).decode("utf-8"))
+    """Decode one JWT segment to its JSON object; ValueError when it is not that."""
+    if not JWT_SEGMENT.match(part):
+        raise ValueError("not base64url")
+    value = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)).decode("utf-8"))
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
 
 
 def decode_jwt(token):
-    """Return the `(header, claims)` of a JWT without verifying its signature."""
+    """Return the `(header, claims)` of a JWS-compact JWT, without verifying its signature.
+
+    Raises ValueError when the token is not such a JWT (an opaque token, say).
+    """
     segments = token.split(".")
-    return decode_jwt_part(segments[0]), decode_jwt_part(segments[1] if len(segments) > 1 else "")
+    if len(segments) != 3:
+        raise ValueError("not three segments")
+    return decode_jwt_part(segments[0]), decode_jwt_part(segments[1])
+
+
+def print_jwt(access_token, console):
+    """Print the access token's header and claims (doc step 9), or say there are none."""
+    try:
+        header, claims = decode_jwt(access_token)
+    except ValueError:  # binascii.Error, UnicodeDecodeError and JSON errors are ValueErrors
+        console.line("\nThe access token is not a JWT, nothing to decode.")
+        return
+    console.section("JWT header", header)
+    console.section("JWT claims", claims)
+    console.line("\nThis does not verify the signature.")
 
 
 # --- The flow ---------------------------------------------------------------------------
@@ -447,8 +753,9 @@ def decode_jwt(token):
 def main(config, console):
     """The documented flow, step by step. Returns the exit code; raises FlowError."""
     # 2. Discover the authorization server's metadata (RFC 8414).
-    metadata = discover_metadata(config.backend_url)
+    metadata = discover_metadata(config)
     print_metadata(metadata, console)
+    check_metadata(metadata)
 
     # 3. PKCE (RFC 7636) and state.
     state, code_verifier, code_challenge = make_pkce()
@@ -466,31 +773,42 @@ def main(config, console):
         console.line("\nOpen this URL in your browser:\n")
         console.line(authorize_url)
 
-        # 6. The callback: error, state and code checks.
-        code = listener.wait(lambda query: parse_callback(query, state))
-    console.line("\nCaptured auth code prefix: " + code[:CODE_PREFIX_LENGTH])
+        # 6. The callback: issuer, error, state and code checks.
+        iss_required = metadata.get("authorization_response_iss_parameter_supported") is True
+        code = listener.wait(
+            lambda query: parse_callback(query, state, metadata.get("issuer"), iss_required),
+            config.callback_timeout,
+        )
+    console.line("\nCaptured auth code prefix: " + one_line(code[:CODE_PREFIX_LENGTH]))
 
     # 7. Exchange the code for tokens (client_secret_post).
     token_response = exchange_code(metadata, config, code, code_verifier)
     console.section("Token response", token_response)
 
-    # 8. Call the Chat API with the access token.
-    chat_response = call_chat_api(config.backend_url, token_response["access_token"])
-    console.section("Chat response", chat_response)
+    # 8. Call the Chat API. A failure here (401/403 without the CHAT scope is common)
+    # is reported, and the tokens already obtained are still decoded and refreshed.
+    exit_code = EXIT_OK
+    try:
+        chat_response = call_chat_api(config, token_response["access_token"])
+        console.section("Chat response", chat_response)
+    except FlowError as error:
+        console.problem("Chat API call failed: {}{}".format(
+            error, CHAT_SCOPE_HINT if error.status in (401, 403) else ""))
+        exit_code = EXIT_FAILURE
 
     # 9. Decode the access token locally.
-    header, claims = decode_jwt(token_response["access_token"])
-    console.section("JWT header", header)
-    console.section("JWT claims", claims)
-    console.line("\nThis does not verify the signature.")
+    print_jwt(token_response["access_token"], console)
 
     # 10. Use the refresh token.
     if not token_response.get("refresh_token"):
         console.line("\nNo refresh token was returned")
-        return EXIT_OK
+        return exit_code
     refresh_response = refresh_tokens(metadata, config, token_response["refresh_token"])
     console.section("Refresh response", refresh_response)
-    return EXIT_OK
+    return exit_code
+
+
+CHAT_SCOPE_HINT = " (the token may lack the CHAT scope: check the scopes of your static client)"
 
 
 def cli(environ=None, out=None, err=None):
@@ -505,6 +823,13 @@ def cli(environ=None, out=None, err=None):
     except FlowError as error:
         console.problem(str(error))
         return error.exit_code
+    except KeyboardInterrupt:
+        console.problem("Interrupted.")
+        return EXIT_INTERRUPTED
+    except Exception as error:  # a bug: still one line, still no secret
+        console.problem("Unexpected error: {}: {} (a bug in glean_oauth.py; please report it)".format(
+            type(error).__name__, error))
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ was sent. Everything listens on 127.0.0.1 with ports the system picks.
     python3 test_glean_oauth.py demo         # the whole flow against the stand-in
 """
 
+import atexit
 import base64
 import functools
 import glob
@@ -19,8 +20,11 @@ import json
 import os
 import queue
 import secrets
+import signal
 import socket
+import ssl
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -78,17 +82,22 @@ class Recorded:
 class StandInGlean:
     """A Glean backend and OAuth authorization server on 127.0.0.1, strict like the real one.
 
-    `overrides[path] = (status, headers, body)` answers that path with a canned response,
-    for fault tests. `registered_redirect` is the redirect URI registered on the client; a
-    loopback one matches any port (RFC 8252 §7.3).
+    `overrides[path] = (status, headers, body)`, or a function of the Recorded request that
+    returns one, answers that path instead, for fault tests. `registered_redirect` is the
+    redirect URI registered on the client; a loopback one matches any port (RFC 8252 §7.3).
+    With `tls`, it serves HTTPS with the test certificate.
     """
 
     def __init__(self, client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
-                 registered_redirect="http://127.0.0.1/oauth/callback"):
+                 registered_redirect="http://127.0.0.1/oauth/callback", tls=False):
         self.client_id, self.client_secret = client_id, client_secret
         self.registered_redirect = registered_redirect
         self.issue_refresh_token = True
+        self.opaque_tokens = False  # access tokens that are not JWTs
         self.authorize_error = None  # e.g. "access_denied": the user said no
+        self.error_description = None
+        self.callback_iss = "issuer"  # what the redirect's iss is: "issuer", None or a string
+        self.metadata_extra = {}
         self.overrides = {}
         self.requests = []
         self.codes = {}  # code -> what the authorization request bound it to
@@ -97,7 +106,11 @@ class StandInGlean:
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_StandInHandler, self))
         self.httpd.daemon_threads = True
-        self.url = "http://127.0.0.1:{}".format(self.httpd.server_address[1])
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(certificate_file(), certificate_file())
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.url = "{}://127.0.0.1:{}".format("https" if tls else "http", self.httpd.server_address[1])
         self.issuer = self.url + "/oauth"  # Glean's issuer need not be the backend URL
 
     def __enter__(self):
@@ -111,7 +124,7 @@ class StandInGlean:
         self.httpd.server_close()
 
     def metadata(self):
-        return {
+        return dict({
             "issuer": self.issuer,
             "authorization_endpoint": self.url + "/oauth/authorize",
             "token_endpoint": self.url + "/oauth/token",
@@ -119,7 +132,7 @@ class StandInGlean:
             "grant_types_supported": ["authorization_code", "refresh_token"],
             "code_challenge_methods_supported": ["S256"],
             "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic"],
-        }
+        }, **self.metadata_extra)
 
     def paths(self, method=None):
         return [r.path for r in self.requests if method in (None, r.method)]
@@ -138,9 +151,13 @@ class StandInGlean:
         if q.get("response_type") != "code" or q.get("code_challenge_method") != "S256" \
                 or not q.get("code_challenge"):
             return 400, {}, "PKCE S256 and response_type=code are required\n"
-        answer = {"state": q.get("state", ""), "iss": self.issuer}
+        answer = {"state": q.get("state", "")}
+        if self.callback_iss:
+            answer["iss"] = self.issuer if self.callback_iss == "issuer" else self.callback_iss
         if self.authorize_error:
             answer["error"] = self.authorize_error
+            if self.error_description:
+                answer["error_description"] = self.error_description
         else:
             code = secrets.token_urlsafe(32)
             with self._lock:
@@ -184,7 +201,7 @@ class StandInGlean:
 
     def _issue(self):
         now = int(time.time())
-        access_token = make_jwt(
+        access_token = secrets.token_urlsafe(32) if self.opaque_tokens else make_jwt(
             {"alg": "RS256", "kid": "stand-in", "typ": "JWT"},
             {"iss": self.issuer, "sub": "demo.user@example.com", "aud": self.client_id,
              "iat": now, "exp": now + 3600, "jti": secrets.token_hex(8)},
@@ -240,8 +257,9 @@ class _StandInHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         request = Recorded(self.command, self.path, dict(self.headers), self.rfile.read(length))
         self.glean.requests.append(request)
-        if request.path in self.glean.overrides:
-            status, headers, body = self.glean.overrides[request.path]
+        override = self.glean.overrides.get(request.path)
+        if override:
+            status, headers, body = override(request) if callable(override) else override
         elif request.path in routes:
             status, headers, body = routes[request.path](request)
         else:
@@ -373,16 +391,20 @@ def run_flow(glean, args=(), python=sys.executable, echo=(None, None), **env):
     run = ScriptRun(script_env(glean, **env), args, python=python, echo=echo)
     try:
         browser = play_browser(run.authorize_url())
-        return Flow(run, run.finish(), browser)
+        flow = Flow(run, run.finish(), browser)
+        assert_secret_absent(flow.stdout, flow.stderr)
+        return flow
     finally:
         if run.proc.poll() is None:
             run.proc.kill()
 
 
 def run_script(env, args=(), stdin=b"", python=sys.executable):
-    """Run the script with no browser step; return the CompletedProcess (text)."""
-    return subprocess.run([python, SCRIPT] + list(args), env=env, input=stdin,
+    """Run the script with no browser step; return the CompletedProcess (bytes)."""
+    proc = subprocess.run([python, SCRIPT] + list(args), env=env, input=stdin,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
+    assert_secret_absent(proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace"))
+    return proc
 
 
 def demo():
@@ -404,6 +426,7 @@ def run_cli(environ):
     """Call glean_oauth.cli in this process; return (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     code = glean_oauth.cli(environ=environ, out=out, err=err)
+    assert_secret_absent(out.getvalue(), err.getvalue())
     return code, out.getvalue(), err.getvalue()
 
 
@@ -417,6 +440,87 @@ def good_environ(glean, **overrides):
 def assert_secret_absent(*texts):
     for text in texts:
         assert CLIENT_SECRET not in text
+
+
+# A self-signed certificate for 127.0.0.1 and glean.test, made for these tests only
+# (openssl req -x509 -newkey ec -days 36500 ...); its key protects nothing.
+TEST_CERTIFICATE = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgS+RgJQma9YILaSUq
+3Euj5RNZDM3AGP+fSSc2Jx/81iqhRANCAAQNGMwpldcriEInnkOFEMnsl79HJJJT
+ndqM6wdL5MxDaDyMBMkAQSYdJgdxQzwtqwr+6NxZES+BO+5A/4ejBIxV
+-----END PRIVATE KEY-----
+-----BEGIN CERTIFICATE-----
+MIIBuzCCAWGgAwIBAgIUchqYEx0bUFTvK3e04bA9MuTbJb8wCgYIKoZIzj0EAwIw
+GzEZMBcGA1UEAwwQZ2xlYW4tb2F1dGgtdGVzdDAgFw0yNjExMjgxNjA5MDhaGA8y
+MTI2MTEwNDE2MDkwOFowGzEZMBcGA1UEAwwQZ2xlYW4tb2F1dGgtdGVzdDBZMBMG
+ByqGSM49AgEGCCqGSM49AwEHA0IABA0YzCmV1yuIQieeQ4UQyeyXv0ckklOd2ozr
+B0vkzENoPIwEyQBBJh0mB3FDPC2rCv7o3FkRL4E77kD/h6MEjFWjgYAwfjAdBgNV
+HQ4EFgQUZEXmvH6TLFUZtiPyKpyQWLCHyJQwHwYDVR0jBBgwFoAUZEXmvH6TLFUZ
+tiPyKpyQWLCHyJQwGwYDVR0RBBQwEoIKZ2xlYW4udGVzdIcEfwAAATAPBgNVHRMB
+Af8EBTADAQH/MA4GA1UdDwEB/wQEAwIChDAKBggqhkjOPQQDAgNIADBFAiEA9Qsj
+5Y1CCjb/lPRwOSKPXfkQuRaHXbLnUw0Q97u6hYQCIFwpS3ndWk9mHzmof2TV/O46
+jHdhJGQg60I3EElnQLgU
+-----END CERTIFICATE-----
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def certificate_file():
+    """A file holding TEST_CERTIFICATE (key and certificate), made once per process."""
+    with tempfile.NamedTemporaryFile("w", suffix=".pem", delete=False) as f:
+        f.write(TEST_CERTIFICATE)
+    atexit.register(os.remove, f.name)
+    return f.name
+
+
+class RawServer:
+    """A TCP server on 127.0.0.1 whose `handle(conn)` runs in a thread per connection,
+    for peers that HTTP servers do not play: silent ones, endless ones, proxies."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.accepted = threading.Event()
+        self.connections = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.url = "http://127.0.0.1:{}".format(self.port)
+
+    def __enter__(self):
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self.sock.close()
+        for conn in self.connections:
+            conn.close()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            self.accepted.set()
+            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+
+
+def silent(conn):
+    """Accept, and never answer."""
+
+
+def read_head(conn):
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return head
 
 
 # --- Step 1: configuration --------------------------------------------------------------
@@ -683,6 +787,500 @@ def test_the_whole_flow_runs_on_every_python(version):
     assert flow.code == 0, flow.run.output()
     assert "\nRefresh response:\n" in flow.stdout
     assert_secret_absent(flow.stdout, flow.stderr)
+
+
+
+# --- Hardening: time ---------------------------------------------------------------------
+
+
+def test_a_silent_server_ends_the_request_at_the_timeout_naming_the_url():
+    with RawServer(silent) as server:
+        started = time.monotonic()
+        with pytest.raises(glean_oauth.FlowError) as caught:
+            glean_oauth.http_request(server.url + "/x", timeout=0.3)
+        assert time.monotonic() - started < 3
+    assert str(caught.value) == "Request to {}/x failed: no answer in time " \
+                                "(GLEAN_HTTP_TIMEOUT sets the limit in seconds)".format(server.url)
+
+
+def test_glean_http_timeout_applies_to_the_run():
+    with RawServer(silent) as server:
+        proc = run_script(dict(script_env_for(server.url), GLEAN_HTTP_TIMEOUT="0.3"))
+    assert proc.returncode == 1
+    assert proc.stderr.decode().startswith("Request to {}/.well-known/oauth-authorization-server "
+                                           "failed: no answer in time".format(server.url))
+
+
+@parametrize("name", ["GLEAN_HTTP_TIMEOUT", "GLEAN_CALLBACK_TIMEOUT"])
+@parametrize("value", ["soon", "0", "-1", "inf", "nan"])
+def test_a_bad_timeout_is_a_usage_error(name, value):
+    code, out, err = run_cli(dict(good_environ_for("https://acme-be.glean.com"), **{name: value}))
+    assert (code, out) == (2, "")
+    assert err == "{} must be a positive number of seconds, not {!r}.\n".format(name, value)
+
+
+def test_waiting_for_the_browser_has_a_bound_that_says_what_to_check():
+    with StandInGlean() as glean:
+        proc = run_script(script_env(glean, GLEAN_CALLBACK_TIMEOUT="0.2"))
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    assert err.startswith("No callback reached http://127.0.0.1:")
+    assert "within 0.2 s. Check that this redirect URI is registered" in err
+    assert glean.paths() == ["/.well-known/oauth-authorization-server"]
+
+
+def listening_port(run):
+    line = run.wait_for_line(lambda line: line.startswith("Listening for callback at "))
+    return urllib.parse.urlsplit(line.split(" at ", 1)[1]).port
+
+
+def test_ctrl_c_while_waiting_exits_130_in_one_line_and_frees_the_port():
+    with StandInGlean() as glean:
+        run = ScriptRun(script_env(glean))
+        port = listening_port(run)
+        run.authorize_url()
+        run.proc.send_signal(signal.SIGINT)
+        assert run.finish() == 130
+    assert run.stderr == "Interrupted.\n"
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_ctrl_c_during_a_request_exits_130_in_one_line():
+    with RawServer(silent) as server:
+        run = ScriptRun(script_env_for(server.url))
+        assert server.accepted.wait(RUN_TIMEOUT)
+        run.proc.send_signal(signal.SIGINT)
+        assert run.finish() == 130
+    assert run.stderr == "Interrupted.\n"
+
+
+# --- Hardening: the listener -------------------------------------------------------------
+
+
+@parametrize("redirect_uri, reason", [
+    ("https://127.0.0.1:9090/oauth/callback", "it must start with http://"),
+    ("http://example.com:9090/oauth/callback", "its host must be 127.0.0.1, [::1] or localhost"),
+    ("http://10.1.2.3:9090/oauth/callback", "its host must be 127.0.0.1, [::1] or localhost"),
+    ("http://0.0.0.0:9090/oauth/callback", "its host must be 127.0.0.1, [::1] or localhost"),
+    ("http://localhost.example.com:9090/cb", "its host must be 127.0.0.1, [::1] or localhost"),
+    ("http://127.0.0.1:99999/oauth/callback", "its port is not a number from 0 to 65535"),
+    ("http://127.0.0.1:9090/oauth/callback#x", "it must not have a #fragment"),
+])
+def test_a_redirect_uri_that_is_not_loopback_http_is_refused_before_any_traffic(redirect_uri, reason):
+    with StandInGlean() as glean:
+        code, out, err = run_cli(good_environ(glean, REDIRECT_URI=redirect_uri))
+    assert (code, out) == (2, "")
+    assert err.startswith("REDIRECT_URI {} is refused: {}".format(redirect_uri, reason))
+    assert glean.requests == []
+
+
+def test_loopback_redirect_uris_are_accepted():
+    for uri in ["http://127.0.0.1:9090/oauth/callback", "http://[::1]:9090/cb", "http://localhost/cb",
+                "http://LOCALHOST:1/cb"]:
+        glean_oauth.check_redirect_uri(uri)
+
+
+def ipv6_loopback_available():
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_localhost_listens_on_both_loopback_addresses_on_one_port():
+    with glean_oauth.CallbackListener("http://localhost:0/cb") as listener:
+        addresses = [sock.getsockname()[:2] for sock in listener.sockets]
+        port = addresses[0][1]
+        expected = [("127.0.0.1", port)] + ([("::1", port)] if ipv6_loopback_available() else [])
+        assert addresses == expected
+        assert listener.redirect_uri == "http://localhost:{}/cb".format(port)
+        if len(addresses) == 2:  # a browser that resolves localhost to ::1 gets through
+            join = wait_in_thread(listener, lambda q: glean_oauth.parse_callback(q, "s"))
+            assert http_get("http://[::1]:{}/cb?code=c6&state=s".format(port))[0] == 200
+            assert join() == {"code": "c6"}
+
+
+def test_a_silent_preconnect_never_delays_the_callback():
+    with glean_oauth.CallbackListener(EPHEMERAL_REDIRECT_URI) as listener:
+        join = wait_in_thread(listener, lambda q: glean_oauth.parse_callback(q, "s1"))
+        address = listener.sockets[0].getsockname()
+        with socket.create_connection(address) as idle, socket.create_connection(address) as partial:
+            partial.sendall(b"GET /oauth/callback?code=evil")  # and never the rest
+            started = time.monotonic()
+            status, _, _ = http_get(listener.redirect_uri + "?code=c0de&state=s1")
+            outcome = join()
+            elapsed = time.monotonic() - started
+            assert idle.fileno() != -1
+    assert (status, outcome) == (200, {"code": "c0de"})
+    assert elapsed < 1, elapsed
+
+
+def test_another_method_on_the_callback_path_gets_405_and_the_wait_goes_on():
+    with glean_oauth.CallbackListener(EPHEMERAL_REDIRECT_URI) as listener:
+        join = wait_in_thread(listener, lambda q: glean_oauth.parse_callback(q, "s1"))
+        parts = urllib.parse.urlsplit(listener.redirect_uri)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        conn.request("POST", parts.path + "?code=c0de&state=s1", body=b"x")
+        response = conn.getresponse()
+        assert (response.status, response.getheader("Allow")) == (405, "GET")
+        conn.close()
+        assert http_get(listener.redirect_uri + "?code=c0de&state=s1")[0] == 200
+        assert join() == {"code": "c0de"}
+
+
+def test_an_oversized_request_gets_431_and_the_wait_goes_on():
+    with glean_oauth.CallbackListener(EPHEMERAL_REDIRECT_URI) as listener:
+        join = wait_in_thread(listener, lambda q: glean_oauth.parse_callback(q, "s1"))
+        with socket.create_connection(listener.sockets[0].getsockname()) as flood:
+            flood.sendall(b"GET /" + b"a" * (glean_oauth.MAX_CALLBACK_REQUEST_BYTES + 10))
+            assert flood.recv(100).startswith(b"HTTP/1.1 431 ")
+        assert http_get(listener.redirect_uri + "?code=c0de&state=s1")[0] == 200
+        assert join() == {"code": "c0de"}
+
+
+def test_a_port_in_use_is_a_clear_error_at_once():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        with StandInGlean() as glean:
+            code, out, err = run_cli(good_environ(glean, REDIRECT_URI="http://127.0.0.1:{}/cb".format(port)))
+    assert code == 2
+    assert err == "Port {} on 127.0.0.1 is already in use (another run of this script?). Stop what " \
+                  "holds it, or register another loopback redirect URI on your client and set " \
+                  "REDIRECT_URI to it.\n".format(port)
+
+
+@parametrize("query, status", [("code=c0de&state=s1", 200), ("code=<b>hi</b>&state=<script>", 400)])
+def test_the_browser_page_is_plain_uncached_and_never_echoes_input(query, status):
+    with glean_oauth.CallbackListener(EPHEMERAL_REDIRECT_URI) as listener:
+        join = wait_in_thread(listener, lambda q: glean_oauth.parse_callback(q, "s1"))
+        got, headers, body = http_get(listener.redirect_uri + "?" + query)
+        join()
+    assert got == status
+    assert headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert headers["Cache-Control"] == "no-store"
+    assert headers["Referrer-Policy"] == "no-referrer"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert body in (glean_oauth.CALLBACK_DONE_PAGE, glean_oauth.CALLBACK_FAILED_PAGE)
+
+
+# --- Hardening: RFC 9207 --------------------------------------------------------------------
+
+
+def test_a_callback_from_another_issuer_is_refused():
+    with pytest.raises(glean_oauth.FlowError) as caught:
+        glean_oauth.parse_callback("code=c&state=s&iss=https%3A%2F%2Fevil.example", "s", "https://glean/oauth")
+    assert str(caught.value) == "Issuer mismatch: the callback's iss https://evil.example is not the " \
+                                "metadata's issuer https://glean/oauth (RFC 9207)."
+
+
+def test_an_error_response_from_another_issuer_is_refused_as_such():
+    with pytest.raises(glean_oauth.FlowError, match="^Issuer mismatch"):
+        glean_oauth.parse_callback("error=access_denied&state=s&iss=https%3A%2F%2Fevil", "s", "https://glean")
+
+
+def test_iss_is_compared_as_a_plain_string():
+    with pytest.raises(glean_oauth.FlowError, match="^Issuer mismatch"):
+        glean_oauth.parse_callback("code=c&state=s&iss=https%3A%2F%2Fglean%2F", "s", "https://glean")
+    assert glean_oauth.parse_callback("code=c&state=s&iss=https%3A%2F%2Fglean", "s", "https://glean") == "c"
+    assert glean_oauth.parse_callback("code=c&state=s", "s", "https://glean") == "c"
+
+
+def test_a_callback_without_iss_is_refused_when_the_metadata_promises_it():
+    with StandInGlean() as glean:
+        glean.metadata_extra["authorization_response_iss_parameter_supported"] = True
+        glean.callback_iss = None
+        flow = run_flow(glean)
+    assert flow.code == 1
+    assert flow.stderr == "The callback has no iss, though the metadata says the server sends it (RFC 9207).\n"
+    assert glean.paths("POST") == []
+
+
+def test_a_callback_with_the_wrong_iss_ends_the_run_before_the_exchange():
+    with StandInGlean() as glean:
+        glean.callback_iss = "https://attacker.example"
+        flow = run_flow(glean)
+    assert flow.code == 1
+    assert flow.stderr.startswith("Issuer mismatch: the callback's iss https://attacker.example")
+    assert glean.paths("POST") == []
+
+
+# --- Hardening: transport and redirects ----------------------------------------------------
+
+
+def script_env_for(backend_url):
+    env = {"PATH": os.environ.get("PATH", "")}
+    env.update(good_environ_for(backend_url))
+    return env
+
+
+def good_environ_for(backend_url):
+    return {"CLIENT_ID": CLIENT_ID, "CLIENT_SECRET": CLIENT_SECRET, "GLEAN_BACKEND_URL": backend_url,
+            "REDIRECT_URI": EPHEMERAL_REDIRECT_URI}
+
+
+@parametrize("url, ok", [
+    ("https://acme-be.glean.com", True), ("http://127.0.0.1:8080", True), ("http://[::1]:80", True),
+    ("http://localhost", True), ("http://acme-be.glean.com", False), ("http://10.0.0.5", False),
+    ("ftp://acme", False), ("https://", False), ("acme-be.glean.com", False),
+])
+def test_credentials_go_only_over_tls_or_to_loopback(url, ok):
+    if ok:
+        glean_oauth.check_transport(url, "X")
+    else:
+        with pytest.raises(glean_oauth.FlowError, match=r"^X must be an https:// URL"):
+            glean_oauth.check_transport(url, "X")
+
+
+def test_a_plain_http_backend_url_is_refused_before_any_traffic():
+    code, out, err = run_cli(good_environ_for("http://acme-be.glean.com"))
+    assert (code, out) == (2, "")
+    assert err == "GLEAN_BACKEND_URL must be an https:// URL (http:// only for 127.0.0.1, [::1] or " \
+                  "localhost), not http://acme-be.glean.com.\n"
+
+
+def test_a_plain_http_token_endpoint_in_the_metadata_is_refused_before_the_browser_step():
+    with StandInGlean() as glean:
+        glean.metadata_extra["token_endpoint"] = "http://acme-be.glean.com/oauth/token"
+        proc = run_script(script_env(glean))
+    assert proc.returncode == 1
+    assert proc.stderr.decode() == "The metadata's token_endpoint must be an https:// URL (http:// only " \
+        "for 127.0.0.1, [::1] or localhost), not http://acme-be.glean.com/oauth/token.\n"
+    assert b"Open this URL" not in proc.stdout
+
+
+def redirect_to(other):
+    return lambda request: (307, {"Location": other.url + request.path}, "")
+
+
+@parametrize("path", ["/oauth/token", "/rest/api/v1/chat"])
+def test_a_request_with_credentials_never_follows_a_redirect(path):
+    with StandInGlean() as glean, StandInGlean() as elsewhere:
+        glean.overrides[path] = redirect_to(elsewhere)
+        flow = run_flow(glean)
+    assert flow.code == 1
+    assert "Request to {}{} was redirected (307) to {}{}; not following it".format(
+        glean.url, path, elsewhere.url, path) in flow.stderr
+    assert elsewhere.requests == []
+
+
+def test_discovery_does_not_follow_a_redirect_either():
+    with StandInGlean() as glean, StandInGlean() as elsewhere:
+        glean.overrides["/.well-known/oauth-authorization-server"] = redirect_to(elsewhere)
+        proc = run_script(script_env(glean))
+    assert proc.returncode == 1
+    assert b"was redirected (307) to " + elsewhere.url.encode() in proc.stderr
+    assert elsewhere.requests == []
+
+
+def test_an_untrusted_certificate_is_refused_with_what_to_do():
+    with StandInGlean(tls=True) as glean:
+        proc = run_script(script_env(glean))
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    assert err.startswith("Request to {}/.well-known/oauth-authorization-server failed: the server's "
+                          "TLS certificate is not trusted".format(glean.url))
+    assert err.endswith("set SSL_CERT_FILE to its CA bundle\n")
+    assert glean.requests == []
+
+
+def test_ssl_cert_file_adds_a_trusted_ca():
+    with StandInGlean(tls=True) as glean:
+        proc = run_script(script_env(glean, SSL_CERT_FILE=certificate_file(), GLEAN_CALLBACK_TIMEOUT="0.1"))
+    assert b"issuer=" + glean.issuer.encode() + b"\n" in proc.stdout
+    assert proc.stderr.startswith(b"No callback reached")  # discovery went through
+    assert glean.paths() == ["/.well-known/oauth-authorization-server"]
+
+
+def test_https_proxy_is_honoured():
+    with StandInGlean(tls=True) as glean:
+        def tunnel(conn):
+            request_line = read_head(conn).split(b"\r\n", 1)[0]
+            tunnels.append(request_line)
+            upstream = socket.create_connection(("127.0.0.1", glean.httpd.server_address[1]))
+            conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
+            pipe(conn, upstream)
+
+        tunnels = []
+        with RawServer(tunnel) as proxy:
+            proc = run_script(dict(script_env_for("https://glean.test"), HTTPS_PROXY=proxy.url,
+                                   SSL_CERT_FILE=certificate_file(), GLEAN_CALLBACK_TIMEOUT="0.1"))
+    assert [line.split(b" ")[:2] for line in tunnels] == [[b"CONNECT", b"glean.test:443"]]
+    assert b"issuer=" + glean.issuer.encode() in proc.stdout
+
+
+def pipe(source, sink):
+    try:
+        for chunk in iter(lambda: source.recv(65536), b""):
+            sink.sendall(chunk)
+    except OSError:
+        pass
+    finally:
+        sink.close()
+
+
+# --- Hardening: responses ------------------------------------------------------------------
+
+
+def test_a_token_error_in_rfc_6749_form_is_shown_as_such():
+    with StandInGlean() as glean:
+        glean.overrides["/oauth/token"] = (400, {}, {"error": "invalid_grant", "error_description": "code expired"})
+        flow = run_flow(glean)
+    assert flow.code == 1
+    assert flow.stderr == "token request failed (400): invalid_grant: code expired\n"
+
+
+def test_a_failed_refresh_keeps_the_tokens_already_printed():
+    with StandInGlean() as glean:
+        glean.overrides["/oauth/token"] = lambda request: (
+            _oauth_error(400, "invalid_grant", "refresh token revoked")
+            if request.form.get("grant_type") == ["refresh_token"] else glean.token(request))
+        flow = run_flow(glean)
+    assert flow.code == 1
+    assert flow.stderr == "token request failed (400): invalid_grant: refresh token revoked\n"
+    assert "\nToken response:\n" in flow.stdout and "\nJWT claims:\n" in flow.stdout
+
+
+@parametrize("body, shown", [
+    ("<html>Bad gateway</html>", "<html>Bad gateway</html>"),
+    ("[1, 2]", "[1, 2]"),
+    ("x" * 400, "x" * 300 + "..."),
+    (b"\xff\xfe", "\ufffd\ufffd"),
+])
+def test_an_answer_that_is_not_a_json_object_is_a_clear_error(body, shown):
+    with StandInGlean() as glean:
+        glean.overrides["/.well-known/oauth-authorization-server"] = (200, {}, body)
+        with pytest.raises(glean_oauth.FlowError) as caught:
+            glean_oauth.fetch_json(glean.url + "/.well-known/oauth-authorization-server")
+    assert str(caught.value) == "Response from {}/.well-known/oauth-authorization-server (200) is not a " \
+                                "JSON object: {}".format(glean.url, shown)
+
+
+def test_a_token_response_without_an_access_token_is_an_error():
+    with StandInGlean() as glean:
+        glean.overrides["/oauth/token"] = (200, {}, {"token_type": "Bearer"})
+        flow = run_flow(glean)
+    assert flow.code == 1
+    assert flow.stderr == 'The token response from {}/oauth/token has no access_token: {{"token_type": ' \
+                          '"Bearer"}}\n'.format(glean.url)
+
+
+@parametrize("extra, message", [
+    ({"token_endpoint": None}, "The authorization server metadata has no token_endpoint."),
+    ({"authorization_endpoint": "", "token_endpoint": 5},
+     "The authorization server metadata has no authorization_endpoint and no token_endpoint."),
+    ({"code_challenge_methods_supported": ["plain"]},
+     'The authorization server does not offer PKCE S256 (its code_challenge_methods_supported is '
+     '["plain"]); this flow needs it.'),
+])
+def test_metadata_the_flow_cannot_use_is_refused(extra, message):
+    with StandInGlean() as glean:
+        glean.metadata_extra.update(extra)
+        proc = run_script(script_env(glean))
+    assert proc.returncode == 1
+    assert proc.stderr.decode() == message + "\n"
+    assert proc.stdout.startswith(b"issuer=")  # what the server said is still shown
+
+
+def test_metadata_without_code_challenge_methods_is_accepted():
+    metadata = {"authorization_endpoint": "https://a/authorize", "token_endpoint": "https://a/token"}
+    glean_oauth.check_metadata(metadata)
+
+
+def test_a_huge_declared_body_is_refused_without_reading_it():
+    def huge(conn):
+        read_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n{")  # and then nothing
+
+    with RawServer(huge) as server:
+        started = time.monotonic()
+        with pytest.raises(glean_oauth.FlowError) as caught:
+            glean_oauth.fetch_json(server.url + "/big", timeout=10)
+        assert time.monotonic() - started < 2
+    assert str(caught.value) == "Response from {}/big is 1000000000 bytes, over the {} byte limit.".format(
+        server.url, glean_oauth.MAX_RESPONSE_BYTES)
+
+
+def test_an_endless_body_is_cut_off_at_the_limit():
+    sent = []
+
+    def endless(conn):
+        read_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
+        try:
+            for _ in range(4 * glean_oauth.MAX_RESPONSE_BYTES // 65536):  # bounded: 4x the limit
+                conn.sendall(chunk)
+                sent.append(65536)
+        except OSError:
+            pass  # the client hung up, as it should
+
+    with RawServer(endless) as server:
+        with pytest.raises(glean_oauth.FlowError, match="is over the 4194304 byte limit"):
+            glean_oauth.fetch_json(server.url + "/big", timeout=10)
+    assert sum(sent) < 3 * glean_oauth.MAX_RESPONSE_BYTES
+
+
+@parametrize("token", [
+    "opaque-token", "a.b", "a.b.c.d.e", "!!!.e30.sig", "e30.bm90IGpzb24.sig", "WzFd.e30.sig", "e30.e30x.sig",
+])
+def test_decode_jwt_refuses_what_is_not_a_jwt(token):
+    with pytest.raises(ValueError):
+        glean_oauth.decode_jwt(token)
+
+
+def test_an_opaque_access_token_is_reported_and_the_run_goes_on():
+    with StandInGlean() as glean:
+        glean.opaque_tokens = True
+        flow = run_flow(glean)
+    assert flow.code == 0, flow.run.output()
+    assert "\nThe access token is not a JWT, nothing to decode.\n\nRefresh response:\n" in flow.stdout
+    assert "JWT claims:" not in flow.stdout
+
+
+@parametrize("status", [401, 403])
+def test_a_failed_chat_call_still_decodes_and_refreshes_then_exits_1(status):
+    with StandInGlean() as glean:
+        glean.overrides["/rest/api/v1/chat"] = (status, {}, {"error": "forbidden"})
+        flow = run_flow(glean)
+    assert flow.code == 1
+    assert flow.stderr == 'Chat API call failed: Request to {}/rest/api/v1/chat failed ({}): {{"error": ' \
+                          '"forbidden"}} (the token may lack the CHAT scope: check the scopes of your ' \
+                          'static client)\n'.format(glean.url, status)
+    assert "\nJWT claims:\n" in flow.stdout and "\nRefresh response:\n" in flow.stdout
+    assert "Chat response:" not in flow.stdout
+
+
+def test_control_characters_from_the_server_never_reach_the_terminal():
+    with StandInGlean() as glean:
+        glean.authorize_error = "access_denied\x1b[2J"
+        glean.error_description = "go \x1b]0;pwned\x07away\r\nFAKE: all good \u202e"
+        flow = run_flow(glean)
+    assert flow.code == 1
+    assert flow.stderr == "OAuth error: access_denied [2J: go ]0;pwned away FAKE: all good\n"
+
+
+def test_a_server_that_echoes_the_secret_gets_it_redacted():
+    with StandInGlean() as glean:
+        glean.overrides["/oauth/token"] = lambda request: (400, {}, request.body.decode())
+        flow = run_flow(glean)  # run_flow itself asserts the secret is absent
+    assert flow.code == 1
+    assert "client_secret=[redacted]&code_verifier=" in flow.stderr
+
+
+def test_an_unexpected_error_is_one_line_without_a_traceback(monkeypatch):
+    def broken():
+        raise RuntimeError("boom " + CLIENT_SECRET)
+    monkeypatch.setattr(glean_oauth, "make_pkce", broken)
+    with StandInGlean() as glean:
+        code, out, err = run_cli(good_environ(glean))
+    assert code == 1
+    assert err == "Unexpected error: RuntimeError: boom [redacted] (a bug in glean_oauth.py; please report it)\n"
 
 
 if __name__ == "__main__":
