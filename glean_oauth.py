@@ -12,7 +12,9 @@ Standard library only; runs on CPython 3.6 and newer. Copy this one file anywher
         python3 glean_oauth.py
 """
 
+import argparse
 import base64
+import datetime
 import errno
 import functools
 import hashlib
@@ -26,6 +28,8 @@ import select
 import socket
 import ssl
 import sys
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -89,6 +93,7 @@ class Console:
 
     def __init__(self, out, err, secret=""):
         self.out, self.err, self.secret = out, err, secret
+        self.json_out = out  # where --json's object goes, when `out` is moved to stderr
 
     def line(self, text=""):
         self._write(self.out, text)
@@ -100,6 +105,14 @@ class Console:
 
     def problem(self, text):
         self._write(self.err, one_line(text))
+
+    def note(self, text):
+        """Extra text for a person (a hint, the chat answer) on stderr, keeping its lines."""
+        self._write(self.err, "".join(c if c.isprintable() or c in "\n\t" else " " for c in text))
+
+    def result(self, value):
+        """The one JSON object of --json, on stdout."""
+        self._write(self.json_out, json.dumps(value, indent=2, ensure_ascii=False))
 
     def _write(self, stream, text):
         if self.secret:
@@ -116,45 +129,116 @@ class Console:
 # --- Step 1: configuration --------------------------------------------------------------
 
 
-class Config:
-    """What one run needs, read from the environment (doc step 1)."""
+AUTH_METHODS = ("client_secret_post", "client_secret_basic", "none")
 
-    def __init__(self, client_id, client_secret, backend_url, redirect_uri,
-                 http_timeout=HTTP_TIMEOUT_SECONDS, callback_timeout=CALLBACK_TIMEOUT_SECONDS):
-        self.client_id = client_id
-        self.client_secret = client_secret
-        self.backend_url = backend_url
-        self.redirect_uri = redirect_uri
-        self.http_timeout = http_timeout
-        self.callback_timeout = callback_timeout
+HELP_EPILOG = """\
+environment variables (a flag wins over its variable):
+  CLIENT_ID               the static OAuth client's id (--client-id)
+  CLIENT_SECRET           its secret; never a flag, since flags end up in shell
+                          history and ps. Unset on a terminal: asked for, hidden.
+  GLEAN_BACKEND_URL       e.g. https://acme-be.glean.com (--backend-url)
+  REDIRECT_URI            default http://127.0.0.1:9090/oauth/callback (--redirect-uri);
+                          must be registered on the client. Port 0: any free port.
+  GLEAN_SCOPES            scopes to ask for, space-separated (--scope)
+  GLEAN_HTTP_TIMEOUT      seconds each HTTP request may take, default 30
+  GLEAN_CALLBACK_TIMEOUT  seconds to wait for the browser, default 300
+  REFRESH_TOKEN           the refresh token for --refresh (wins over --token-file's)
+  HTTPS_PROXY, NO_PROXY   the proxy for https:// requests, and where not to use it
+  SSL_CERT_FILE           a CA bundle to trust (a corporate CA), also SSL_CERT_DIR
+  BROWSER                 the browser to open the URL with
+
+examples:
+  python3 glean_oauth.py                                  the documented flow
+  python3 glean_oauth.py --scope "chat search offline_access" --token-file tokens.json
+  python3 glean_oauth.py --refresh --token-file tokens.json
+  python3 glean_oauth.py --manual                         on a machine with no browser
+  python3 glean_oauth.py --json --no-chat | jq -r .token_response.access_token
+
+exit codes: 0 done; 1 the flow failed (a request, the callback, the chat call);
+2 bad configuration or usage; 130 interrupted (Ctrl-C).
+"""
 
 
-def load_config(environ):
-    """Return a Config from `environ`; raise FlowError (exit 2) naming what to fix."""
-    values = {name: environ.get(name, "").strip() for name in PLACEHOLDERS}
-    unset = [name for name, value in values.items() if value in ("", PLACEHOLDERS[name])]
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line and exit code 2, like every other configuration error."""
+        self.exit(EXIT_USAGE, "{}: {} (see --help)\n".format(self.prog, message))
+
+
+def build_parser():
+    parser = _Parser(
+        prog="glean_oauth.py",
+        description="Get tokens from the Glean OAuth Authorization Server with a static OAuth\n"
+                    "client, printing every step, then call the Chat API with the access token.",
+        epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--version", action="version", version="%(prog)s " + __version__)
+    add("--backend-url", metavar="URL", help="the Glean backend (GLEAN_BACKEND_URL)")
+    add("--client-id", metavar="ID", help="the static client's id (CLIENT_ID)")
+    add("--redirect-uri", metavar="URI", help="the registered loopback redirect URI (REDIRECT_URI)")
+    add("--auth-method", choices=AUTH_METHODS, default="client_secret_post",
+        help="how the client authenticates at the token endpoint (default: %(default)s, the doc's)")
+    add("--scope", metavar="SCOPES", help='scopes to ask for, e.g. "chat search offline_access" (GLEAN_SCOPES)')
+    add("--no-browser", dest="open_browser", action="store_false", help="only print the URL; do not open a browser")
+    add("--manual", action="store_true",
+        help="no listener: open the URL anywhere, then paste the address the browser was redirected to")
+    add("--message", metavar="TEXT", default=CHAT_QUESTION, help="the question for the Chat API")
+    add("--no-chat", dest="chat", action="store_false", help="skip the Chat API call")
+    add("--json", action="store_true", help="print one JSON object on stdout; everything else goes to stderr")
+    add("--token-file", metavar="PATH",
+        help="save the final tokens here as JSON, readable by you only (0600), written atomically")
+    add("--refresh", action="store_true",
+        help="skip sign-in: refresh the token in --token-file (or REFRESH_TOKEN) and save the result")
+    add("--http-timeout", metavar="SECONDS", help="seconds each HTTP request may take (GLEAN_HTTP_TIMEOUT)")
+    add("--callback-timeout", metavar="SECONDS", help="seconds to wait for the browser (GLEAN_CALLBACK_TIMEOUT)")
+    return parser
+
+
+def load_config(argv, environ, ask_secret=None):
+    """Return the run's settings from `argv`, then `environ`, then the defaults (doc step 1).
+
+    `ask_secret(prompt)` is called for the client secret when CLIENT_SECRET is unset and
+    the auth method needs one. Raises FlowError (exit 2) naming what to fix.
+    """
+    config = build_parser().parse_args(argv)
+
+    def setting(flag_value, name, default=""):
+        value = (environ.get(name, "") if flag_value is None else flag_value).strip()
+        return value or default
+
+    config.client_id = setting(config.client_id, "CLIENT_ID")
+    config.backend_url = setting(config.backend_url, "GLEAN_BACKEND_URL")
+    config.client_secret = environ.get("CLIENT_SECRET", "").strip()
+    needs_secret = config.auth_method != "none"
+    if needs_secret and not config.client_secret and ask_secret:
+        config.client_secret = ask_secret("Client secret for {}: ".format(config.client_id or "your client")).strip()
+    values = {"CLIENT_ID": config.client_id, "GLEAN_BACKEND_URL": config.backend_url}
+    if needs_secret:
+        values["CLIENT_SECRET"] = config.client_secret
+    unset = [name for name in PLACEHOLDERS if name in values and values[name] in ("", PLACEHOLDERS[name])]
     if unset:
         raise FlowError(
             "Set {} before you run this script (see --help).".format(", ".join(unset)),
             EXIT_USAGE,
         )
-    backend_url = values["GLEAN_BACKEND_URL"].rstrip("/")
-    check_transport(backend_url, "GLEAN_BACKEND_URL", EXIT_USAGE)
-    redirect_uri = environ.get("REDIRECT_URI", "").strip() or DEFAULT_REDIRECT_URI
-    check_redirect_uri(redirect_uri)
-    return Config(
-        client_id=values["CLIENT_ID"],
-        client_secret=values["CLIENT_SECRET"],
-        backend_url=backend_url,
-        redirect_uri=redirect_uri,
-        http_timeout=seconds(environ, "GLEAN_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS),
-        callback_timeout=seconds(environ, "GLEAN_CALLBACK_TIMEOUT", CALLBACK_TIMEOUT_SECONDS),
-    )
+    config.backend_url = config.backend_url.rstrip("/")
+    check_transport(config.backend_url, "GLEAN_BACKEND_URL", EXIT_USAGE)
+    config.redirect_uri = setting(config.redirect_uri, "REDIRECT_URI", DEFAULT_REDIRECT_URI)
+    check_redirect_uri(config.redirect_uri)
+    config.scope = " ".join(setting(config.scope, "GLEAN_SCOPES").split())
+    config.http_timeout = seconds(config.http_timeout, environ, "GLEAN_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS)
+    config.callback_timeout = seconds(config.callback_timeout, environ, "GLEAN_CALLBACK_TIMEOUT",
+                                      CALLBACK_TIMEOUT_SECONDS)
+    config.refresh_token = environ.get("REFRESH_TOKEN", "").strip()
+    if config.refresh and not (config.token_file or config.refresh_token):
+        raise FlowError("--refresh needs a refresh token: give --token-file PATH, or set REFRESH_TOKEN.", EXIT_USAGE)
+    return config
 
 
-def seconds(environ, name, default):
-    """The positive number of seconds in `environ[name]`, or `default` when unset."""
-    text = environ.get(name, "").strip()
+def seconds(flag_value, environ, name, default):
+    """The positive number of seconds in the flag, else `environ[name]`, else `default`."""
+    text = (environ.get(name, "") if flag_value is None else flag_value).strip()
     if not text:
         return default
     try:
@@ -332,14 +416,14 @@ def fetch_json(url, data=None, headers=None, timeout=HTTP_TIMEOUT_SECONDS):
     return json_object(url, status, body)
 
 
-def token_request(token_endpoint, fields, timeout=HTTP_TIMEOUT_SECONDS):
+def token_request(token_endpoint, fields, headers=None, timeout=HTTP_TIMEOUT_SECONDS):
     """POST `fields` to the token endpoint as a form; return the token response.
 
     An RFC 6749 §5.2 error answer becomes `token request failed (400): invalid_grant:
     <error_description>`. An answer without an access token is an error too.
     """
     body = urllib.parse.urlencode(fields).encode("ascii")
-    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    headers = dict(headers or {}, **{"Content-Type": "application/x-www-form-urlencoded"})
     status, answer = http_request(token_endpoint, body, headers, timeout)
     if not 200 <= status < 300:
         error = _oauth_error(answer)
@@ -372,10 +456,11 @@ def discover_metadata(config):
     return fetch_json(config.backend_url + METADATA_PATH, timeout=config.http_timeout)
 
 
-def check_metadata(metadata):
-    """Refuse metadata this flow cannot use: no endpoints, no PKCE S256, or an endpoint
-    that would carry credentials in the clear. Glean's issuer may differ from the
-    backend URL (it can be `{backend}/oauth`), so it is shown, not compared."""
+def check_metadata(metadata, auth_method="client_secret_post"):
+    """Refuse metadata this flow cannot use: no endpoints, no PKCE S256, an endpoint
+    that would carry credentials in the clear, or a list of token endpoint auth methods
+    without `auth_method`. Glean's issuer may differ from the backend URL (it can be
+    `{backend}/oauth`), so it is shown, not compared."""
     missing = [key for key in ("authorization_endpoint", "token_endpoint")
                if not isinstance(metadata.get(key), str) or not metadata[key]]
     if missing:
@@ -386,6 +471,18 @@ def check_metadata(metadata):
                         "code_challenge_methods_supported is {}); this flow needs it.".format(json.dumps(methods)))
     for key in ("authorization_endpoint", "token_endpoint"):
         check_transport(metadata[key], "The metadata's " + key)
+    offered = metadata.get("token_endpoint_auth_methods_supported")
+    if offered is not None and auth_method not in offered:
+        raise FlowError("The token endpoint does not accept {} (it offers {}); choose one with "
+                        "--auth-method.".format(auth_method, ", ".join(map(str, offered)) or "none"))
+
+
+def discover(config, console):
+    """Doc step 2: fetch, print and check the metadata; return it."""
+    metadata = discover_metadata(config)
+    print_metadata(metadata, console)
+    check_metadata(metadata, config.auth_method)
+    return metadata
 
 
 def print_metadata(metadata, console):
@@ -452,6 +549,7 @@ class CallbackListener:
         self.redirect_uri = urllib.parse.urlunsplit(
             parts._replace(netloc="{}:{}".format(_bracketed(parts.hostname), port))
         )
+        self.announcement = "Listening for callback at " + self.redirect_uri
 
     def close(self):
         for sock in self.sockets:
@@ -614,14 +712,45 @@ def _respond(conn, status, text, extra_headers=""):
         conn.close()
 
 
+class PastedRedirect:
+    """--manual: no listener. The user signs in on any machine and pastes the address the
+    browser was sent to (it fails to load, which is expected); the same checks apply."""
+
+    def __init__(self, redirect_uri, stdin, console):
+        self.redirect_uri, self.stdin, self.console = redirect_uri, stdin, console
+        self.announcement = "No listener (--manual): after you sign in, paste the address your browser was sent to."
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def wait(self, check, timeout=None):
+        """Read one pasted address; return `check(its query)`."""
+        self.console.note("\nPaste the address your browser was redirected to (the page will not load; "
+                          "that is expected), then press Enter:")
+        pasted = self.stdin.readline().strip()
+        if not pasted:
+            raise FlowError("No address was pasted.")
+        return check(urllib.parse.urlsplit(pasted).query)
+
+
+def open_receiver(config, console, stdin):
+    """The receiver of the authorization response: the listener, or the paste (--manual)."""
+    if config.manual:
+        return PastedRedirect(config.redirect_uri, stdin, console)
+    return CallbackListener(config.redirect_uri)
+
+
 # --- Step 5: the authorization URL ------------------------------------------------------
 
 
-def build_authorization_url(authorization_endpoint, client_id, redirect_uri, state, code_challenge):
+def build_authorization_url(authorization_endpoint, client_id, redirect_uri, state, code_challenge, scope=""):
     """The endpoint with the authorization request's parameters set (RFC 6749 §4.1.1).
 
     A query the endpoint already has is kept; names set here replace their old values,
-    as URLSearchParams.set does in the example.
+    as URLSearchParams.set does in the example. `scope` is sent only when given.
     """
     params = [
         ("response_type", "code"),
@@ -630,11 +759,27 @@ def build_authorization_url(authorization_endpoint, client_id, redirect_uri, sta
         ("state", state),
         ("code_challenge", code_challenge),
         ("code_challenge_method", "S256"),
-    ]
+    ] + ([("scope", scope)] if scope else [])
     parts = urllib.parse.urlsplit(authorization_endpoint)
     names = {name for name, _ in params}
     kept = [p for p in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if p[0] not in names]
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept + params)))
+
+
+def open_browser(url, environ):
+    """Open `url` in the user's browser where there is a graphical one, or BROWSER says
+    which; never a text browser in this terminal. Returns True when one was started."""
+    import webbrowser  # here: it is slow to import and only this step needs it
+
+    try:
+        browser = webbrowser.get()
+    except webbrowser.Error:
+        return False
+    if isinstance(browser, webbrowser.GenericBrowser) and not environ.get("BROWSER"):
+        return False  # lynx, w3m and the like: they would take over the terminal
+    # Some browsers (and BROWSER commands) only return when closed: do not wait for them.
+    threading.Thread(target=browser.open, args=(url,), daemon=True).start()
+    return True
 
 
 # --- Step 6: the callback ---------------------------------------------------------------
@@ -671,26 +816,43 @@ def parse_callback(query, expected_state, issuer=None, iss_required=False):
 # --- Steps 7 and 10: the token endpoint -------------------------------------------------
 
 
+def _client_secret_post(client_id, client_secret):
+    """The doc's method: id and secret in the form body (RFC 6749 §2.3.1)."""
+    return [("client_id", client_id), ("client_secret", client_secret)], {}
+
+
+def _client_secret_basic(client_id, client_secret):
+    """HTTP Basic, each part form-urlencoded first, as RFC 6749 §2.3.1 requires."""
+    pair = "{}:{}".format(urllib.parse.quote_plus(client_id), urllib.parse.quote_plus(client_secret))
+    return [], {"Authorization": "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")}
+
+
+def _no_client_auth(client_id, client_secret):
+    """A public client: it only names itself (RFC 6749 §3.2.1)."""
+    return [("client_id", client_id)], {}
+
+
+# Token endpoint authentication, one row a method (RFC 7591 §2 names them).
+CLIENT_AUTH = {
+    "client_secret_post": _client_secret_post,
+    "client_secret_basic": _client_secret_basic,
+    "none": _no_client_auth,
+}
+
+
 def exchange_code(metadata, config, code, code_verifier):
-    """Trade the authorization code for tokens with client_secret_post (doc step 7)."""
-    return token_request(metadata["token_endpoint"], [
-        ("grant_type", "authorization_code"),
-        ("code", code),
-        ("redirect_uri", config.redirect_uri),
-        ("client_id", config.client_id),
-        ("client_secret", config.client_secret),
-        ("code_verifier", code_verifier),
-    ], config.http_timeout)
+    """Trade the authorization code for tokens (doc step 7)."""
+    auth_fields, headers = CLIENT_AUTH[config.auth_method](config.client_id, config.client_secret)
+    fields = [("grant_type", "authorization_code"), ("code", code), ("redirect_uri", config.redirect_uri)]
+    fields += auth_fields + [("code_verifier", code_verifier)]
+    return token_request(metadata["token_endpoint"], fields, headers, config.http_timeout)
 
 
 def refresh_tokens(metadata, config, refresh_token):
     """Use the refresh_token grant (RFC 6749 §6; doc step 10)."""
-    return token_request(metadata["token_endpoint"], [
-        ("grant_type", "refresh_token"),
-        ("refresh_token", refresh_token),
-        ("client_id", config.client_id),
-        ("client_secret", config.client_secret),
-    ], config.http_timeout)
+    auth_fields, headers = CLIENT_AUTH[config.auth_method](config.client_id, config.client_secret)
+    fields = [("grant_type", "refresh_token"), ("refresh_token", refresh_token)] + auth_fields
+    return token_request(metadata["token_endpoint"], fields, headers, config.http_timeout)
 
 
 # --- Step 8: the Chat API ---------------------------------------------------------------
@@ -705,7 +867,23 @@ def chat_request_body(question=CHAT_QUESTION):
 def call_chat_api(config, access_token):
     """POST one question to the Chat API with the access token as a bearer token."""
     headers = {"Authorization": "Bearer " + access_token, "Content-Type": "application/json"}
-    return fetch_json(config.backend_url + CHAT_PATH, chat_request_body(), headers, config.http_timeout)
+    body = chat_request_body(config.message)
+    return fetch_json(config.backend_url + CHAT_PATH, body, headers, config.http_timeout)
+
+
+def chat_answer(chat_response):
+    """The text of the answer: the CONTENT fragments of the last message that is not the
+    user's, or "" when there is none. Other message types and fragments without text
+    (citations, query suggestions) are passed over."""
+    messages = chat_response.get("messages")
+    for message in reversed(messages if isinstance(messages, list) else []):
+        if not isinstance(message, dict) or message.get("author") == "USER" \
+                or message.get("messageType", "CONTENT") != "CONTENT":
+            continue
+        fragments = message.get("fragments")
+        return "".join(fragment["text"] for fragment in (fragments if isinstance(fragments, list) else [])
+                       if isinstance(fragment, dict) and isinstance(fragment.get("text"), str))
+    return ""
 
 
 # --- Step 9: the access token's claims --------------------------------------------------
@@ -736,90 +914,221 @@ def decode_jwt(token):
 
 
 def print_jwt(access_token, console):
-    """Print the access token's header and claims (doc step 9), or say there are none."""
+    """Print the access token's header and claims (doc step 9), or say there are none.
+    Returns `(header, claims)`, or `(None, None)` for a token that is not a JWT."""
     try:
         header, claims = decode_jwt(access_token)
     except ValueError:  # binascii.Error, UnicodeDecodeError and JSON errors are ValueErrors
         console.line("\nThe access token is not a JWT, nothing to decode.")
-        return
+        return None, None
     console.section("JWT header", header)
     console.section("JWT claims", claims)
     console.line("\nThis does not verify the signature.")
+    return header, claims
+
+
+# --- Keeping the tokens -----------------------------------------------------------------
+
+
+class Results:
+    """What a run obtained, kept for --json and --token-file even when a later step fails:
+    `sections` by name (metadata, token_response, ...) and the newest `tokens`."""
+
+    def __init__(self):
+        self.sections = {}
+        self.tokens = None
+
+    def got_tokens(self, response, used_refresh_token=None):
+        """Record a token response; one without a refresh token keeps the one used (RFC 6749 §6)."""
+        self.tokens = dict(response)
+        if not response.get("refresh_token") and used_refresh_token:
+            self.tokens["refresh_token"] = used_refresh_token
+
+
+def token_file_contents(tokens, obtained_at):
+    """The tokens, when they were obtained and when the access token expires (UTC, ISO 8601)."""
+    contents = dict(tokens, obtained_at=_iso(obtained_at))
+    expires_in = tokens.get("expires_in")
+    if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool):
+        contents["expires_at"] = _iso(obtained_at + expires_in)
+    return contents
+
+
+def _iso(timestamp):
+    return datetime.datetime.fromtimestamp(int(timestamp), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_token_file(path, contents):
+    """Write `contents` as JSON to `path`: owner-only from the start (0600), atomically
+    (a temporary file in the same folder, flushed, fsynced, renamed), never through a
+    symlink. A crash mid-write leaves the old file whole."""
+    if os.path.islink(path):
+        raise FlowError("Not writing tokens through the symlink {}; give the real path.".format(path))
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=".glean-oauth-", suffix=".tmp", dir=folder)  # mode 0600
+    except OSError as error:
+        raise FlowError("Cannot write the token file {}: {}.".format(path, error.strerror or error))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(contents, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException as error:
+        os.unlink(temporary)
+        if isinstance(error, OSError):
+            raise FlowError("Cannot write the token file {}: {}.".format(path, error.strerror or error))
+        raise
+    if os.name == "posix":  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def read_refresh_token(path):
+    """The refresh token saved in the token file at `path`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as error:
+        raise FlowError("Cannot read the token file {}: {}.".format(path, getattr(error, "strerror", None) or error),
+                        EXIT_USAGE)
+    token = saved.get("refresh_token") if isinstance(saved, dict) else None
+    if not isinstance(token, str) or not token:
+        raise FlowError("The token file {} has no refresh_token; run the full flow first.".format(path), EXIT_USAGE)
+    return token
+
+
+def deliver(config, results, console):
+    """Hand over what the run obtained: the token file, and the --json object."""
+    if results.tokens is None:
+        return
+    if config.token_file:
+        write_token_file(config.token_file, token_file_contents(results.tokens, time.time()))
+        console.note("Saved the tokens to {}.".format(config.token_file))
+    if config.json:
+        console.result(results.sections)
 
 
 # --- The flow ---------------------------------------------------------------------------
 
 
-def main(config, console):
-    """The documented flow, step by step. Returns the exit code; raises FlowError."""
+def main(config, console, results, stdin=None, environ=None):
+    """The documented flow, step by step. Returns the exit code; raises FlowError.
+
+    What it obtains goes into `results` as it comes, so it outlives a later failure.
+    """
     # 2. Discover the authorization server's metadata (RFC 8414).
-    metadata = discover_metadata(config)
-    print_metadata(metadata, console)
-    check_metadata(metadata)
+    metadata = results.sections["metadata"] = discover(config, console)
 
     # 3. PKCE (RFC 7636) and state.
     state, code_verifier, code_challenge = make_pkce()
 
     # 4. Listen before the URL is shown, so a fast browser cannot arrive first.
-    with CallbackListener(config.redirect_uri) as listener:
-        config.redirect_uri = listener.redirect_uri
-        console.line("\nListening for callback at " + config.redirect_uri)
+    with open_receiver(config, console, stdin or sys.stdin) as receiver:
+        config.redirect_uri = receiver.redirect_uri
+        console.line("\n" + receiver.announcement)
 
         # 5. The authorization URL.
         authorize_url = build_authorization_url(
             metadata["authorization_endpoint"], config.client_id, config.redirect_uri,
-            state, code_challenge,
+            state, code_challenge, config.scope,
         )
         console.line("\nOpen this URL in your browser:\n")
         console.line(authorize_url)
+        if config.open_browser and not config.manual and open_browser(authorize_url, environ or os.environ):
+            console.note("(Opened it in your browser.)")
 
         # 6. The callback: issuer, error, state and code checks.
         iss_required = metadata.get("authorization_response_iss_parameter_supported") is True
-        code = listener.wait(
+        code = receiver.wait(
             lambda query: parse_callback(query, state, metadata.get("issuer"), iss_required),
             config.callback_timeout,
         )
     console.line("\nCaptured auth code prefix: " + one_line(code[:CODE_PREFIX_LENGTH]))
 
-    # 7. Exchange the code for tokens (client_secret_post).
-    token_response = exchange_code(metadata, config, code, code_verifier)
+    # 7. Exchange the code for tokens (client_secret_post unless --auth-method says otherwise).
+    token_response = results.sections["token_response"] = exchange_code(metadata, config, code, code_verifier)
+    results.got_tokens(token_response)
     console.section("Token response", token_response)
 
-    # 8. Call the Chat API. A failure here (401/403 without the CHAT scope is common)
-    # is reported, and the tokens already obtained are still decoded and refreshed.
-    exit_code = EXIT_OK
-    try:
-        chat_response = call_chat_api(config, token_response["access_token"])
-        console.section("Chat response", chat_response)
-    except FlowError as error:
-        console.problem("Chat API call failed: {}{}".format(
-            error, CHAT_SCOPE_HINT if error.status in (401, 403) else ""))
-        exit_code = EXIT_FAILURE
+    # 8. Call the Chat API with the access token.
+    exit_code = chat(config, console, results, token_response["access_token"]) if config.chat else EXIT_OK
 
     # 9. Decode the access token locally.
-    print_jwt(token_response["access_token"], console)
+    results.sections["jwt_header"], results.sections["jwt_claims"] = print_jwt(
+        token_response["access_token"], console)
 
     # 10. Use the refresh token.
     if not token_response.get("refresh_token"):
         console.line("\nNo refresh token was returned")
+        console.note(OFFLINE_ACCESS_HINT)
         return exit_code
-    refresh_response = refresh_tokens(metadata, config, token_response["refresh_token"])
-    console.section("Refresh response", refresh_response)
+    refresh(config, console, results, metadata, token_response["refresh_token"])
     return exit_code
 
 
 CHAT_SCOPE_HINT = " (the token may lack the CHAT scope: check the scopes of your static client)"
+OFFLINE_ACCESS_HINT = "Glean issues a refresh token when the offline_access scope is requested (--scope)."
 
 
-def cli(environ=None, out=None, err=None):
+def chat(config, console, results, access_token):
+    """Doc step 8. A failure (401/403 without the CHAT scope is common) is reported and
+    the run goes on, so the tokens already obtained are still decoded and refreshed.
+    Returns the exit code this step calls for."""
+    try:
+        chat_response = results.sections["chat_response"] = call_chat_api(config, access_token)
+    except FlowError as error:
+        console.problem("Chat API call failed: {}{}".format(error, CHAT_SCOPE_HINT if error.status in (401, 403) else ""))
+        return EXIT_FAILURE
+    console.section("Chat response", chat_response)
+    answer = chat_answer(chat_response)
+    if answer:
+        console.note("\nAnswer: " + answer)
+    return EXIT_OK
+
+
+def refresh(config, console, results, metadata, refresh_token):
+    """Doc step 10: the refresh_token grant, printed and recorded."""
+    refresh_response = results.sections["refresh_response"] = refresh_tokens(metadata, config, refresh_token)
+    results.got_tokens(refresh_response, used_refresh_token=refresh_token)
+    console.section("Refresh response", refresh_response)
+
+
+def refresh_later(config, console, results):
+    """--refresh: discover the token endpoint, then refresh REFRESH_TOKEN or the one in
+    the token file; no sign-in."""
+    refresh_token = config.refresh_token or read_refresh_token(config.token_file)
+    metadata = results.sections["metadata"] = discover(config, console)
+    refresh(config, console, results, metadata, refresh_token)
+    return EXIT_OK
+
+
+def cli(argv=None, environ=None, out=None, err=None, stdin=None):
     """Run from the command line: read the configuration, run the flow, and turn
     whatever stops it into one line on stderr and an exit code."""
-    console = Console(out or sys.stdout, err or sys.stderr)
+    environ = os.environ if environ is None else environ
+    err = err or sys.stderr
+    console = Console(out or sys.stdout, err)
+    results = Results()
     try:
-        # 1. Configuration from the environment.
-        config = load_config(os.environ if environ is None else environ)
+        # 1. Configuration: flags, then the environment.
+        stdin_is_terminal = (stdin or sys.stdin).isatty()
+        config = load_config(sys.argv[1:] if argv is None else argv, environ,
+                             ask_secret=_ask_secret if stdin_is_terminal else None)
         console.secret = config.client_secret
-        return main(config, console)
+        if config.json:
+            console.out = err  # stdout is for the one JSON object
+        try:
+            if config.refresh:
+                return refresh_later(config, console, results)
+            return main(config, console, results, stdin, environ)
+        finally:
+            deliver(config, results, console)  # the tokens are kept even when a later step failed
     except FlowError as error:
         console.problem(str(error))
         return error.exit_code
@@ -830,6 +1139,12 @@ def cli(environ=None, out=None, err=None):
         console.problem("Unexpected error: {}: {} (a bug in glean_oauth.py; please report it)".format(
             type(error).__name__, error))
         return EXIT_FAILURE
+
+
+def _ask_secret(prompt):
+    import getpass  # only when there is a terminal to ask on
+
+    return getpass.getpass(prompt)
 
 
 if __name__ == "__main__":

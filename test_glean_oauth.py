@@ -98,6 +98,8 @@ class StandInGlean:
         self.error_description = None
         self.callback_iss = "issuer"  # what the redirect's iss is: "issuer", None or a string
         self.metadata_extra = {}
+        self.public_client = False  # True: the client may authenticate with "none"
+        self.client_auth_seen = []  # the method each token request authenticated with
         self.overrides = {}
         self.requests = []
         self.codes = {}  # code -> what the authorization request bound it to
@@ -161,7 +163,7 @@ class StandInGlean:
         else:
             code = secrets.token_urlsafe(32)
             with self._lock:
-                self.codes[code] = (q["code_challenge"], q["redirect_uri"], q["client_id"])
+                self.codes[code] = (q["code_challenge"], q["redirect_uri"], q.get("scope"))
             answer["code"] = code
         location = q["redirect_uri"] + "?" + urllib.parse.urlencode(answer)
         return 302, {"Location": location}, ""
@@ -171,7 +173,9 @@ class StandInGlean:
         if any(len(values) > 1 for values in form.values()):  # RFC 6749 §3.2
             return _oauth_error(400, "invalid_request", "a parameter was repeated")
         f = {k: v[0] for k, v in form.items()}
-        if f.get("client_id") != self.client_id or f.get("client_secret") != self.client_secret:
+        method = self._authenticate(f, request.headers.get("Authorization", ""))
+        self.client_auth_seen.append(method)
+        if method is None:
             return _oauth_error(401, "invalid_client", "client authentication failed")
         with self._lock:
             if f.get("grant_type") == "authorization_code":
@@ -180,26 +184,43 @@ class StandInGlean:
                 return self._grant_refresh(f)
         return _oauth_error(400, "unsupported_grant_type", "")
 
+    def _authenticate(self, f, authorization):
+        """The RFC 6749 §2.3 method the request used and that checked out, else None.
+        Using more than one method at once is refused, as §2.3 says."""
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme == "Basic":
+            if "client_secret" in f:
+                return None
+            pair = base64.b64decode(credentials).decode("utf-8")
+            client_id, _, secret = (urllib.parse.unquote_plus(p) for p in pair.partition(":"))
+            ok = (client_id, secret) == (self.client_id, self.client_secret)
+            return "client_secret_basic" if ok else None
+        if "client_secret" in f:
+            ok = (f.get("client_id"), f["client_secret"]) == (self.client_id, self.client_secret)
+            return "client_secret_post" if ok else None
+        return "none" if self.public_client and f.get("client_id") == self.client_id else None
+
     def _grant_code(self, f):
         bound = self.codes.pop(f.get("code", ""), None)  # a code is good once
         if bound is None:
             return _oauth_error(400, "invalid_grant", "unknown or used authorization code")
-        challenge, redirect_uri, _ = bound
+        challenge, redirect_uri, scope = bound
         if f.get("redirect_uri") != redirect_uri:
             return _oauth_error(400, "invalid_grant", "redirect_uri differs from the authorization request")
         verifier = f.get("code_verifier", "")
         if b64url(hashlib.sha256(verifier.encode("ascii")).digest()) != challenge:
             return _oauth_error(400, "invalid_grant", "PKCE verification failed")
-        return 200, {}, self._issue()
+        return 200, {}, self._issue(scope)
 
     def _grant_refresh(self, f):
         token = f.get("refresh_token", "")
         if token not in self.refresh_tokens:
             return _oauth_error(400, "invalid_grant", "unknown refresh token")
-        self.refresh_tokens.discard(token)  # rotation: the old one is spent
+        if self.issue_refresh_token:
+            self.refresh_tokens.discard(token)  # rotation: the new one replaces it
         return 200, {}, self._issue()
 
-    def _issue(self):
+    def _issue(self, scope=None):
         now = int(time.time())
         access_token = secrets.token_urlsafe(32) if self.opaque_tokens else make_jwt(
             {"alg": "RS256", "kid": "stand-in", "typ": "JWT"},
@@ -208,6 +229,8 @@ class StandInGlean:
         )
         self.access_tokens.add(access_token)
         response = {"access_token": access_token, "token_type": "Bearer", "expires_in": 3600}
+        if scope:
+            response["scope"] = scope
         if self.issue_refresh_token:
             response["refresh_token"] = secrets.token_urlsafe(32)
             self.refresh_tokens.add(response["refresh_token"])
@@ -316,7 +339,7 @@ class ScriptRun:
         self._lines = queue.Queue()
         self._readers = [
             threading.Thread(target=self._read, args=(self.proc.stdout, self.stdout_lines, echo[0], self._lines)),
-            threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr_lines, echo[1], None)),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr_lines, echo[1], self._lines)),
         ]
         for reader in self._readers:
             reader.daemon = True
@@ -336,12 +359,16 @@ class ScriptRun:
             notify.put(None)
 
     def wait_for_line(self, predicate, timeout=RUN_TIMEOUT):
-        """Return the first stdout line from now on that satisfies `predicate`."""
+        """Return the first line from now on, on stdout or stderr, that satisfies `predicate`."""
         deadline = time.monotonic() + timeout
+        ended = 0
         while True:
             line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
             if line is None:
-                raise AssertionError("the script ended first:\n" + self.output())
+                ended += 1
+                if ended == len(self._readers):
+                    raise AssertionError("the script ended first:\n" + self.output())
+                continue
             if predicate(line):
                 return line
 
@@ -422,10 +449,10 @@ def demo():
 # --- Helpers for in-process tests -------------------------------------------------------
 
 
-def run_cli(environ):
+def run_cli(environ, argv=(), stdin=""):
     """Call glean_oauth.cli in this process; return (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
-    code = glean_oauth.cli(environ=environ, out=out, err=err)
+    code = glean_oauth.cli(list(argv), environ=environ, out=out, err=err, stdin=io.StringIO(stdin))
     assert_secret_absent(out.getvalue(), err.getvalue())
     return code, out.getvalue(), err.getvalue()
 
@@ -527,7 +554,7 @@ def read_head(conn):
 
 
 def test_load_config_reads_the_environment_and_strips_trailing_slashes():
-    config = glean_oauth.load_config({
+    config = glean_oauth.load_config([], {
         "CLIENT_ID": "id", "CLIENT_SECRET": "secret",
         "GLEAN_BACKEND_URL": "https://acme-be.glean.com//",
     })
@@ -548,7 +575,7 @@ def test_load_config_reads_the_environment_and_strips_trailing_slashes():
 ])
 def test_missing_or_placeholder_configuration_names_what_to_set(environ, named):
     with pytest.raises(glean_oauth.FlowError) as caught:
-        glean_oauth.load_config(environ)
+        glean_oauth.load_config([], environ)
     assert caught.value.exit_code == 2
     assert str(caught.value).startswith("Set {} before".format(named))
 
@@ -698,7 +725,8 @@ def test_the_whole_flow_prints_every_section_and_sends_what_the_doc_sends():
     positions = [flow.stdout.find("\n" + title) if i else flow.stdout.find(title)
                  for i, title in enumerate(titles)]
     assert -1 not in positions and positions == sorted(positions), flow.stdout
-    assert flow.stderr.strip() == ""
+    assert flow.stdout == expected_stdout(glean, flow.stdout)
+    assert flow.stderr == "\n" + ANSWER_LINE
     assert_secret_absent(flow.stdout, flow.stderr)
 
     # What the server received, parameter for parameter.
@@ -724,6 +752,36 @@ def test_the_whole_flow_prints_every_section_and_sends_what_the_doc_sends():
     assert "Captured auth code prefix: {}\n".format(code[:16]) in flow.stdout
     assert code not in flow.stdout
     assert json.loads(section(flow.stdout, "JWT claims"))["iss"] == glean.issuer
+
+
+ANSWER_LINE = "Answer: The executive team is listed on the People page.\n"
+
+
+def expected_stdout(glean, stdout):
+    """The default run's stdout, byte for byte, as the example prints it, rebuilt from what
+    the stand-in issued in its first run and the values that change from run to run."""
+    metadata = glean.metadata()
+    redirect_uri = glean.find("/oauth/authorize")[0].query["redirect_uri"][0]
+    authorize_url = stdout.split("Open this URL in your browser:\n\n", 1)[1].split("\n", 1)[0]
+    code = glean.find("/oauth/token")[0].form["code"][0]
+    token_response = json.loads(section(stdout, "Token response"))
+    header, claims = glean_oauth.decode_jwt(token_response["access_token"])
+
+    def block(title, value):
+        return "\n{}:\n{}\n".format(title, json.dumps(value, indent=2))
+    return (
+        "issuer={issuer}\nauthorization_endpoint={authorization_endpoint}\ntoken_endpoint={token_endpoint}\n"
+        "\ncode challenge methods:\nS256\n"
+        "\ntoken endpoint auth methods:\nclient_secret_post\nclient_secret_basic\n".format(**metadata)
+        + "\nListening for callback at {}\n".format(redirect_uri)
+        + "\nOpen this URL in your browser:\n\n{}\n".format(authorize_url)
+        + "\nCaptured auth code prefix: {}\n".format(code[:16])
+        + block("Token response", token_response)
+        + block("Chat response", json.loads(section(stdout, "Chat response")))
+        + block("JWT header", header) + block("JWT claims", claims)
+        + "\nThis does not verify the signature.\n"
+        + block("Refresh response", json.loads(section(stdout, "Refresh response")))
+    )
 
 
 def section(stdout, title):
@@ -778,15 +836,22 @@ def find_python(version):
 
 
 @parametrize("version", PYTHONS)
-def test_the_whole_flow_runs_on_every_python(version):
+def test_the_whole_flow_runs_on_every_python(version, tmp_path):
     python = find_python(version)
     if python is None:
         pytest.skip("no CPython {} under pyenv on this machine".format(version))
+    path = str(tmp_path / "tokens.json")
     with StandInGlean() as glean:
         flow = run_flow(glean, python=python)
+        keep = run_flow(glean, ["--json", "--auth-method", "client_secret_basic", "--token-file", path],
+                        python=python)
+        later = run_script(script_env(glean), ["--refresh", "--token-file", path], python=python)
     assert flow.code == 0, flow.run.output()
-    assert "\nRefresh response:\n" in flow.stdout
-    assert_secret_absent(flow.stdout, flow.stderr)
+    assert flow.stdout == expected_stdout(glean, flow.stdout)
+    assert keep.code == 0, keep.run.output()
+    assert json.loads(keep.stdout)["refresh_response"]["access_token"] in glean.access_tokens
+    assert later.returncode == 0, later.stderr
+    assert json.loads(open(path).read())["refresh_token"] in glean.refresh_tokens
 
 
 
@@ -1142,7 +1207,7 @@ def test_a_failed_refresh_keeps_the_tokens_already_printed():
             if request.form.get("grant_type") == ["refresh_token"] else glean.token(request))
         flow = run_flow(glean)
     assert flow.code == 1
-    assert flow.stderr == "token request failed (400): invalid_grant: refresh token revoked\n"
+    assert flow.stderr == "\n" + ANSWER_LINE + "token request failed (400): invalid_grant: refresh token revoked\n"
     assert "\nToken response:\n" in flow.stdout and "\nJWT claims:\n" in flow.stdout
 
 
@@ -1281,6 +1346,338 @@ def test_an_unexpected_error_is_one_line_without_a_traceback(monkeypatch):
         code, out, err = run_cli(good_environ(glean))
     assert code == 1
     assert err == "Unexpected error: RuntimeError: boom [redacted] (a bug in glean_oauth.py; please report it)\n"
+
+
+
+# --- The command line ---------------------------------------------------------------------
+
+
+def test_help_explains_every_variable_flag_and_exit_code():
+    proc = run_script({"PATH": os.environ.get("PATH", "")}, ["--help"])
+    assert proc.returncode == 0
+    text = proc.stdout.decode()
+    for word in ["CLIENT_ID", "CLIENT_SECRET", "GLEAN_BACKEND_URL", "REDIRECT_URI", "GLEAN_SCOPES",
+                 "GLEAN_HTTP_TIMEOUT", "GLEAN_CALLBACK_TIMEOUT", "REFRESH_TOKEN", "HTTPS_PROXY",
+                 "SSL_CERT_FILE", "BROWSER", "--backend-url", "--client-id", "--redirect-uri",
+                 "--auth-method", "--scope", "--no-browser", "--manual", "--message", "--no-chat",
+                 "--json", "--token-file", "--refresh", "--http-timeout", "--callback-timeout",
+                 "--version", "examples:", "exit codes: 0", "130 interrupted"]:
+        assert word in text, word
+
+
+def test_version():
+    proc = run_script({"PATH": os.environ.get("PATH", "")}, ["--version"])
+    assert proc.stdout.decode() == "glean_oauth.py {}\n".format(glean_oauth.__version__)
+
+
+@parametrize("argv", [["--client-secret", "x"], ["--auth-method", "magic"], ["--bogus"]])
+def test_a_bad_flag_is_one_line_and_exit_2(argv):
+    proc = run_script({"PATH": os.environ.get("PATH", "")}, argv)
+    assert proc.returncode == 2
+    err = proc.stderr.decode()
+    assert err.startswith("glean_oauth.py: ") and err.endswith(" (see --help)\n") and err.count("\n") == 1
+
+
+def test_flags_override_the_environment():
+    with StandInGlean() as glean:
+        flow = run_flow(glean, ["--backend-url", glean.url, "--client-id", glean.client_id,
+                                "--redirect-uri", EPHEMERAL_REDIRECT_URI],
+                        GLEAN_BACKEND_URL="https://wrong-be.glean.com", CLIENT_ID="wrong",
+                        REDIRECT_URI="http://127.0.0.1:1/wrong")
+    assert flow.code == 0, flow.run.output()
+    assert glean.requests[1].query["client_id"] == [glean.client_id]
+
+
+def test_the_secret_is_asked_for_on_a_terminal_when_unset():
+    asked = []
+
+    def ask(prompt):
+        asked.append(prompt)
+        return " typed-secret "
+    config = glean_oauth.load_config(["--client-id", "me"], {"GLEAN_BACKEND_URL": "https://a"}, ask)
+    assert (config.client_secret, asked) == ("typed-secret", ["Client secret for me: "])
+    config = glean_oauth.load_config([], good_environ_for("https://a"), ask)
+    assert config.client_secret == CLIENT_SECRET and len(asked) == 1  # set: not asked
+    glean_oauth.load_config(["--client-id", "me", "--auth-method", "none"], {"GLEAN_BACKEND_URL": "https://a"}, ask)
+    assert len(asked) == 1  # a public client has no secret to ask for
+
+
+def test_without_a_terminal_an_unset_secret_is_a_usage_error():
+    code, out, err = run_cli({"CLIENT_ID": "a", "GLEAN_BACKEND_URL": "https://a"})  # stdin: not a tty
+    assert (code, err) == (2, "Set CLIENT_SECRET before you run this script (see --help).\n")
+
+
+def test_client_secret_basic_encodes_each_part_as_rfc_6749_says():
+    client_id, secret = "id:with space", CLIENT_SECRET + "+/:%"
+    with StandInGlean(client_id=client_id, client_secret=secret) as glean:
+        flow = run_flow(glean, ["--auth-method", "client_secret_basic"])
+    assert flow.code == 0, flow.run.output()
+    assert glean.client_auth_seen == ["client_secret_basic", "client_secret_basic"]
+    exchange, refresh = glean.find("/oauth/token")
+    assert exchange.headers["Authorization"] == "Basic " + base64.b64encode(
+        b"id%3Awith+space:" + CLIENT_SECRET.encode() + b"%2B%2F%3A%25").decode()
+    assert list(exchange.form) == ["grant_type", "code", "redirect_uri", "code_verifier"]
+    assert list(refresh.form) == ["grant_type", "refresh_token"]
+
+
+def test_auth_method_none_sends_no_secret_and_needs_none():
+    with StandInGlean() as glean:
+        glean.public_client = True
+        glean.metadata_extra["token_endpoint_auth_methods_supported"] = ["none"]
+        flow = run_flow(glean, ["--auth-method", "none"], CLIENT_SECRET=None)
+    assert flow.code == 0, flow.run.output()
+    assert glean.client_auth_seen == ["none", "none"]
+    assert all("client_secret" not in r.form and "Authorization" not in r.headers for r in glean.find("/oauth/token"))
+
+
+def test_an_auth_method_the_metadata_does_not_list_is_refused_before_the_browser_step():
+    with StandInGlean() as glean:
+        proc = run_script(script_env(glean), ["--auth-method", "none"])
+    assert proc.returncode == 1
+    assert proc.stderr.decode() == "The token endpoint does not accept none (it offers client_secret_post, " \
+                                   "client_secret_basic); choose one with --auth-method.\n"
+    assert b"Open this URL" not in proc.stdout
+
+
+@parametrize("args, env", [(["--scope", " chat  search offline_access "], {}),
+                           ([], {"GLEAN_SCOPES": "chat search offline_access"})])
+def test_scopes_are_asked_for(args, env):
+    with StandInGlean() as glean:
+        flow = run_flow(glean, args, **env)
+    assert flow.code == 0, flow.run.output()
+    assert glean.requests[1].query["scope"] == ["chat search offline_access"]
+    assert json.loads(section(flow.stdout, "Token response"))["scope"] == "chat search offline_access"
+
+
+def test_without_a_refresh_token_the_hint_names_offline_access():
+    with StandInGlean() as glean:
+        glean.issue_refresh_token = False
+        flow = run_flow(glean)
+    assert flow.stderr.endswith("Glean issues a refresh token when the offline_access scope is requested (--scope).\n")
+
+
+def fake_program(tmp_path, name):
+    """An executable `name` in tmp_path that writes its arguments to `name`.args."""
+    path = tmp_path / name
+    path.write_text("#!/bin/sh\nprintf '%s' \"$*\" > \"$0.args\"\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_the_url_is_opened_with_browser(tmp_path):
+    browser = fake_program(tmp_path, "browser")
+    with StandInGlean() as glean:
+        flow = run_flow(glean, BROWSER=str(browser))
+    assert flow.code == 0, flow.run.output()
+    url = flow.stdout.split("Open this URL in your browser:\n\n", 1)[1].split("\n", 1)[0]
+    assert (tmp_path / "browser.args").read_text() == url
+    assert "(Opened it in your browser.)" in flow.stderr
+
+
+def test_no_browser_only_prints_the_url(tmp_path):
+    browser = fake_program(tmp_path, "browser")
+    with StandInGlean() as glean:
+        flow = run_flow(glean, ["--no-browser"], BROWSER=str(browser))
+    assert flow.code == 0 and "Open this URL in your browser:" in flow.stdout
+    assert not (tmp_path / "browser.args").exists()
+
+
+def test_a_text_browser_is_never_started_in_the_terminal(tmp_path):
+    fake_program(tmp_path, "lynx")
+    fake_program(tmp_path, "www-browser")
+    with StandInGlean() as glean:
+        flow = run_flow(glean, TERM="xterm", PATH=str(tmp_path) + os.pathsep + os.environ["PATH"])
+    assert flow.code == 0, flow.run.output()
+    assert list(tmp_path.glob("*.args")) == []
+
+
+def test_manual_takes_the_pasted_redirect_address():
+    with StandInGlean() as glean:
+        run = ScriptRun(script_env(glean, REDIRECT_URI=None), ["--manual"])
+        status, headers, _ = http_get(run.authorize_url())
+        assert status == 302
+        run.proc.stdin.write(headers["Location"].encode() + b"\n")
+        code = run.finish()
+    assert code == 0, run.output()
+    assert "No listener (--manual)" in run.stdout and "Listening for callback" not in run.stdout
+    assert "Paste the address your browser was redirected to" in run.stderr
+    assert glean.find("/oauth/token")[0].form["redirect_uri"] == [glean_oauth.DEFAULT_REDIRECT_URI]
+
+
+@parametrize("pasted, message", [
+    ("", "No address was pasted."),
+    ("http://127.0.0.1:9090/oauth/callback?code=abc&state=forged",
+     "State mismatch: the callback is not the answer to this run's request."),
+    ("http://127.0.0.1:9090/oauth/callback?error=access_denied", "OAuth error: access_denied"),
+])
+def test_manual_applies_the_callback_checks(pasted, message):
+    with StandInGlean() as glean:
+        code, out, err = run_cli(good_environ(glean), ["--manual"], stdin=pasted + "\n")
+    assert code == 1
+    assert err.endswith("\n" + message + "\n")
+    assert glean.paths("POST") == []
+
+
+def test_message_asks_another_question_and_no_chat_skips_the_call():
+    with StandInGlean() as glean:
+        asked = run_flow(glean, ["--message", "What is our PTO policy?"])
+        skipped = run_flow(glean, ["--no-chat"])
+    assert asked.code == 0, asked.run.output()
+    assert json.loads(glean.find("/rest/api/v1/chat")[0].body.decode()) == {
+        "messages": [{"fragments": [{"text": "What is our PTO policy?"}]}]}
+    assert skipped.code == 0 and "Chat response:" not in skipped.stdout
+    assert len(glean.find("/rest/api/v1/chat")) == 1
+
+
+def test_chat_answer_reads_the_last_content_message_and_tolerates_the_rest():
+    response = {"messages": [
+        {"author": "USER", "messageType": "CONTENT", "fragments": [{"text": "Q?"}]},
+        {"author": "GLEAN_AI", "messageType": "CONTENT", "fragments": [{"text": "Old"}]},
+        {"author": "GLEAN_AI", "messageType": "CONTENT", "fragments": [
+            {"text": "The team: "}, {"citation": {"sourceDocument": {}}}, {"text": "Ann, Bo."}, "odd"]},
+        {"author": "GLEAN_AI", "messageType": "UPDATE", "fragments": [{"text": "Searching..."}]},
+        {"author": "GLEAN_AI", "messageType": "SOMETHING_NEW"},
+        "not a message",
+    ]}
+    assert glean_oauth.chat_answer(response) == "The team: Ann, Bo."
+    assert glean_oauth.chat_answer({}) == ""
+    assert glean_oauth.chat_answer({"messages": "x"}) == ""
+    assert glean_oauth.chat_answer({"messages": [{"author": "GLEAN_AI", "fragments": None}]}) == ""
+
+
+def test_json_prints_one_object_on_stdout_and_the_rest_on_stderr():
+    with StandInGlean() as glean:
+        flow = run_flow(glean, ["--json"])
+    assert flow.code == 0, flow.run.output()
+    result = json.loads(flow.stdout)
+    assert list(result) == ["metadata", "token_response", "chat_response", "jwt_header", "jwt_claims",
+                            "refresh_response"]
+    assert result["metadata"]["issuer"] == glean.issuer
+    assert result["token_response"]["access_token"] in glean.access_tokens
+    assert result["jwt_claims"]["sub"] == "demo.user@example.com"
+    assert "Open this URL in your browser:" in flow.stderr and "Refresh response:" in flow.stderr
+
+
+def test_json_still_gives_the_tokens_when_the_refresh_fails():
+    with StandInGlean() as glean:
+        glean.overrides["/oauth/token"] = lambda request: (
+            _oauth_error(400, "invalid_grant", "revoked")
+            if request.form.get("grant_type") == ["refresh_token"] else glean.token(request))
+        flow = run_flow(glean, ["--json"])
+    assert flow.code == 1
+    assert json.loads(flow.stdout)["token_response"]["access_token"] in glean.access_tokens
+
+
+def test_user_agent_names_the_tool():
+    with StandInGlean() as glean:
+        run_flow(glean)
+    agents = {r.headers.get("User-Agent") for r in glean.requests if r.path != "/oauth/authorize"}
+    assert agents == {"glean-oauth/{} Python/{}.{}".format(glean_oauth.__version__, *sys.version_info[:2])}
+
+
+# --- Keeping tokens ----------------------------------------------------------------------------
+
+
+def test_token_file_keeps_the_final_tokens_for_the_owner_only(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        flow = run_flow(glean, ["--token-file", str(path)])
+    assert flow.code == 0, flow.run.output()
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    saved = json.loads(path.read_text())
+    refreshed = json.loads(section(flow.stdout, "Refresh response"))
+    assert saved["access_token"] == refreshed["access_token"]
+    assert saved["refresh_token"] == refreshed["refresh_token"]
+    assert saved["expires_at"] > saved["obtained_at"] and saved["obtained_at"].endswith("Z")
+    assert os.listdir(str(tmp_path)) == ["tokens.json"]  # no temporary file left
+    assert "Saved the tokens to {}.".format(path) in flow.stderr
+
+
+def test_token_file_is_0600_from_the_moment_it_exists_whatever_the_umask(tmp_path):
+    path = str(tmp_path / "tokens.json")
+    old = os.umask(0)
+    try:
+        glean_oauth.write_token_file(path, {"access_token": "a"})
+    finally:
+        os.umask(old)
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+
+
+def test_a_crash_mid_write_leaves_the_old_token_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "tokens.json"
+    path.write_text('{"access_token": "old"}\n')
+
+    def crash(obj, f, **kwargs):
+        f.write('{"access_tok')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(glean_oauth.json, "dump", crash)
+    with pytest.raises(KeyboardInterrupt):
+        glean_oauth.write_token_file(str(path), {"access_token": "new"})
+    assert path.read_text() == '{"access_token": "old"}\n'
+    assert os.listdir(str(tmp_path)) == ["tokens.json"]
+
+
+def test_the_token_file_is_never_written_through_a_symlink(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_text("precious")
+    (tmp_path / "tokens.json").symlink_to(target)
+    with pytest.raises(glean_oauth.FlowError) as caught:
+        glean_oauth.write_token_file(str(tmp_path / "tokens.json"), {"access_token": "a"})
+    assert str(caught.value).startswith("Not writing tokens through the symlink ")
+    assert target.read_text() == "precious"
+
+
+def test_an_unwritable_token_file_is_a_clear_error(tmp_path):
+    with pytest.raises(glean_oauth.FlowError, match=r"^Cannot write the token file .*/missing/t.json: "):
+        glean_oauth.write_token_file(str(tmp_path / "missing" / "t.json"), {})
+
+
+def test_refresh_later_uses_the_token_file_without_a_browser(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        run_flow(glean, ["--token-file", str(path)])
+        first = json.loads(path.read_text())
+        glean.requests.clear()
+        proc = run_script(script_env(glean), ["--refresh", "--token-file", str(path)])
+    assert proc.returncode == 0, proc.stderr
+    assert glean.paths() == ["/.well-known/oauth-authorization-server", "/oauth/token"]
+    assert glean.requests[1].form["refresh_token"] == [first["refresh_token"]]
+    assert b"\nRefresh response:\n" in proc.stdout and b"Open this URL" not in proc.stdout
+    second = json.loads(path.read_text())
+    assert second["refresh_token"] != first["refresh_token"] and second["refresh_token"] in glean.refresh_tokens
+
+
+def test_refresh_later_keeps_the_old_refresh_token_when_none_comes_back(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        glean.refresh_tokens.add("long-lived")
+        glean.issue_refresh_token = False  # and so it does not rotate
+        seeded = run_script(script_env(glean, REFRESH_TOKEN="long-lived"), ["--refresh", "--token-file", str(path)])
+        first = json.loads(path.read_text())
+        again = run_script(script_env(glean), ["--refresh", "--token-file", str(path)])
+        second = json.loads(path.read_text())
+    assert (seeded.returncode, again.returncode) == (0, 0), seeded.stderr + again.stderr
+    assert [r.form["refresh_token"] for r in glean.find("/oauth/token")] == [["long-lived"], ["long-lived"]]
+    assert first["refresh_token"] == second["refresh_token"] == "long-lived"
+    assert first["access_token"] != second["access_token"] and second["access_token"] in glean.access_tokens
+
+
+@parametrize("contents, message", [
+    (None, "Cannot read the token file {}: No such file or directory."),
+    ("not json", "Cannot read the token file {}: Expecting value: line 1 column 1 (char 0)."),
+    ('{"access_token": "a"}', "The token file {} has no refresh_token; run the full flow first."),
+])
+def test_refresh_later_needs_a_readable_token_file_with_a_refresh_token(tmp_path, contents, message):
+    path = tmp_path / "tokens.json"
+    if contents is not None:
+        path.write_text(contents)
+    code, out, err = run_cli(good_environ_for("https://acme-be.glean.com"), ["--refresh", "--token-file", str(path)])
+    assert (code, err) == (2, message.format(path) + "\n")
+
+
+def test_refresh_later_without_any_refresh_token_is_a_usage_error():
+    code, out, err = run_cli(good_environ_for("https://acme-be.glean.com"), ["--refresh"])
+    assert (code, err) == (2, "--refresh needs a refresh token: give --token-file PATH, or set REFRESH_TOKEN.\n")
 
 
 if __name__ == "__main__":
