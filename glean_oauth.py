@@ -72,13 +72,25 @@ class FlowError(Exception):
         self.status = status
 
 
-def one_line(text):
-    """`text` with control and other unprintable characters made spaces, on one line.
+def printable(text, keep=""):
+    """`text` with control and other unprintable characters (but those in `keep`) made spaces.
 
     Text from a server or a browser goes through here before it reaches a terminal, so
     it cannot move the cursor, recolour, or hide what follows (escape injection).
     """
-    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return "".join(c if c.isprintable() or c in keep else " " for c in text)
+
+
+def one_line(text):
+    """`text` made printable, on one line."""
+    return " ".join(printable(text).split())
+
+
+def json_text(value):
+    """`value` as JSON indented by 2, as the example prints it, with every unprintable
+    character escaped (json.dumps leaves C1 controls and bidi overrides raw)."""
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    return "".join(c if c.isprintable() or c == "\n" else json.dumps(c)[1:-1] for c in text)
 
 
 # --- Output -----------------------------------------------------------------------------
@@ -101,18 +113,18 @@ class Console:
     def section(self, title, value):
         """A blank line, `title:`, then `value` as JSON indented by 2, as the example prints."""
         self.line("\n" + title + ":")
-        self.line(json.dumps(value, indent=2, ensure_ascii=False))
+        self.line(json_text(value))
 
     def problem(self, text):
         self._write(self.err, one_line(text))
 
     def note(self, text):
         """Extra text for a person (a hint, the chat answer) on stderr, keeping its lines."""
-        self._write(self.err, "".join(c if c.isprintable() or c in "\n\t" else " " for c in text))
+        self._write(self.err, printable(text, keep="\n\t"))
 
     def result(self, value):
         """The one JSON object of --json, on stdout."""
-        self._write(self.json_out, json.dumps(value, indent=2, ensure_ascii=False))
+        self._write(self.json_out, json_text(value))
 
     def _write(self, stream, text):
         if self.secret:
@@ -128,8 +140,6 @@ class Console:
 
 # --- Step 1: configuration --------------------------------------------------------------
 
-
-AUTH_METHODS = ("client_secret_post", "client_secret_basic", "none")
 
 HELP_EPILOG = """\
 environment variables (a flag wins over its variable):
@@ -177,7 +187,7 @@ def build_parser():
     add("--backend-url", metavar="URL", help="the Glean backend (GLEAN_BACKEND_URL)")
     add("--client-id", metavar="ID", help="the static client's id (CLIENT_ID)")
     add("--redirect-uri", metavar="URI", help="the registered loopback redirect URI (REDIRECT_URI)")
-    add("--auth-method", choices=AUTH_METHODS, default="client_secret_post",
+    add("--auth-method", choices=list(CLIENT_AUTH), default="client_secret_post",
         help="how the client authenticates at the token endpoint (default: %(default)s, the doc's)")
     add("--scope", metavar="SCOPES", help='scopes to ask for, e.g. "chat search offline_access" (GLEAN_SCOPES)')
     add("--no-browser", dest="open_browser", action="store_false", help="only print the URL; do not open a browser")
@@ -208,21 +218,16 @@ def load_config(argv, environ, ask_secret=None):
         return value or default
 
     config.client_id = setting(config.client_id, "CLIENT_ID")
-    config.backend_url = setting(config.backend_url, "GLEAN_BACKEND_URL")
+    config.backend_url = setting(config.backend_url, "GLEAN_BACKEND_URL").rstrip("/")
     config.client_secret = environ.get("CLIENT_SECRET", "").strip()
-    needs_secret = config.auth_method != "none"
-    if needs_secret and not config.client_secret and ask_secret:
-        config.client_secret = ask_secret("Client secret for {}: ".format(config.client_id or "your client")).strip()
-    values = {"CLIENT_ID": config.client_id, "GLEAN_BACKEND_URL": config.backend_url}
-    if needs_secret:
-        values["CLIENT_SECRET"] = config.client_secret
-    unset = [name for name in PLACEHOLDERS if name in values and values[name] in ("", PLACEHOLDERS[name])]
-    if unset:
-        raise FlowError(
-            "Set {} before you run this script (see --help).".format(", ".join(unset)),
-            EXIT_USAGE,
-        )
-    config.backend_url = config.backend_url.rstrip("/")
+    needs_secret = config.auth_method != "none"  # a public client has none
+    unset = [name for name, value in (("CLIENT_ID", config.client_id), ("CLIENT_SECRET", config.client_secret),
+                                      ("GLEAN_BACKEND_URL", config.backend_url))
+             if value in ("", PLACEHOLDERS[name]) and (needs_secret or name != "CLIENT_SECRET")]
+    # The secret alone can be asked for, once all else is known to be right.
+    ask = unset == ["CLIENT_SECRET"] and ask_secret
+    if unset and not ask:
+        raise FlowError("Set {} before you run this script (see --help).".format(", ".join(unset)), EXIT_USAGE)
     check_transport(config.backend_url, "GLEAN_BACKEND_URL", EXIT_USAGE)
     config.redirect_uri = setting(config.redirect_uri, "REDIRECT_URI", DEFAULT_REDIRECT_URI)
     check_redirect_uri(config.redirect_uri)
@@ -233,6 +238,10 @@ def load_config(argv, environ, ask_secret=None):
     config.refresh_token = environ.get("REFRESH_TOKEN", "").strip()
     if config.refresh and not (config.token_file or config.refresh_token):
         raise FlowError("--refresh needs a refresh token: give --token-file PATH, or set REFRESH_TOKEN.", EXIT_USAGE)
+    if ask:
+        config.client_secret = ask_secret("Client secret for {}: ".format(config.client_id)).strip()
+        if not config.client_secret:
+            raise FlowError("Set CLIENT_SECRET before you run this script (see --help).", EXIT_USAGE)
     return config
 
 
@@ -281,15 +290,17 @@ def check_transport(url, name, exit_code=EXIT_FAILURE):
 def check_redirect_uri(redirect_uri):
     """Refuse a redirect URI this script cannot safely listen on (RFC 8252 §7.3, §8.3)."""
     parts = urllib.parse.urlsplit(redirect_uri)
-    problem = None
     try:
-        parts.port  # raises ValueError for a port that is not a number in 0..65535
+        port_ok = parts.port is None or parts.port >= 0  # urllib raises for a bad one
     except ValueError:
-        problem = "its port is not a number from 0 to 65535"
+        port_ok = False
+    problem = None
     if parts.scheme != "http":
         problem = "it must start with http:// (the listener is plain HTTP on this machine)"
     elif not is_loopback(parts.hostname):
         problem = "its host must be 127.0.0.1, [::1] or localhost, so that only this machine can receive the code"
+    elif not port_ok:
+        problem = "its port is not a number from 0 to 65535"
     elif parts.fragment:
         problem = "it must not have a #fragment (RFC 6749 §3.1.2)"
     if problem:
@@ -718,7 +729,7 @@ class PastedRedirect:
 
     def __init__(self, redirect_uri, stdin, console):
         self.redirect_uri, self.stdin, self.console = redirect_uri, stdin, console
-        self.announcement = "No listener (--manual): after you sign in, paste the address your browser was sent to."
+        self.announcement = "No listener (--manual): the redirect is read from this terminal."
 
     def __enter__(self):
         return self
@@ -1123,6 +1134,8 @@ def cli(argv=None, environ=None, out=None, err=None, stdin=None):
         console.secret = config.client_secret
         if config.json:
             console.out = err  # stdout is for the one JSON object
+            if out is None:
+                console.json_out = _claim_stdout()
         try:
             if config.refresh:
                 return refresh_later(config, console, results)
@@ -1139,6 +1152,15 @@ def cli(argv=None, environ=None, out=None, err=None, stdin=None):
         console.problem("Unexpected error: {}: {} (a bug in glean_oauth.py; please report it)".format(
             type(error).__name__, error))
         return EXIT_FAILURE
+
+
+def _claim_stdout():
+    """Keep the process's stdout for --json's object alone: from now on whatever else
+    writes to it (a browser started from here, say) writes to stderr instead."""
+    sys.stdout.flush()
+    json_fd = os.dup(1)
+    os.dup2(2, 1)
+    return os.fdopen(json_fd, "w", encoding=sys.stdout.encoding or "utf-8")
 
 
 def _ask_secret(prompt):

@@ -899,6 +899,28 @@ def listening_port(run):
     return urllib.parse.urlsplit(line.split(" at ", 1)[1]).port
 
 
+def test_the_run_ends_without_waiting_on_connections_the_browser_keeps_open():
+    """A real browser pre-connects and keeps idle keep-alive sockets; the TypeScript example
+    waits about 5 s for them to close. Ours answers the callback and goes straight on."""
+    with StandInGlean() as glean:
+        run = ScriptRun(script_env(glean))
+        port = listening_port(run)
+        url = run.authorize_url()
+        with socket.create_connection(("127.0.0.1", port)) as idle:
+            status, headers, _ = http_get(url)
+            parts = urllib.parse.urlsplit(headers["Location"])
+            browser = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            browser.request("GET", parts.path + "?" + parts.query, headers={"Connection": "keep-alive"})
+            assert browser.getresponse().status == 200  # and the browser keeps this socket too
+            answered = time.monotonic()
+            code = run.finish()
+            elapsed = time.monotonic() - answered
+            browser.close()
+            assert idle.fileno() != -1
+    assert code == 0, run.output()
+    assert elapsed < 2, elapsed  # three HTTP requests to the stand-in, no waiting on sockets
+
+
 def test_ctrl_c_while_waiting_exits_130_in_one_line_and_frees_the_port():
     with StandInGlean() as glean:
         run = ScriptRun(script_env(glean))
@@ -1330,6 +1352,18 @@ def test_control_characters_from_the_server_never_reach_the_terminal():
     assert flow.stderr == "OAuth error: access_denied [2J: go ]0;pwned away FAKE: all good\n"
 
 
+def test_json_sections_escape_what_a_terminal_would_act_on():
+    with StandInGlean() as glean:
+        glean.overrides["/rest/api/v1/chat"] = (200, {}, {"messages": [{"author": "GLEAN_AI", "fragments": [
+            {"text": "caf\u00e9 \x1b[2J \u009b31m \u202egnp.exe \U000e0041"}]}]})
+        flow = run_flow(glean)
+    assert flow.code == 0, flow.run.output()
+    assert '"text": "caf\u00e9 \\u001b[2J \\u009b31m \\u202egnp.exe \\udb40\\udc41"' in flow.stdout
+    assert json.loads(section(flow.stdout, "Chat response"))["messages"][0]["fragments"][0]["text"].startswith(
+        "caf\u00e9 \x1b[2J \u009b31m \u202e")
+    assert "Answer: caf\u00e9  [2J  31m  gnp.exe  \n" in flow.stderr
+
+
 def test_a_server_that_echoes_the_secret_gets_it_redacted():
     with StandInGlean() as glean:
         glean.overrides["/oauth/token"] = lambda request: (400, {}, request.body.decode())
@@ -1400,6 +1434,22 @@ def test_the_secret_is_asked_for_on_a_terminal_when_unset():
     assert config.client_secret == CLIENT_SECRET and len(asked) == 1  # set: not asked
     glean_oauth.load_config(["--client-id", "me", "--auth-method", "none"], {"GLEAN_BACKEND_URL": "https://a"}, ask)
     assert len(asked) == 1  # a public client has no secret to ask for
+
+
+def test_the_secret_is_asked_for_only_once_all_else_is_right():
+    def ask(prompt):
+        raise AssertionError("asked")
+    for argv, environ, message in [
+        ([], {}, "Set CLIENT_ID, CLIENT_SECRET, GLEAN_BACKEND_URL before"),
+        ([], {"CLIENT_ID": "a", "GLEAN_BACKEND_URL": "http://acme"}, "GLEAN_BACKEND_URL must be an https:// URL"),
+        (["--redirect-uri", "http://example.com/cb"], {"CLIENT_ID": "a", "GLEAN_BACKEND_URL": "https://a"},
+         "REDIRECT_URI http://example.com/cb is refused"),
+    ]:
+        with pytest.raises(glean_oauth.FlowError) as caught:
+            glean_oauth.load_config(argv, environ, ask)
+        assert str(caught.value).startswith(message)
+    with pytest.raises(glean_oauth.FlowError, match="^Set CLIENT_SECRET before"):
+        glean_oauth.load_config([], {"CLIENT_ID": "a", "GLEAN_BACKEND_URL": "https://a"}, lambda prompt: " ")
 
 
 def test_without_a_terminal_an_unset_secret_is_a_usage_error():
@@ -1556,6 +1606,17 @@ def test_json_prints_one_object_on_stdout_and_the_rest_on_stderr():
     assert result["token_response"]["access_token"] in glean.access_tokens
     assert result["jwt_claims"]["sub"] == "demo.user@example.com"
     assert "Open this URL in your browser:" in flow.stderr and "Refresh response:" in flow.stderr
+
+
+def test_json_stdout_stays_clean_when_the_browser_writes_to_stdout(tmp_path):
+    browser = tmp_path / "chatty-browser"
+    browser.write_text("#!/bin/sh\necho 'Opening in existing browser session.'\n")
+    browser.chmod(0o755)
+    with StandInGlean() as glean:
+        flow = run_flow(glean, ["--json"], BROWSER=str(browser))
+    assert flow.code == 0, flow.run.output()
+    assert json.loads(flow.stdout)["token_response"]["access_token"] in glean.access_tokens
+    assert "Opening in existing browser session." in flow.stderr
 
 
 def test_json_still_gives_the_tokens_when_the_refresh_fails():
