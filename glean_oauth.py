@@ -1028,7 +1028,7 @@ def deliver(config, results, console):
 # --- The flow ---------------------------------------------------------------------------
 
 
-def main(config, console, results, stdin=None, environ=None):
+def main(config, console, results, stdin, environ):
     """The documented flow, step by step. Returns the exit code; raises FlowError.
 
     What it obtains goes into `results` as it comes, so it outlives a later failure.
@@ -1040,8 +1040,8 @@ def main(config, console, results, stdin=None, environ=None):
     state, code_verifier, code_challenge = make_pkce()
 
     # 4. Listen before the URL is shown, so a fast browser cannot arrive first.
-    with open_receiver(config, console, stdin or sys.stdin) as receiver:
-        config.redirect_uri = receiver.redirect_uri
+    with open_receiver(config, console, stdin) as receiver:
+        config.redirect_uri = receiver.redirect_uri  # with port 0, the port it really has
         console.line("\n" + receiver.announcement)
 
         # 5. The authorization URL.
@@ -1051,7 +1051,7 @@ def main(config, console, results, stdin=None, environ=None):
         )
         console.line("\nOpen this URL in your browser:\n")
         console.line(authorize_url)
-        if config.open_browser and not config.manual and open_browser(authorize_url, environ or os.environ):
+        if config.open_browser and not config.manual and open_browser(authorize_url, environ):
             console.note("(Opened it in your browser.)")
 
         # 6. The callback: issuer, error, state and code checks.
@@ -1123,14 +1123,13 @@ def cli(argv=None, environ=None, out=None, err=None, stdin=None):
     """Run from the command line: read the configuration, run the flow, and turn
     whatever stops it into one line on stderr and an exit code."""
     environ = os.environ if environ is None else environ
-    err = err or sys.stderr
+    stdin, err = stdin or sys.stdin, err or sys.stderr
     console = Console(out or sys.stdout, err)
     results = Results()
     try:
         # 1. Configuration: flags, then the environment.
-        stdin_is_terminal = (stdin or sys.stdin).isatty()
         config = load_config(sys.argv[1:] if argv is None else argv, environ,
-                             ask_secret=_ask_secret if stdin_is_terminal else None)
+                             ask_secret=_ask_secret if stdin.isatty() else None)
         console.secret = config.client_secret
         if config.json:
             console.out = err  # stdout is for the one JSON object

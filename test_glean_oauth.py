@@ -396,13 +396,21 @@ class ScriptRun:
         return self.stdout + self.stderr
 
 
-def script_env(glean, **overrides):
-    """A clean environment for the script: the stand-in's client and an ephemeral port."""
-    env = {"PATH": os.environ.get("PATH", ""), "CLIENT_ID": glean.client_id,
-           "CLIENT_SECRET": glean.client_secret, "GLEAN_BACKEND_URL": glean.url,
+def good_environ(backend, **overrides):
+    """The settings of a run against `backend`, a StandInGlean (its client) or a URL (the
+    test client), with an ephemeral port; an override of None removes the variable."""
+    glean = None if isinstance(backend, str) else backend
+    env = {"CLIENT_ID": glean.client_id if glean else CLIENT_ID,
+           "CLIENT_SECRET": glean.client_secret if glean else CLIENT_SECRET,
+           "GLEAN_BACKEND_URL": glean.url if glean else backend,
            "REDIRECT_URI": EPHEMERAL_REDIRECT_URI}
     env.update(overrides)
     return {k: v for k, v in env.items() if v is not None}
+
+
+def script_env(backend, **overrides):
+    """good_environ plus PATH: the whole, clean environment of a script run."""
+    return good_environ(backend, **dict({"PATH": os.environ.get("PATH", "")}, **overrides))
 
 
 class Flow:
@@ -455,13 +463,6 @@ def run_cli(environ, argv=(), stdin=""):
     code = glean_oauth.cli(list(argv), environ=environ, out=out, err=err, stdin=io.StringIO(stdin))
     assert_secret_absent(out.getvalue(), err.getvalue())
     return code, out.getvalue(), err.getvalue()
-
-
-def good_environ(glean, **overrides):
-    env = {"CLIENT_ID": glean.client_id, "CLIENT_SECRET": glean.client_secret,
-           "GLEAN_BACKEND_URL": glean.url, "REDIRECT_URI": EPHEMERAL_REDIRECT_URI}
-    env.update(overrides)
-    return env
 
 
 def assert_secret_absent(*texts):
@@ -870,7 +871,7 @@ def test_a_silent_server_ends_the_request_at_the_timeout_naming_the_url():
 
 def test_glean_http_timeout_applies_to_the_run():
     with RawServer(silent) as server:
-        proc = run_script(dict(script_env_for(server.url), GLEAN_HTTP_TIMEOUT="0.3"))
+        proc = run_script(dict(script_env(server.url), GLEAN_HTTP_TIMEOUT="0.3"))
     assert proc.returncode == 1
     assert proc.stderr.decode().startswith("Request to {}/.well-known/oauth-authorization-server "
                                            "failed: no answer in time".format(server.url))
@@ -879,7 +880,7 @@ def test_glean_http_timeout_applies_to_the_run():
 @parametrize("name", ["GLEAN_HTTP_TIMEOUT", "GLEAN_CALLBACK_TIMEOUT"])
 @parametrize("value", ["soon", "0", "-1", "inf", "nan"])
 def test_a_bad_timeout_is_a_usage_error(name, value):
-    code, out, err = run_cli(dict(good_environ_for("https://acme-be.glean.com"), **{name: value}))
+    code, out, err = run_cli(dict(good_environ("https://acme-be.glean.com"), **{name: value}))
     assert (code, out) == (2, "")
     assert err == "{} must be a positive number of seconds, not {!r}.\n".format(name, value)
 
@@ -935,7 +936,7 @@ def test_ctrl_c_while_waiting_exits_130_in_one_line_and_frees_the_port():
 
 def test_ctrl_c_during_a_request_exits_130_in_one_line():
     with RawServer(silent) as server:
-        run = ScriptRun(script_env_for(server.url))
+        run = ScriptRun(script_env(server.url))
         assert server.accepted.wait(RUN_TIMEOUT)
         run.proc.send_signal(signal.SIGINT)
         assert run.finish() == 130
@@ -1099,17 +1100,6 @@ def test_a_callback_with_the_wrong_iss_ends_the_run_before_the_exchange():
 # --- Hardening: transport and redirects ----------------------------------------------------
 
 
-def script_env_for(backend_url):
-    env = {"PATH": os.environ.get("PATH", "")}
-    env.update(good_environ_for(backend_url))
-    return env
-
-
-def good_environ_for(backend_url):
-    return {"CLIENT_ID": CLIENT_ID, "CLIENT_SECRET": CLIENT_SECRET, "GLEAN_BACKEND_URL": backend_url,
-            "REDIRECT_URI": EPHEMERAL_REDIRECT_URI}
-
-
 @parametrize("url, ok", [
     ("https://acme-be.glean.com", True), ("http://127.0.0.1:8080", True), ("http://[::1]:80", True),
     ("http://localhost", True), ("http://acme-be.glean.com", False), ("http://10.0.0.5", False),
@@ -1124,7 +1114,7 @@ def test_credentials_go_only_over_tls_or_to_loopback(url, ok):
 
 
 def test_a_plain_http_backend_url_is_refused_before_any_traffic():
-    code, out, err = run_cli(good_environ_for("http://acme-be.glean.com"))
+    code, out, err = run_cli(good_environ("http://acme-be.glean.com"))
     assert (code, out) == (2, "")
     assert err == "GLEAN_BACKEND_URL must be an https:// URL (http:// only for 127.0.0.1, [::1] or " \
                   "localhost), not http://acme-be.glean.com.\n"
@@ -1195,7 +1185,7 @@ def test_https_proxy_is_honoured():
 
         tunnels = []
         with RawServer(tunnel) as proxy:
-            proc = run_script(dict(script_env_for("https://glean.test"), HTTPS_PROXY=proxy.url,
+            proc = run_script(dict(script_env("https://glean.test"), HTTPS_PROXY=proxy.url,
                                    SSL_CERT_FILE=certificate_file(), GLEAN_CALLBACK_TIMEOUT="0.1"))
     assert [line.split(b" ")[:2] for line in tunnels] == [[b"CONNECT", b"glean.test:443"]]
     assert b"issuer=" + glean.issuer.encode() in proc.stdout
@@ -1430,7 +1420,7 @@ def test_the_secret_is_asked_for_on_a_terminal_when_unset():
         return " typed-secret "
     config = glean_oauth.load_config(["--client-id", "me"], {"GLEAN_BACKEND_URL": "https://a"}, ask)
     assert (config.client_secret, asked) == ("typed-secret", ["Client secret for me: "])
-    config = glean_oauth.load_config([], good_environ_for("https://a"), ask)
+    config = glean_oauth.load_config([], good_environ("https://a"), ask)
     assert config.client_secret == CLIENT_SECRET and len(asked) == 1  # set: not asked
     glean_oauth.load_config(["--client-id", "me", "--auth-method", "none"], {"GLEAN_BACKEND_URL": "https://a"}, ask)
     assert len(asked) == 1  # a public client has no secret to ask for
@@ -1732,12 +1722,12 @@ def test_refresh_later_needs_a_readable_token_file_with_a_refresh_token(tmp_path
     path = tmp_path / "tokens.json"
     if contents is not None:
         path.write_text(contents)
-    code, out, err = run_cli(good_environ_for("https://acme-be.glean.com"), ["--refresh", "--token-file", str(path)])
+    code, out, err = run_cli(good_environ("https://acme-be.glean.com"), ["--refresh", "--token-file", str(path)])
     assert (code, err) == (2, message.format(path) + "\n")
 
 
 def test_refresh_later_without_any_refresh_token_is_a_usage_error():
-    code, out, err = run_cli(good_environ_for("https://acme-be.glean.com"), ["--refresh"])
+    code, out, err = run_cli(good_environ("https://acme-be.glean.com"), ["--refresh"])
     assert (code, err) == (2, "--refresh needs a refresh token: give --token-file PATH, or set REFRESH_TOKEN.\n")
 
 
