@@ -869,6 +869,16 @@ def test_a_silent_server_ends_the_request_at_the_timeout_naming_the_url():
                                 "(GLEAN_HTTP_TIMEOUT sets the limit in seconds)".format(server.url)
 
 
+def test_a_refused_connection_says_so_in_one_line():
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        url = "http://127.0.0.1:{}".format(closed.getsockname()[1])
+        proc = run_script(script_env(url))
+    assert proc.returncode == 1
+    assert proc.stderr.decode() == "Request to {}/.well-known/oauth-authorization-server failed: " \
+                                   "Connection refused\n".format(url)
+
+
 def test_glean_http_timeout_applies_to_the_run():
     with RawServer(silent) as server:
         proc = run_script(dict(script_env(server.url), GLEAN_HTTP_TIMEOUT="0.3"))
