@@ -54,6 +54,7 @@ HTTP_TIMEOUT_SECONDS = 30
 CALLBACK_TIMEOUT_SECONDS = 300
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # far above any token or chat answer
 MAX_CALLBACK_REQUEST_BYTES = 16 * 1024  # a browser's GET is a few hundred bytes
+MAX_PENDING_CONNECTIONS = 64  # idle ones beyond this are dropped, oldest first (select's limits)
 EXCERPT_CHARACTERS = 300  # how much of an unexpected body an error message shows
 USER_AGENT = "glean-oauth/{} Python/{}.{}".format(__version__, *sys.version_info[:2])
 
@@ -598,6 +599,10 @@ class CallbackListener:
                         except OSError:  # the peer gave up before we took it
                             continue
                         conn.setblocking(False)
+                        if len(pending) >= MAX_PENDING_CONNECTIONS:
+                            oldest = next(iter(pending))  # dicts keep insertion order
+                            del pending[oldest]
+                            oldest.close()
                         pending[conn] = b""
                         continue
                     head = _read_head(sock, pending)

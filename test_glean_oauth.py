@@ -1016,6 +1016,22 @@ def test_a_silent_preconnect_never_delays_the_callback():
     assert elapsed < 1, elapsed
 
 
+def test_a_flood_of_idle_connections_is_bounded_and_the_callback_still_lands():
+    with glean_oauth.CallbackListener(EPHEMERAL_REDIRECT_URI) as listener:
+        join = wait_in_thread(listener, lambda q: glean_oauth.parse_callback(q, "s1"))
+        address = listener.sockets[0].getsockname()
+        idle = [socket.create_connection(address) for _ in range(glean_oauth.MAX_PENDING_CONNECTIONS + 20)]
+        try:
+            # While the listener still waits, the oldest are dropped to stay within the bound.
+            idle[0].settimeout(5)
+            assert idle[0].recv(1) == b""
+            assert http_get(listener.redirect_uri + "?code=c0de&state=s1")[0] == 200
+            assert join() == {"code": "c0de"}
+        finally:
+            for sock in idle:
+                sock.close()
+
+
 def test_another_method_on_the_callback_path_gets_405_and_the_wait_goes_on():
     with glean_oauth.CallbackListener(EPHEMERAL_REDIRECT_URI) as listener:
         join = wait_in_thread(listener, lambda q: glean_oauth.parse_callback(q, "s1"))
