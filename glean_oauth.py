@@ -656,7 +656,7 @@ def _listen(host, port, optional=False):
         if os.name == "posix":  # elsewhere SO_REUSEADDR lets another process share the port
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(16)
+        sock.listen(socket.SOMAXCONN)
         return sock
     except OSError as error:
         sock.close()
