@@ -100,12 +100,14 @@ def json_text(value):
 class Console:
     """Where the run's text goes: sections to `out`, problems to `err`.
 
-    Every line passes through here, so this is the one place that keeps the client
-    secret out of what is printed, whatever a server echoes back.
+    Every line passes through here, so this is the last guard that keeps the client
+    secret (in every form in `secrets`) out of what is printed, whatever a server
+    echoes back.
     """
 
-    def __init__(self, out, err, secret=""):
-        self.out, self.err, self.secret = out, err, secret
+    def __init__(self, out, err):
+        self.out, self.err = out, err
+        self.secrets = []  # every form of the client secret that a server could echo back
         self.json_out = out  # where --json's object goes, when `out` is moved to stderr
 
     def line(self, text=""):
@@ -128,8 +130,8 @@ class Console:
         self._write(self.json_out, json_text(value))
 
     def _write(self, stream, text):
-        if self.secret:
-            text = text.replace(self.secret, "[redacted]")
+        for secret in self.secrets:
+            text = text.replace(secret, "[redacted]")
         text += "\n"
         try:
             stream.write(text)
@@ -399,20 +401,25 @@ def _read_limited(response, url, deadline):
         chunks.append(chunk)
 
 
-def excerpt(body):
-    """The start of a response body, on one line, for an error message."""
-    text = one_line(body.decode("utf-8", "replace"))
+def excerpt(body, redact=()):
+    """The start of a response body, on one line, for an error message; each of `redact`
+    is replaced first, since a secret cut in two by the excerpt could not be."""
+    text = body.decode("utf-8", "replace")
+    for secret in redact:
+        text = text.replace(secret, "[redacted]")
+    text = one_line(text)
     return text if len(text) <= EXCERPT_CHARACTERS else text[:EXCERPT_CHARACTERS] + "..."
 
 
-def json_object(url, status, body):
-    """`body` parsed as a JSON object; FlowError when it is anything else."""
+def json_object(url, status, body, redact=()):
+    """`body` parsed as a JSON object; FlowError (showing it less `redact`) when it is anything else."""
     try:
         value = json.loads(body.decode("utf-8"))
     except ValueError:  # also UnicodeDecodeError
         value = None
     if not isinstance(value, dict):
-        raise FlowError("Response from {} ({}) is not a JSON object: {}".format(url, status, excerpt(body)), status=status)
+        raise FlowError("Response from {} ({}) is not a JSON object: {}".format(url, status, excerpt(body, redact)),
+                        status=status)
     return value
 
 
@@ -428,11 +435,12 @@ def fetch_json(url, data=None, headers=None, timeout=HTTP_TIMEOUT_SECONDS):
     return json_object(url, status, body)
 
 
-def token_request(token_endpoint, fields, headers=None, timeout=HTTP_TIMEOUT_SECONDS):
+def token_request(token_endpoint, fields, headers=None, timeout=HTTP_TIMEOUT_SECONDS, redact=()):
     """POST `fields` to the token endpoint as a form; return the token response.
 
     An RFC 6749 §5.2 error answer becomes `token request failed (400): invalid_grant:
-    <error_description>`. An answer without an access token is an error too.
+    <error_description>`. An answer without an access token is an error too. Error
+    messages show the answer with each of `redact` (the secret's forms) blanked out.
     """
     body = urllib.parse.urlencode(fields).encode("ascii")
     headers = dict(headers or {}, **{"Content-Type": "application/x-www-form-urlencoded"})
@@ -441,10 +449,12 @@ def token_request(token_endpoint, fields, headers=None, timeout=HTTP_TIMEOUT_SEC
         error = _oauth_error(answer)
         if error:
             raise FlowError("token request failed ({}): {}".format(status, error), status=status)
-        raise FlowError("Request to {} failed ({}): {}".format(token_endpoint, status, excerpt(answer)), status=status)
-    response = json_object(token_endpoint, status, answer)
+        raise FlowError("Request to {} failed ({}): {}".format(token_endpoint, status, excerpt(answer, redact)),
+                        status=status)
+    response = json_object(token_endpoint, status, answer, redact)
     if not isinstance(response.get("access_token"), str) or not response["access_token"]:
-        raise FlowError("The token response from {} has no access_token: {}".format(token_endpoint, excerpt(answer)))
+        raise FlowError("The token response from {} has no access_token: {}".format(
+            token_endpoint, excerpt(answer, redact)))
     return response
 
 
@@ -848,6 +858,16 @@ def _no_client_auth(client_id, client_secret):
     return [("client_id", client_id)], {}
 
 
+def secret_forms(client_id, client_secret):
+    """The client secret as typed and as it goes on the wire (form-encoded, and inside
+    the Basic credential): what must never be printed, longest first."""
+    if not client_secret:
+        return []
+    forms = {client_secret, urllib.parse.quote_plus(client_secret), urllib.parse.quote(client_secret, safe="")}
+    forms.add(_client_secret_basic(client_id, client_secret)[1]["Authorization"].split(" ", 1)[1])
+    return sorted(forms, key=len, reverse=True)
+
+
 # Token endpoint authentication, one row a method (RFC 7591 §2 names them).
 CLIENT_AUTH = {
     "client_secret_post": _client_secret_post,
@@ -856,19 +876,24 @@ CLIENT_AUTH = {
 }
 
 
+def _grant(metadata, config, grant_fields, after_auth=()):
+    """POST a grant to the token endpoint, authenticated as --auth-method says. The
+    client's fields go between `grant_fields` and `after_auth`, where the doc puts them."""
+    auth_fields, headers = CLIENT_AUTH[config.auth_method](config.client_id, config.client_secret)
+    fields = list(grant_fields) + auth_fields + list(after_auth)
+    return token_request(metadata["token_endpoint"], fields, headers, config.http_timeout,
+                         redact=secret_forms(config.client_id, config.client_secret))
+
+
 def exchange_code(metadata, config, code, code_verifier):
     """Trade the authorization code for tokens (doc step 7)."""
-    auth_fields, headers = CLIENT_AUTH[config.auth_method](config.client_id, config.client_secret)
-    fields = [("grant_type", "authorization_code"), ("code", code), ("redirect_uri", config.redirect_uri)]
-    fields += auth_fields + [("code_verifier", code_verifier)]
-    return token_request(metadata["token_endpoint"], fields, headers, config.http_timeout)
+    grant = [("grant_type", "authorization_code"), ("code", code), ("redirect_uri", config.redirect_uri)]
+    return _grant(metadata, config, grant, [("code_verifier", code_verifier)])
 
 
 def refresh_tokens(metadata, config, refresh_token):
     """Use the refresh_token grant (RFC 6749 §6; doc step 10)."""
-    auth_fields, headers = CLIENT_AUTH[config.auth_method](config.client_id, config.client_secret)
-    fields = [("grant_type", "refresh_token"), ("refresh_token", refresh_token)] + auth_fields
-    return token_request(metadata["token_endpoint"], fields, headers, config.http_timeout)
+    return _grant(metadata, config, [("grant_type", "refresh_token"), ("refresh_token", refresh_token)])
 
 
 # --- Step 8: the Chat API ---------------------------------------------------------------
@@ -1020,14 +1045,23 @@ def read_refresh_token(path):
 
 
 def deliver(config, results, console):
-    """Hand over what the run obtained: the token file, and the --json object."""
+    """Hand over what the run obtained: the --json object, then the token file.
+
+    Runs after a failed flow too, so it reports its own problem instead of raising one
+    that would hide the flow's. Returns False when the tokens could not be saved.
+    """
     if results.tokens is None:
-        return
-    if config.token_file:
-        write_token_file(config.token_file, token_file_contents(results.tokens, time.time()))
-        console.note("Saved the tokens to {}.".format(config.token_file))
+        return True
     if config.json:
         console.result(results.sections)
+    if config.token_file:
+        try:
+            write_token_file(config.token_file, token_file_contents(results.tokens, time.time()))
+        except FlowError as error:
+            console.problem(str(error))
+            return False
+        console.note("Saved the tokens to {}.".format(config.token_file))
+    return True
 
 
 # --- The flow ---------------------------------------------------------------------------
@@ -1135,17 +1169,20 @@ def cli(argv=None, environ=None, out=None, err=None, stdin=None):
         # 1. Configuration: flags, then the environment.
         config = load_config(sys.argv[1:] if argv is None else argv, environ,
                              ask_secret=_ask_secret if stdin.isatty() else None)
-        console.secret = config.client_secret
+        console.secrets = secret_forms(config.client_id, config.client_secret)
         if config.json:
             console.out = err  # stdout is for the one JSON object
             if out is None:
                 console.json_out = _claim_stdout()
+        delivered = False
         try:
             if config.refresh:
-                return refresh_later(config, console, results)
-            return main(config, console, results, stdin, environ)
+                exit_code = refresh_later(config, console, results)
+            else:
+                exit_code = main(config, console, results, stdin, environ)
         finally:
-            deliver(config, results, console)  # the tokens are kept even when a later step failed
+            delivered = deliver(config, results, console)  # even when a later step failed
+        return exit_code if delivered else EXIT_FAILURE
     except FlowError as error:
         console.problem(str(error))
         return error.exit_code

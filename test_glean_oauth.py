@@ -1388,6 +1388,39 @@ def test_a_server_that_echoes_the_secret_gets_it_redacted():
     assert "client_secret=[redacted]&code_verifier=" in flow.stderr
 
 
+def test_the_secret_is_redacted_in_the_forms_it_travels_in():
+    secret = CLIENT_SECRET + "+/ &="
+    echo = lambda request: (400, {}, request.body.decode() + " " + request.headers.get("Authorization", ""))
+    with StandInGlean(client_secret=secret) as glean:
+        glean.overrides["/oauth/token"] = echo
+        post = run_flow(glean)
+        basic = run_flow(glean, ["--auth-method", "client_secret_basic"])
+        glean.overrides["/oauth/token"] = lambda request: (200, {}, "x" * 290 + request.body.decode())
+        not_json = run_flow(glean)  # the secret's start would fall inside the 300-character excerpt
+    assert "client_secret=[redacted]&code_verifier=" in post.stderr
+    assert basic.stderr.rstrip("\n").endswith(" Basic [redacted]")
+    assert "Response from {}/oauth/token (200) is not a JSON object: ".format(glean.url) in not_json.stderr
+    for flow in (post, basic, not_json):
+        for form in glean_oauth.secret_forms(CLIENT_ID, secret):
+            assert form not in flow.stdout + flow.stderr
+
+
+def test_a_token_file_that_cannot_be_written_costs_neither_the_json_nor_the_flow_error(tmp_path):
+    unwritable = str(tmp_path / "missing" / "tokens.json")
+    with StandInGlean() as glean:
+        saved_late = run_flow(glean, ["--json", "--token-file", unwritable])
+        glean.overrides["/oauth/token"] = lambda request: (
+            _oauth_error(400, "invalid_grant", "revoked")
+            if request.form.get("grant_type") == ["refresh_token"] else glean.token(request))
+        both_failed = run_flow(glean, ["--token-file", unwritable])
+    assert saved_late.code == 1
+    assert json.loads(saved_late.stdout)["refresh_response"]["access_token"] in glean.access_tokens
+    assert saved_late.stderr.endswith("Cannot write the token file {}: No such file or directory.\n".format(unwritable))
+    assert both_failed.code == 1
+    assert both_failed.stderr.endswith("Cannot write the token file {}: No such file or directory.\n"
+                                       "token request failed (400): invalid_grant: revoked\n".format(unwritable))
+
+
 def test_an_unexpected_error_is_one_line_without_a_traceback(monkeypatch):
     def broken():
         raise RuntimeError("boom " + CLIENT_SECRET)
