@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 
-.PHONY: help demo test run
+.PHONY: help demo test run bench
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -19,3 +19,6 @@ test: ## run the test suite (installs pytest into .venv when $(PYTHON) lacks it)
 
 run: ## run the real flow; needs CLIENT_ID, CLIENT_SECRET and GLEAN_BACKEND_URL
 	$(PYTHON) glean_oauth.py
+
+bench: ## time sign-in runs over TLS with 0, 20 and 100 ms round trips, beside the baseline
+	$(PYTHON) test_glean_oauth.py bench

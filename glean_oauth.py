@@ -18,22 +18,17 @@ import datetime
 import errno
 import functools
 import hashlib
-import http.client
+import io
 import ipaddress
 import json
 import os
 import re
 import secrets
-import select
-import socket
-import ssl
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 
 __version__ = "1.0.0"
 
@@ -53,6 +48,9 @@ CODE_VERIFIER_BYTES = 64  # 86 base64url characters: inside RFC 7636 §4.1's 43.
 HTTP_TIMEOUT_SECONDS = 30
 CALLBACK_TIMEOUT_SECONDS = 300
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # far above any token or chat answer
+MAX_LINE_BYTES = 1024 * 1024  # one line of a streamed answer
+MAX_STREAM_BYTES = 64 * 1024 * 1024  # a whole streamed answer: deltas repeat their envelope
+MAX_JSON_DEPTH = 64  # Glean's answers nest a few levels; deeper is an attack
 MAX_CALLBACK_REQUEST_BYTES = 16 * 1024  # a browser's GET is a few hundred bytes
 MAX_PENDING_CONNECTIONS = 64  # idle ones beyond this are dropped, oldest first (select's limits)
 EXCERPT_CHARACTERS = 300  # how much of an unexpected body an error message shows
@@ -310,95 +308,37 @@ def check_redirect_uri(redirect_uri):
         raise FlowError("REDIRECT_URI {} is refused: {}.".format(redirect_uri, problem), EXIT_USAGE)
 
 
-# --- HTTP -------------------------------------------------------------------------------
+# --- Answers: what a server says, parsed with care -------------------------------------
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A 3xx ends the request instead of being followed.
-
-    urllib's own handler copies the request's headers, Authorization included, to
-    whatever host the Location names; no request here may take a credential there.
-    """
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
-
-
-@functools.lru_cache(maxsize=None)
-def _tls_context():
-    """Certificates verified against the system's CAs, or SSL_CERT_FILE / SSL_CERT_DIR.
-
-    Made once: loading the CA bundle costs tens of milliseconds.
-    """
-    return ssl.create_default_context()
-
-
-def _opener(url):
-    parts = urllib.parse.urlsplit(url)
-    handlers = [_NoRedirect()]
-    if parts.scheme == "https":
-        handlers.append(urllib.request.HTTPSHandler(context=_tls_context()))
-    if is_loopback(parts.hostname):
-        handlers.append(urllib.request.ProxyHandler({}))  # no proxy can reach our loopback
-    return urllib.request.build_opener(*handlers)  # else HTTPS_PROXY and NO_PROXY apply
-
-
-def http_request(url, data=None, headers=None, timeout=HTTP_TIMEOUT_SECONDS):
-    """Send one request (a POST when `data` is given); return `(status, body bytes)`.
-
-    Any status comes back, except a redirect, which raises FlowError naming where it
-    pointed. Raises FlowError when no answer comes within `timeout` seconds, when the
-    connection fails, or when the body is over MAX_RESPONSE_BYTES.
-    """
-    request = urllib.request.Request(url, data=data, headers=dict(headers or {}, **{"User-Agent": USER_AGENT}))
-    deadline = time.monotonic() + timeout
+def parse_json(text):
+    """JSON as RFC 8259 has it. ValueError for what Python's json takes but no JSON
+    parser need (NaN, Infinity, numbers too large for a float, which --json could not
+    print back as JSON) and for nesting deeper than MAX_JSON_DEPTH (which would crash
+    the printing)."""
     try:
-        try:
-            response = _opener(url).open(request, timeout=timeout)
-        except urllib.error.HTTPError as error:
-            response = error  # an answer all the same: its status and body are the news
-        with response:
-            status = response.getcode()
-            if 300 <= status < 400:
-                raise FlowError(
-                    "Request to {} was redirected ({}) to {}; not following it, since no "
-                    "credential may go to another address. Check GLEAN_BACKEND_URL.".format(
-                        url, status, response.headers.get("Location") or "nowhere"),
-                    status=status,
-                )
-            return status, _read_limited(response, url, deadline)
-    except urllib.error.URLError as error:
-        raise FlowError("Request to {} failed: {}".format(url, _reason(error.reason)))
-    except (OSError, http.client.HTTPException) as error:
-        raise FlowError("Request to {} failed: {}".format(url, _reason(error)))
+        value = json.loads(text, parse_constant=_not_json, parse_float=_finite)
+    except RecursionError:
+        raise ValueError("nested too deeply")
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError("nested deeper than {} levels".format(MAX_JSON_DEPTH))
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return value
 
 
-def _reason(error):
-    """What went wrong with a connection, in words, with what to do for the common cases."""
-    if isinstance(error, socket.timeout):
-        return "no answer in time (GLEAN_HTTP_TIMEOUT sets the limit in seconds)"
-    if isinstance(error, ssl.CertificateError) or "CERTIFICATE_VERIFY_FAILED" in str(error):
-        return ("the server's TLS certificate is not trusted ({}); behind a corporate proxy or CA, "
-                "set SSL_CERT_FILE to its CA bundle".format(getattr(error, "verify_message", None) or error))
-    return str(getattr(error, "strerror", None) or error)
+def _not_json(name):
+    raise ValueError("{} is not JSON".format(name))
 
 
-def _read_limited(response, url, deadline):
-    """The body of `response`, refusing one over MAX_RESPONSE_BYTES before it is all read."""
-    length = response.headers.get("Content-Length")
-    if length and length.isdigit() and int(length) > MAX_RESPONSE_BYTES:
-        raise FlowError("Response from {} is {} bytes, over the {} byte limit.".format(url, length, MAX_RESPONSE_BYTES))
-    chunks, size = [], 0
-    while True:
-        if time.monotonic() > deadline:
-            raise socket.timeout()
-        chunk = response.read(64 * 1024)
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > MAX_RESPONSE_BYTES:
-            raise FlowError("Response from {} is over the {} byte limit.".format(url, MAX_RESPONSE_BYTES))
-        chunks.append(chunk)
+def _finite(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("{} is too large a number".format(text))
+    return value
 
 
 def excerpt(body, redact=()):
@@ -411,28 +351,30 @@ def excerpt(body, redact=()):
     return text if len(text) <= EXCERPT_CHARACTERS else text[:EXCERPT_CHARACTERS] + "..."
 
 
-def json_object(url, status, body, redact=()):
-    """`body` parsed as a JSON object; FlowError (showing it less `redact`) when it is anything else."""
+def json_object(url, response, redact=()):
+    """The Response's body parsed as a JSON object; FlowError (showing it less `redact`)
+    when it is anything else."""
     try:
-        value = json.loads(body.decode("utf-8"))
+        value = parse_json(response.body.decode("utf-8"))
     except ValueError:  # also UnicodeDecodeError
         value = None
     if not isinstance(value, dict):
-        raise FlowError("Response from {} ({}) is not a JSON object: {}".format(url, status, excerpt(body, redact)),
-                        status=status)
+        raise FlowError("Response from {} ({}) is not a JSON object: {}".format(
+            url, response.status, excerpt(response.body, redact)), status=response.status)
     return value
 
 
-def fetch_json(url, data=None, headers=None, timeout=HTTP_TIMEOUT_SECONDS):
+def fetch_json(url, data=None, headers=None, deadline=None):
     """Send one request and return its JSON object answer.
 
     A status other than 2xx raises FlowError `Request to <url> failed (<status>): <body>`,
     as the example's fetchJson does.
     """
-    status, body = http_request(url, data, headers, timeout)
-    if not 200 <= status < 300:
-        raise FlowError("Request to {} failed ({}): {}".format(url, status, excerpt(body)), status=status)
-    return json_object(url, status, body)
+    response = http_request(url, data, headers, deadline)
+    if not 200 <= response.status < 300:
+        raise FlowError("Request to {} failed ({}): {}".format(url, response.status, excerpt(response.body)),
+                        status=response.status)
+    return json_object(url, response)
 
 
 def token_request(token_endpoint, fields, headers=None, timeout=HTTP_TIMEOUT_SECONDS, redact=()):
@@ -444,30 +386,30 @@ def token_request(token_endpoint, fields, headers=None, timeout=HTTP_TIMEOUT_SEC
     """
     body = urllib.parse.urlencode(fields).encode("ascii")
     headers = dict(headers or {}, **{"Content-Type": "application/x-www-form-urlencoded"})
-    status, answer = http_request(token_endpoint, body, headers, timeout)
-    if not 200 <= status < 300:
-        error = _oauth_error(answer)
+    answer = http_request(token_endpoint, body, headers, Deadline(timeout))
+    if not 200 <= answer.status < 300:
+        error = _oauth_error(answer.body, redact)
         if error:
-            raise FlowError("token request failed ({}): {}".format(status, error), status=status)
-        raise FlowError("Request to {} failed ({}): {}".format(token_endpoint, status, excerpt(answer, redact)),
-                        status=status)
-    response = json_object(token_endpoint, status, answer, redact)
+            raise FlowError("token request failed ({}): {}".format(answer.status, error), status=answer.status)
+        raise FlowError("Request to {} failed ({}): {}".format(
+            token_endpoint, answer.status, excerpt(answer.body, redact)), status=answer.status)
+    response = json_object(token_endpoint, answer, redact)
     if not isinstance(response.get("access_token"), str) or not response["access_token"]:
         raise FlowError("The token response from {} has no access_token: {}".format(
-            token_endpoint, excerpt(answer, redact)))
+            token_endpoint, excerpt(answer.body, redact)))
     return response
 
 
-def _oauth_error(body):
+def _oauth_error(body, redact=()):
     """`error: error_description` from an RFC 6749 §5.2 error body, or None."""
     try:
-        value = json.loads(body.decode("utf-8"))
+        value = parse_json(body.decode("utf-8"))
     except ValueError:
         return None
     if not isinstance(value, dict) or not isinstance(value.get("error"), str):
         return None
     description = value.get("error_description")
-    return value["error"] + (": " + str(description) if description else "")
+    return excerpt((value["error"] + (": " + str(description) if description else "")).encode("utf-8"), redact)
 
 
 # --- Step 2: discovery ------------------------------------------------------------------
@@ -475,7 +417,7 @@ def _oauth_error(body):
 
 def discover_metadata(config):
     """Fetch the RFC 8414 authorization server metadata of the backend (doc step 2)."""
-    return fetch_json(config.backend_url + METADATA_PATH, timeout=config.http_timeout)
+    return fetch_json(config.backend_url + METADATA_PATH, deadline=Deadline(config.http_timeout))
 
 
 def check_metadata(metadata, auth_method="client_secret_post"):
@@ -589,6 +531,8 @@ class CallbackListener:
         `check` turns the callback's query string into the authorization code or raises
         FlowError. Either way the browser gets its answer before this returns.
         """
+        import select  # here: only a sign-in listens
+
         deadline = time.monotonic() + timeout
         pending = {}  # connection -> the bytes of its request head so far
         try:
@@ -655,6 +599,8 @@ def _listen(host, port, optional=False):
     FlowError when the port is taken; with `optional`, None when this machine has no
     such address (no IPv6), since the other address is enough.
     """
+    import socket  # here: only a sign-in listens
+
     address = "{}:{}".format(_bracketed(host), port)
     try:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -909,7 +855,7 @@ def call_chat_api(config, access_token):
     """POST one question to the Chat API with the access token as a bearer token."""
     headers = {"Authorization": "Bearer " + access_token, "Content-Type": "application/json"}
     body = chat_request_body(config.message)
-    return fetch_json(config.backend_url + CHAT_PATH, body, headers, config.http_timeout)
+    return fetch_json(config.backend_url + CHAT_PATH, body, headers, Deadline(config.http_timeout))
 
 
 def chat_answer(chat_response):
@@ -1208,6 +1154,305 @@ def _ask_secret(prompt):
     import getpass  # only when there is a terminal to ask on
 
     return getpass.getpass(prompt)
+
+
+# --- Plumbing: HTTP -----------------------------------------------------------------------
+#
+# Every request of a run goes through http_request, so the kept-alive connection, the
+# deadline, the size limit, the no-redirect rule and the User-Agent live in one place.
+
+
+class Response:
+    """An HTTP answer: `status`, `headers` (case-insensitive `get`) and the `body` bytes."""
+
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+
+class Deadline:
+    """When a request must be done by, and the setting that sets that limit (named in
+    the error). Each read on the socket may only wait for what is left of it, so a
+    server that drips one byte at a time cannot stretch a request past it."""
+
+    def __init__(self, seconds, setting="GLEAN_HTTP_TIMEOUT"):
+        self.seconds, self.setting = seconds, setting
+        self.at = time.monotonic() + seconds
+
+    def remaining(self):
+        """Seconds left; TimeoutError when there are none."""
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline")
+        return left
+
+
+def http_request(url, data=None, headers=None, deadline=None, on_line=None):
+    """Send one request (a POST when `data` is given) on the origin's kept-alive
+    connection; return its Response.
+
+    `deadline` (a Deadline, default GLEAN_HTTP_TIMEOUT's 30 s from now) bounds the
+    whole request: connect, TLS, status line, headers and body. With `on_line`, the
+    body is read a line at a time as it arrives and each line is handed to
+    `on_line(line, deadline)`, which may move the deadline (a streamed answer); the
+    Response's body is then empty.
+
+    Any status comes back, except a redirect, which raises FlowError naming where it
+    pointed. Raises FlowError when no answer comes in time, when the connection fails,
+    or when the body is over MAX_RESPONSE_BYTES.
+    """
+    deadline = deadline or Deadline(HTTP_TIMEOUT_SECONDS)
+    parts = urllib.parse.urlsplit(url)
+    origin = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    headers = dict(headers or {}, **{"User-Agent": USER_AGENT})
+    conn = None
+    try:
+        conn = _connection(origin, deadline)
+        conn.sock.settimeout(deadline.remaining())
+        conn.request("POST" if data is not None else "GET", target, body=data, headers=headers)
+        response = conn.getresponse()
+        if 300 <= response.status < 400:
+            raise FlowError(
+                "Request to {} was redirected ({}) to {}; not following it, since no "
+                "credential may go to another address. Check GLEAN_BACKEND_URL.".format(
+                    url, response.status, one_line(response.getheader("Location") or "nowhere")),
+                status=response.status,
+            )
+        if on_line:
+            _read_lines(response, url, deadline, on_line)
+            body = b""
+        else:
+            body = _read_limited(response, url)
+        if not response.will_close:
+            _keep(origin, conn)
+            conn = None
+        return Response(response.status, response.headers, body)
+    except (TimeoutError, OSError) as error:  # socket.timeout and ssl.SSLError are OSErrors
+        raise FlowError("Request to {} failed: {}".format(url, _reason(error, deadline)))
+    except _http_client().HTTPException as error:
+        raise FlowError("Request to {} failed: the answer is not valid HTTP ({}).".format(
+            url, one_line(type(error).__name__ + (": " + str(error) if str(error) else ""))))
+    finally:
+        if conn is not None:
+            conn.close()  # half-read or failed: never reused
+
+
+def _http_client():
+    import http.client  # here: a token still valid needs no network, and this costs 10 ms
+
+    return http.client
+
+
+_idle = {}  # (scheme, host, port) -> kept-alive connections waiting for the next request
+_idle_lock = threading.Lock()  # TokenProvider may be called from several threads
+
+
+def _keep(origin, conn):
+    with _idle_lock:
+        _idle.setdefault(origin, []).append(conn)
+
+
+def _connection(origin, deadline):
+    """An idle connection to `origin` that the server has not closed, else a new one."""
+    while True:
+        with _idle_lock:
+            conn = _idle.get(origin, []) and _idle[origin].pop()
+        if not conn:
+            return _connect(origin, deadline)
+        if _still_open(conn.sock):
+            conn.response_class = functools.partial(_timed_response, deadline)
+            return conn
+        conn.close()
+
+
+def _still_open(sock):
+    """True when an idle connection can carry another request: the server has not closed
+    it and has sent nothing unasked. It is checked before use because a request is never
+    sent twice: an authorization code is good once, and so is a rotated refresh token."""
+    import select
+
+    try:
+        pending = sock.pending() if hasattr(sock, "pending") else 0  # TLS bytes already read
+        if not pending and not select.select([sock], [], [], 0)[0]:
+            return True
+        sock.setblocking(False)
+        try:
+            sock.recv(1)  # b"": closed; bytes: unasked for; either way not reusable
+        finally:
+            sock.settimeout(None)
+    except OSError as error:
+        ssl = sys.modules.get("ssl")
+        # Nothing to read after all (TLS records that carry no data, such as session tickets).
+        return isinstance(error, BlockingIOError) or bool(ssl and isinstance(error, ssl.SSLWantReadError))
+    return False
+
+
+def _connect(origin, deadline):
+    """A new connection to `origin`: through HTTPS_PROXY's CONNECT tunnel where that
+    applies, TLS verified for https. A failure to reach the proxy names the proxy."""
+    http_client = _http_client()
+    scheme, host, port = origin
+    proxy = _proxy_for(scheme, host)
+    address = (proxy.hostname, proxy.port or 80) if proxy else (host, port)
+    if scheme == "https":
+        conn = http_client.HTTPSConnection(*address, timeout=deadline.remaining(), context=_tls_context())
+    else:
+        conn = http_client.HTTPConnection(*address, timeout=deadline.remaining())
+    conn.response_class = functools.partial(_timed_response, deadline)
+    if proxy:
+        conn.set_tunnel(host, port, _proxy_headers(proxy))
+    through_proxy = bool(proxy)
+    try:
+        # TCP (and the proxy's tunnel) first, then TLS: two steps, so that a failure of
+        # the first can name the proxy.
+        http_client.HTTPConnection.connect(conn)
+        through_proxy = False
+        if scheme == "https":
+            conn.sock.settimeout(deadline.remaining())
+            conn.sock = _tls_context().wrap_socket(conn.sock, server_hostname=host)
+        return conn
+    except (TimeoutError, OSError) as error:
+        conn.close()
+        if not through_proxy:
+            raise
+        where = "{}:{}".format(_bracketed(proxy.hostname), proxy.port or 80)
+        text = str(error)
+        if text.startswith("Tunnel connection failed: "):
+            raise FlowError("The proxy {} (HTTPS_PROXY) refused the tunnel to {}:{}: {}.".format(
+                where, host, port, one_line(text.split(": ", 1)[1])))
+        raise FlowError("Cannot reach the proxy {} (HTTPS_PROXY): {}.".format(where, _reason(error, deadline)))
+
+
+def _proxy_for(scheme, host):
+    """HTTPS_PROXY as a split URL for an https request that NO_PROXY does not exempt;
+    None for plain http (loopback only) and for loopback, which no proxy can reach."""
+    if scheme != "https" or is_loopback(host) or not any(k.lower() == "https_proxy" for k in os.environ):
+        return None
+    import urllib.request  # here: only a proxy needs its environment rules, and it is slow to import
+
+    proxy = urllib.request.getproxies_environment().get("https")
+    if not proxy or urllib.request.proxy_bypass_environment(host):
+        return None
+    parts = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    try:
+        parts.port
+    except ValueError:
+        parts = None
+    if not parts or parts.scheme != "http" or not parts.hostname:
+        raise FlowError("HTTPS_PROXY must be http://HOST:PORT (a plain-HTTP proxy that tunnels with "
+                        "CONNECT), not {}.".format(_without_userinfo(proxy)), EXIT_USAGE)
+    return parts
+
+
+def _proxy_headers(proxy):
+    """Proxy-Authorization for a proxy URL with user:password (Basic, RFC 7617)."""
+    if proxy.username is None:
+        return {}
+    pair = urllib.parse.unquote(proxy.username) + ":" + urllib.parse.unquote(proxy.password or "")
+    return {"Proxy-Authorization": "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")}
+
+
+def _without_userinfo(url):
+    """`url` with any user:password@ removed, for messages."""
+    return re.sub(r"//[^/@]*@", "//", url)
+
+
+@functools.lru_cache(maxsize=None)
+def _tls_context():
+    """Certificates verified against the system's CAs, or SSL_CERT_FILE / SSL_CERT_DIR.
+
+    Made once: loading the CA bundle costs tens of milliseconds. A SSL_CERT_FILE that
+    cannot be used is named (OpenSSL would silently pass over it).
+    """
+    import ssl  # here: only https needs it, and importing it costs 10 ms
+
+    context = ssl.create_default_context()
+    cafile = os.environ.get("SSL_CERT_FILE")
+    if cafile:
+        try:
+            context.load_verify_locations(cafile=cafile)
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+            problem = "it holds no PEM certificate" if isinstance(error, (ssl.SSLError, ValueError)) \
+                else error.strerror or str(error)
+            raise FlowError("SSL_CERT_FILE {} cannot be used: {}. Point it at a PEM CA bundle.".format(
+                cafile, problem), EXIT_USAGE)
+    return context
+
+
+class _TimedSocket:
+    """What http.client reads a response from: the socket, each read bounded by the deadline."""
+
+    def __init__(self, sock, deadline):
+        self.sock, self.deadline = sock, deadline
+
+    def makefile(self, mode):
+        # The socket's own reader (it keeps the socket open as long as the response needs it).
+        return io.BufferedReader(_DeadlineReader(self.sock.makefile(mode, buffering=0), self.sock, self.deadline))
+
+
+class _DeadlineReader(io.RawIOBase):
+    def __init__(self, raw, sock, deadline):
+        super().__init__()
+        self.raw, self.sock, self.deadline = raw, sock, deadline
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        self.sock.settimeout(self.deadline.remaining())
+        return self.raw.readinto(buffer)
+
+    def close(self):
+        self.raw.close()
+        super().close()
+
+
+def _timed_response(deadline, sock, *args, **kwargs):
+    return _http_client().HTTPResponse(_TimedSocket(sock, deadline), *args, **kwargs)
+
+
+def _reason(error, deadline):
+    """What went wrong with a connection, in words, with what to do for the common cases."""
+    import socket
+
+    if isinstance(error, (TimeoutError, socket.timeout)):
+        return "no answer in time ({} sets the limit in seconds)".format(deadline.setting)
+    ssl = sys.modules.get("ssl")
+    if ssl and isinstance(error, ssl.CertificateError) or "CERTIFICATE_VERIFY_FAILED" in str(error):
+        return ("the server's TLS certificate is not trusted ({}); behind a corporate proxy or CA, "
+                "set SSL_CERT_FILE to its CA bundle".format(getattr(error, "verify_message", None) or error))
+    return one_line(str(getattr(error, "strerror", None) or error))
+
+
+def _read_limited(response, url):
+    """The body of `response`, refusing one over MAX_RESPONSE_BYTES before it is all read."""
+    if response.length is not None and response.length > MAX_RESPONSE_BYTES:
+        raise FlowError("Response from {} is {} bytes, over the {} byte limit.".format(
+            url, response.length, MAX_RESPONSE_BYTES))
+    chunks, size = [], 0
+    while True:
+        chunk = response.read(64 * 1024)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise FlowError("Response from {} is over the {} byte limit.".format(url, MAX_RESPONSE_BYTES))
+        chunks.append(chunk)
+
+
+def _read_lines(response, url, deadline, on_line):
+    """Hand each line of the body to `on_line` as it arrives, within the size limits."""
+    size = 0
+    while True:
+        line = response.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        size += len(line)
+        if len(line) > MAX_LINE_BYTES:
+            raise FlowError("A line from {} is over the {} byte limit.".format(url, MAX_LINE_BYTES))
+        if size > MAX_STREAM_BYTES:
+            raise FlowError("The stream from {} is over the {} byte limit.".format(url, MAX_STREAM_BYTES))
+        on_line(line, deadline)
 
 
 if __name__ == "__main__":

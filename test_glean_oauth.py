@@ -20,9 +20,11 @@ import json
 import os
 import queue
 import secrets
+import shutil
 import signal
 import socket
 import ssl
+import statistics
 import subprocess
 import tempfile
 import sys
@@ -70,8 +72,9 @@ def make_jwt(header, claims):
 class Recorded:
     """One request the stand-in received."""
 
-    def __init__(self, method, target, headers, body):
+    def __init__(self, method, target, headers, body, connection=None):
         self.method, self.headers, self.body = method, headers, body
+        self.connection = connection  # which of the stand-in's connections it came on (1, 2, ...)
         self.path, _, query = target.partition("?")
         self.query = urllib.parse.parse_qs(query, keep_blank_values=True)
         self.form = {}
@@ -101,6 +104,8 @@ class StandInGlean:
         self.public_client = False  # True: the client may authenticate with "none"
         self.client_auth_seen = []  # the method each token request authenticated with
         self.overrides = {}
+        self.close_after = set()  # paths after whose answer the connection is closed, unannounced
+        self.connections = 0  # TCP connections accepted so far
         self.requests = []
         self.codes = {}  # code -> what the authorization request bound it to
         self.access_tokens = set()
@@ -261,10 +266,17 @@ def _same_loopback_redirect(uri, registered):
 
 class _StandInHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # as servers do: a small answer goes out whole, at once
 
     def __init__(self, glean, *args):
         self.glean = glean
         super().__init__(*args)
+
+    def setup(self):
+        super().setup()
+        with self.glean._lock:
+            self.glean.connections += 1
+            self.number = self.glean.connections
 
     def log_message(self, *args):
         pass
@@ -278,8 +290,10 @@ class _StandInHandler(BaseHTTPRequestHandler):
 
     def _serve(self, routes):
         length = int(self.headers.get("Content-Length") or 0)
-        request = Recorded(self.command, self.path, dict(self.headers), self.rfile.read(length))
+        request = Recorded(self.command, self.path, dict(self.headers), self.rfile.read(length), self.number)
         self.glean.requests.append(request)
+        if request.path in self.glean.close_after:
+            self.close_connection = True  # as a server closing an idle connection would: no header
         override = self.glean.overrides.get(request.path)
         if override:
             status, headers, body = override(request) if callable(override) else override
@@ -330,9 +344,9 @@ def play_browser(authorize_url):
 class ScriptRun:
     """glean_oauth.py running in its own process, its output read as it comes."""
 
-    def __init__(self, env, args=(), python=sys.executable, echo=(None, None)):
+    def __init__(self, env, args=(), python=sys.executable, echo=(None, None), command=None):
         self.proc = subprocess.Popen(
-            [python, SCRIPT] + list(args), env=env, stdin=subprocess.PIPE,
+            (command or [python, SCRIPT]) + list(args), env=env, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         self.stdout_lines, self.stderr_lines = [], []
@@ -863,7 +877,7 @@ def test_a_silent_server_ends_the_request_at_the_timeout_naming_the_url():
     with RawServer(silent) as server:
         started = time.monotonic()
         with pytest.raises(glean_oauth.FlowError) as caught:
-            glean_oauth.http_request(server.url + "/x", timeout=0.3)
+            glean_oauth.http_request(server.url + "/x", deadline=glean_oauth.Deadline(0.3))
         assert time.monotonic() - started < 3
     assert str(caught.value) == "Request to {}/x failed: no answer in time " \
                                 "(GLEAN_HTTP_TIMEOUT sets the limit in seconds)".format(server.url)
@@ -1217,14 +1231,164 @@ def test_https_proxy_is_honoured():
     assert b"issuer=" + glean.issuer.encode() in proc.stdout
 
 
-def pipe(source, sink):
+def pipe(source, sink, log=None):
     try:
         for chunk in iter(lambda: source.recv(65536), b""):
+            if log is not None:
+                log.append(chunk)
             sink.sendall(chunk)
     except OSError:
         pass
     finally:
         sink.close()
+
+
+# --- Connections and deadlines -------------------------------------------------------------
+
+
+def test_a_whole_run_makes_one_connection_to_the_backend():
+    with StandInGlean() as glean:
+        flow = run_flow(glean)
+    assert flow.code == 0, flow.run.output()
+    script = [r for r in glean.requests if r.path != "/oauth/authorize"]  # the browser's is its own
+    assert [r.path for r in script] == ["/.well-known/oauth-authorization-server", "/oauth/token",
+                                        "/rest/api/v1/chat", "/oauth/token"]
+    assert len({r.connection for r in script}) == 1
+    assert glean.connections == 2  # the script's one, and the browser's
+
+
+def test_a_connection_the_server_closed_during_sign_in_is_replaced_and_nothing_is_sent_twice():
+    with StandInGlean() as glean:
+        glean.close_after.add("/.well-known/oauth-authorization-server")
+        flow = run_flow(glean)
+    assert flow.code == 0, flow.run.output()
+    script = [r for r in glean.requests if r.path != "/oauth/authorize"]
+    assert [r.path for r in script] == ["/.well-known/oauth-authorization-server", "/oauth/token",
+                                        "/rest/api/v1/chat", "/oauth/token"]
+    assert script[0].connection != script[1].connection == script[2].connection == script[3].connection
+
+
+def test_a_connection_that_breaks_after_the_request_was_sent_is_not_retried():
+    def answer_once_then_drop(conn):
+        read_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+        heads.append(read_head(conn))  # the token request: taken, then the connection dies
+        conn.close()
+
+    heads = []
+    with RawServer(answer_once_then_drop) as server:
+        assert glean_oauth.fetch_json(server.url + "/.well-known/x") == {}
+        with pytest.raises(glean_oauth.FlowError) as caught:
+            glean_oauth.token_request(server.url + "/token", [("grant_type", "authorization_code")])
+    assert str(caught.value).startswith("Request to {}/token failed: ".format(server.url))
+    assert len(server.connections) == 1 and len(heads) == 1  # sent once, on the kept connection
+
+
+def drip(head, body=b"", interval=0.05, count=200):
+    """A server that sends `head` and then `body` one byte every `interval` s (bounded)."""
+    def handle(conn):
+        read_head(conn)
+        try:
+            conn.sendall(head)
+            for byte in body[:count]:
+                conn.sendall(bytes([byte]))
+                time.sleep(interval)  # the misbehaving peer's pace, not a test waiting for something
+        except OSError:
+            pass  # the client hung up at its deadline
+    return handle
+
+
+@parametrize("head, body", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", b"x" * 100),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"1\r\nx\r\n" * 30),
+    (b"", b"HTTP/1.1 200 OK\r\n" + b"X-Drip: " + b"y" * 100),
+])
+def test_a_server_that_drips_bytes_is_cut_off_at_the_deadline(head, body):
+    with RawServer(drip(head, body)) as server:
+        started = time.monotonic()
+        with pytest.raises(glean_oauth.FlowError) as caught:
+            glean_oauth.http_request(server.url + "/x", deadline=glean_oauth.Deadline(0.5))
+        elapsed = time.monotonic() - started
+    assert str(caught.value) == "Request to {}/x failed: no answer in time (GLEAN_HTTP_TIMEOUT sets " \
+                                "the limit in seconds)".format(server.url)
+    assert 0.5 <= elapsed < 1.5, elapsed
+
+
+@parametrize("content_length", ["\u00b2", "-5", "1e3", "0x10"])
+def test_a_content_length_that_is_not_a_number_is_a_clear_error(content_length):
+    def odd(conn):
+        read_head(conn)
+        conn.sendall("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{{}}".format(
+            content_length).encode("utf-8"))
+        conn.close()
+
+    with RawServer(odd) as server:
+        try:
+            assert glean_oauth.fetch_json(server.url + "/x") == {}
+        except glean_oauth.FlowError as error:  # either is fine: read to the close, or refused
+            assert str(error).startswith("Request to {}/x failed".format(server.url))
+
+
+def tunnel_to(port, log):
+    """A CONNECT proxy that tunnels every request to 127.0.0.1:`port` and logs what it saw."""
+    def tunnel(conn):
+        log.append(read_head(conn))
+        upstream = socket.create_connection(("127.0.0.1", port))
+        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        threading.Thread(target=pipe, args=(upstream, conn, log), daemon=True).start()
+        pipe(conn, upstream, log)
+    return tunnel
+
+
+def test_the_proxy_tunnel_is_made_once_and_the_secret_never_crosses_it_in_clear(monkeypatch):
+    log = []
+    with StandInGlean(tls=True) as glean, RawServer(tunnel_to(glean.httpd.server_address[1], log)) as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        monkeypatch.setenv("SSL_CERT_FILE", certificate_file())
+        glean_oauth._tls_context.cache_clear()
+        try:
+            for _ in range(3):
+                glean_oauth.fetch_json("https://glean.test/.well-known/oauth-authorization-server")
+            with pytest.raises(glean_oauth.FlowError, match="invalid_client"):
+                glean_oauth.token_request("https://glean.test/oauth/token", [("client_secret", CLIENT_SECRET)])
+        finally:
+            glean_oauth._tls_context.cache_clear()
+    assert [head.split(b" ")[:2] for head in log if head.startswith(b"CONNECT")] == [[b"CONNECT", b"glean.test:443"]]
+    assert len(proxy.connections) == 1 and glean.connections == 1
+    assert [r.path for r in glean.requests] == ["/.well-known/oauth-authorization-server"] * 3 + ["/oauth/token"]
+    assert all(CLIENT_SECRET.encode() not in chunk for chunk in log)
+
+
+def test_a_proxy_that_refuses_the_tunnel_is_named():
+    def refuse(conn):
+        read_head(conn)
+        conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+
+    with RawServer(refuse) as proxy:
+        proc = run_script(dict(script_env("https://glean.test"), HTTPS_PROXY=proxy.url))
+    assert proc.returncode == 1
+    assert proc.stderr.decode() == "The proxy 127.0.0.1:{} (HTTPS_PROXY) refused the tunnel to glean.test:443: " \
+                                   "403 Forbidden.\n".format(proxy.port)
+
+
+def test_a_proxy_that_cannot_be_reached_is_named():
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        proc = run_script(dict(script_env("https://glean.test"), HTTPS_PROXY="http://user:pw@127.0.0.1:{}".format(port)))
+    assert proc.returncode == 1
+    assert proc.stderr.decode() == "Cannot reach the proxy 127.0.0.1:{} (HTTPS_PROXY): Connection refused.\n".format(port)
+
+
+@parametrize("contents, problem", [(None, "No such file or directory"), ("not a certificate\n", "it holds no PEM certificate")])
+def test_a_bad_ssl_cert_file_is_named(tmp_path, contents, problem):
+    path = tmp_path / "ca.pem"
+    if contents is not None:
+        path.write_text(contents)
+    proc = run_script(dict(script_env("https://glean.test"), SSL_CERT_FILE=str(path)))
+    assert proc.returncode == 2
+    assert proc.stderr.decode() == "SSL_CERT_FILE {} cannot be used: {}. Point it at a PEM CA bundle.\n".format(
+        path, problem)
 
 
 # --- Hardening: responses ------------------------------------------------------------------
@@ -1303,7 +1467,7 @@ def test_a_huge_declared_body_is_refused_without_reading_it():
     with RawServer(huge) as server:
         started = time.monotonic()
         with pytest.raises(glean_oauth.FlowError) as caught:
-            glean_oauth.fetch_json(server.url + "/big", timeout=10)
+            glean_oauth.fetch_json(server.url + "/big", deadline=glean_oauth.Deadline(10))
         assert time.monotonic() - started < 2
     assert str(caught.value) == "Response from {}/big is 1000000000 bytes, over the {} byte limit.".format(
         server.url, glean_oauth.MAX_RESPONSE_BYTES)
@@ -1325,7 +1489,7 @@ def test_an_endless_body_is_cut_off_at_the_limit():
 
     with RawServer(endless) as server:
         with pytest.raises(glean_oauth.FlowError, match="is over the 4194304 byte limit"):
-            glean_oauth.fetch_json(server.url + "/big", timeout=10)
+            glean_oauth.fetch_json(server.url + "/big", deadline=glean_oauth.Deadline(10))
     assert sum(sent) < 3 * glean_oauth.MAX_RESPONSE_BYTES
 
 
@@ -1790,7 +1954,227 @@ def test_refresh_later_without_any_refresh_token_is_a_usage_error():
     assert (code, err) == (2, "--refresh needs a refresh token: give --token-file PATH, or set REFRESH_TOKEN.\n")
 
 
+# --- The benchmark (`make bench`) ---------------------------------------------------------
+#
+# The real script against the stand-in over TLS, through relays that delay every hop as a
+# distant tenant would, side by side with the script as it was before kept-alive
+# connections (from git) and the doc's TypeScript example (when node is here).
+
+BASELINE_COMMIT = "5976b5e"  # the last glean_oauth.py with a connection per request
+
+
+class DelayRelay:
+    """A TCP relay on 127.0.0.1 that delays each direction by half of `rtt`, and holds a new
+    connection's first bytes one more `rtt`, as the TCP handshake that the kernel completes
+    at once to a local relay would. Counts the connections it accepts."""
+
+    def __init__(self, port, rtt):
+        self.target, self.rtt, self.accepted = port, rtt, 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self):
+        self.sock.close()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            opened = time.monotonic()
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for sock in (client, upstream):  # the relay adds its delay, and no other
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._forward(client, upstream, lambda now: max(now, opened + self.rtt) + self.rtt / 2)
+            self._forward(upstream, client, lambda now: now + self.rtt / 2)
+
+    @staticmethod
+    def _forward(source, sink, due):
+        chunks = queue.Queue()
+
+        def read():
+            while True:
+                try:
+                    data = source.recv(65536)
+                except OSError:
+                    data = b""
+                chunks.put((due(time.monotonic()), data))
+                if not data:
+                    return
+
+        def write():
+            while True:
+                at, data = chunks.get()
+                time.sleep(max(0.0, at - time.monotonic()))  # the simulated link's delay
+                try:
+                    if not data:
+                        sink.shutdown(socket.SHUT_WR)
+                        return
+                    sink.sendall(data)
+                except OSError:
+                    return
+
+        for target in (read, write):
+            threading.Thread(target=target, daemon=True).start()
+
+
+# The doc's TypeScript example with its types taken out, so that node 18+ runs it as it is.
+TYPESCRIPT_EXAMPLE = r"""
+const { createHash, randomBytes } = require('node:crypto');
+const { createServer } = require('node:http');
+const CLIENT_ID = process.env.CLIENT_ID, CLIENT_SECRET = process.env.CLIENT_SECRET;
+const GLEAN_BACKEND_URL = process.env.GLEAN_BACKEND_URL, REDIRECT_URI = process.env.REDIRECT_URI;
+const base64Url = (input) => input.toString('base64url');
+const decodeJwtPart = (part) => JSON.parse(Buffer.from(part, 'base64url').toString('utf8'));
+async function fetchJson(url, init) {
+  const response = await fetch(url, init);
+  const text = await response.text();
+  if (!response.ok) throw new Error(`Request to ${url} failed (${response.status}): ${text}`);
+  return JSON.parse(text);
+}
+function waitForOAuthCallback(redirectUri, expectedState) {
+  const redirectUrl = new URL(redirectUri);
+  return new Promise((resolve, reject) => {
+    const server = createServer((req, res) => {
+      const callbackUrl = new URL(req.url ?? '/', `${redirectUrl.protocol}//${redirectUrl.host}`);
+      if (callbackUrl.pathname !== redirectUrl.pathname) { res.writeHead(404).end('Not found\n'); return; }
+      if (callbackUrl.searchParams.get('state') !== expectedState) { reject(new Error('State mismatch')); return; }
+      res.writeHead(200, { 'Content-Type': 'text/plain; charset=utf-8' });
+      res.end('OAuth callback captured. You can return to the terminal.\n');
+      server.close(() => resolve(callbackUrl.searchParams.get('code')));
+    });
+    server.listen(Number.parseInt(redirectUrl.port || '80', 10), redirectUrl.hostname,
+                  () => console.log(`Listening for callback at ${redirectUri}`));
+  });
+}
+const form = (fields) => ({ method: 'POST', headers: { 'Content-Type': 'application/x-www-form-urlencoded' },
+                            body: new URLSearchParams(fields).toString() });
+async function main() {
+  const metadata = await fetchJson(`${GLEAN_BACKEND_URL}/.well-known/oauth-authorization-server`);
+  console.log(`issuer=${metadata.issuer}`);
+  const state = base64Url(randomBytes(32)), codeVerifier = base64Url(randomBytes(64));
+  const codeChallenge = base64Url(createHash('sha256').update(codeVerifier).digest());
+  const authorizeUrl = new URL(metadata.authorization_endpoint);
+  for (const [k, v] of [['response_type', 'code'], ['client_id', CLIENT_ID], ['redirect_uri', REDIRECT_URI],
+                        ['state', state], ['code_challenge', codeChallenge], ['code_challenge_method', 'S256']])
+    authorizeUrl.searchParams.set(k, v);
+  console.log('\nOpen this URL in your browser:\n');
+  console.log(authorizeUrl.toString());
+  const authCode = await waitForOAuthCallback(REDIRECT_URI, state);
+  const tokenResponse = await fetchJson(metadata.token_endpoint, form({ grant_type: 'authorization_code',
+    code: authCode, redirect_uri: REDIRECT_URI, client_id: CLIENT_ID, client_secret: CLIENT_SECRET,
+    code_verifier: codeVerifier }));
+  console.log('\nToken response:\n' + JSON.stringify(tokenResponse, null, 2));
+  const chatResponse = await fetchJson(`${GLEAN_BACKEND_URL}/rest/api/v1/chat`, { method: 'POST',
+    headers: { Authorization: `Bearer ${tokenResponse.access_token}`, 'Content-Type': 'application/json' },
+    body: JSON.stringify({ messages: [{ fragments: [{ text: 'Who is on the executive team?' }] }] }) });
+  console.log('\nChat response:\n' + JSON.stringify(chatResponse, null, 2));
+  const [headerB64, payloadB64] = tokenResponse.access_token.split('.');
+  console.log(JSON.stringify(decodeJwtPart(headerB64)), JSON.stringify(decodeJwtPart(payloadB64)));
+  if (!tokenResponse.refresh_token) return;
+  const refreshResponse = await fetchJson(metadata.token_endpoint, form({ grant_type: 'refresh_token',
+    refresh_token: tokenResponse.refresh_token, client_id: CLIENT_ID, client_secret: CLIENT_SECRET }));
+  console.log('\nRefresh response:\n' + JSON.stringify(refreshResponse, null, 2));
+}
+main().catch((error) => { console.error(error.message); process.exit(1); });
+"""
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bench_client(command, glean, rtt, env):
+    """One sign-in run of `command` against `glean` with every hop `rtt` s away; return
+    its figures: connections, TLS handshakes, requests, wall and callback -> exit (s)."""
+    backend = DelayRelay(glean.httpd.server_address[1], rtt)  # the script's way to Glean
+    browser = DelayRelay(glean.httpd.server_address[1], rtt)  # the browser's own way there
+    glean.url = "https://127.0.0.1:{}".format(backend.port)
+    glean.issuer = glean.url + "/oauth"
+    glean.requests.clear()
+    connections_before = glean.connections
+    redirect_uri = "http://127.0.0.1:{}/oauth/callback".format(free_port())
+    run_env = dict(script_env(glean, REDIRECT_URI=redirect_uri, SSL_CERT_FILE=certificate_file(),
+                              NODE_EXTRA_CA_CERTS=certificate_file()), **env)
+    started = time.monotonic()
+    run = ScriptRun(run_env, python=None, command=command)
+    try:
+        url = urllib.parse.urlsplit(run.authorize_url())
+        context = ssl.create_default_context(cafile=certificate_file())
+        conn = http.client.HTTPSConnection("127.0.0.1", browser.port, timeout=RUN_TIMEOUT, context=context)
+        conn.request("GET", url.path + "?" + url.query)
+        location = urllib.parse.urlsplit(conn.getresponse().getheader("Location"))
+        conn.close()
+        listener = DelayRelay(location.port, rtt)
+        called_back = time.monotonic()
+        callback = http.client.HTTPConnection("127.0.0.1", listener.port, timeout=RUN_TIMEOUT)
+        callback.request("GET", location.path + "?" + location.query)
+        assert callback.getresponse().status == 200
+        callback.close()
+        code = run.finish()
+        ended = time.monotonic()
+        assert code == 0, run.output()
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+    for relay in (backend, browser, listener):
+        relay.close()
+    return {"connections": backend.accepted, "handshakes": glean.connections - connections_before - browser.accepted,
+            "requests": len([r for r in glean.requests if r.path != "/oauth/authorize"]),
+            "wall": ended - started, "callback_to_exit": ended - called_back}
+
+
+def bench_clients():
+    """The clients to compare, by name: this script, the one before kept-alive connections
+    (from git, when this is a checkout), the TypeScript example (when node is here)."""
+    clients = {"glean_oauth.py": [sys.executable, SCRIPT]}
+    baseline = subprocess.run(["git", "-C", HERE, "show", BASELINE_COMMIT + ":glean_oauth.py"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    if baseline.returncode == 0:
+        path = os.path.join(tempfile.mkdtemp(), "glean_oauth_before.py")
+        with open(path, "wb") as f:
+            f.write(baseline.stdout)
+        clients["before ({})".format(BASELINE_COMMIT)] = [sys.executable, path]
+    node = shutil.which("node")
+    if node:
+        path = os.path.join(tempfile.mkdtemp(), "oauth-static-client.js")
+        with open(path, "w") as f:
+            f.write(TYPESCRIPT_EXAMPLE)
+        clients["TypeScript example (node)"] = [node, path]
+    return clients
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def bench(rounds=5, rtts=(0.0, 0.02, 0.1)):
+    """`make bench`: print, per round-trip time and client, the medians of `rounds` runs."""
+    clients = bench_clients()
+    print("Sign-in runs over TLS, every hop delayed; medians of {} runs each.".format(rounds))
+    print("{:>6}  {:<28} {:>5} {:>5} {:>5} {:>9} {:>15}".format(
+        "RTT", "client", "conns", "TLS", "reqs", "wall", "callback->exit"))
+    with StandInGlean(tls=True) as glean:
+        glean.registered_redirect = "http://127.0.0.1/oauth/callback"
+        for rtt in rtts:
+            for name, command in clients.items():
+                runs = [bench_client(command, glean, rtt, {}) for _ in range(rounds)]
+                figures = {key: median([run[key] for run in runs]) for key in runs[0]}
+                print("{:>4.0f}ms  {:<28} {:>5g} {:>5g} {:>5g} {:>8.3f}s {:>14.3f}s".format(
+                    rtt * 1000, name, figures["connections"], figures["handshakes"], figures["requests"],
+                    figures["wall"], figures["callback_to_exit"]), flush=True)
+    return 0
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] != ["demo"]:
-        sys.exit("usage: python3 test_glean_oauth.py demo   (the tests run with pytest)")
-    sys.exit(demo())
+    commands = {"demo": demo, "bench": bench}
+    if sys.argv[1:2] not in [[name] for name in commands]:
+        sys.exit("usage: python3 test_glean_oauth.py demo|bench   (the tests run with pytest)")
+    sys.exit(commands[sys.argv[1]]())
