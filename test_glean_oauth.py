@@ -2105,16 +2105,22 @@ def bench_client(command, glean, rtt, env):
                               NODE_EXTRA_CA_CERTS=certificate_file()), **env)
     started = time.monotonic()
     run = ScriptRun(run_env, python=None, command=command)
+    listener = None
     try:
         url = urllib.parse.urlsplit(run.authorize_url())
+        if not any(line.startswith("Listening for callback") for line in run.stdout_lines):
+            run.wait_for_line(lambda line: line.startswith("Listening for callback"))  # node: after the URL
+        # The browser connects to the listener while the user signs in (browsers pre-connect);
+        # the clock starts when it sends the callback.
+        listener = DelayRelay(urllib.parse.urlsplit(redirect_uri).port, rtt)
+        callback = http.client.HTTPConnection("127.0.0.1", listener.port, timeout=RUN_TIMEOUT)
+        callback.connect()
         context = ssl.create_default_context(cafile=certificate_file())
         conn = http.client.HTTPSConnection("127.0.0.1", browser.port, timeout=RUN_TIMEOUT, context=context)
         conn.request("GET", url.path + "?" + url.query)
         location = urllib.parse.urlsplit(conn.getresponse().getheader("Location"))
         conn.close()
-        listener = DelayRelay(location.port, rtt)
         called_back = time.monotonic()
-        callback = http.client.HTTPConnection("127.0.0.1", listener.port, timeout=RUN_TIMEOUT)
         callback.request("GET", location.path + "?" + location.query)
         assert callback.getresponse().status == 200
         callback.close()
