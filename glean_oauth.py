@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# -*- coding: utf-8 -*-
 """Get tokens from the Glean OAuth Authorization Server with a static OAuth client.
 
 The Python counterpart of Glean's "Get tokens with a static OAuth client" example:
@@ -12,20 +13,23 @@ Standard library only; runs on CPython 3.6 and newer. Copy this one file anywher
         python3 glean_oauth.py
 """
 
+import sys
+
+# Before the imports an old Python lacks. The file stays parseable by Python 2.7 (no
+# f-strings, no keyword-only arguments) so that this line, not a SyntaxError, is what it says.
+if sys.version_info < (3, 6):
+    sys.stderr.write("glean_oauth.py needs Python 3.6 or newer; this is Python {}.{}.\n".format(
+        *sys.version_info[:2]))
+    sys.exit(2)
+
 import argparse
 import base64
-import datetime
 import errno
 import functools
-import hashlib
 import io
-import ipaddress
 import json
 import os
 import re
-import secrets
-import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -40,12 +44,14 @@ PLACEHOLDERS = {
     "GLEAN_BACKEND_URL": "https://your-instance-be.glean.com",
 }
 METADATA_PATH = "/.well-known/oauth-authorization-server"  # RFC 8414 §3
+ISSUER_PATH = "/oauth"  # Glean's issuer is {backend}/oauth: the RFC 8414 §3.1 path form appends it
 CHAT_PATH = "/rest/api/v1/chat"
 CHAT_QUESTION = "Who is on the executive team?"
 CODE_PREFIX_LENGTH = 16  # how much of the authorization code is ever printed
 STATE_BYTES = 32
 CODE_VERIFIER_BYTES = 64  # 86 base64url characters: inside RFC 7636 §4.1's 43..128
 HTTP_TIMEOUT_SECONDS = 30
+CHAT_TIMEOUT_SECONDS = 300  # agent answers can take minutes (glean-cli allows 10 for a stream)
 CALLBACK_TIMEOUT_SECONDS = 300
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # far above any token or chat answer
 MAX_LINE_BYTES = 1024 * 1024  # one line of a streamed answer
@@ -65,10 +71,11 @@ class FlowError(Exception):
     `status` is the HTTP status when a server's answer was the problem.
     """
 
-    def __init__(self, message, exit_code=EXIT_FAILURE, status=None):
+    def __init__(self, message, exit_code=EXIT_FAILURE, status=None, oauth_error=None):
         super().__init__(message)
         self.exit_code = exit_code
         self.status = status
+        self.oauth_error = oauth_error  # the RFC 6749 §5.2 error code, e.g. invalid_grant
 
 
 def printable(text, keep=""):
@@ -103,40 +110,95 @@ class Console:
     echoes back.
     """
 
-    def __init__(self, out, err):
+    def __init__(self, out, err, real_stdout=False):
         self.out, self.err = out, err
         self.secrets = []  # every form of the client secret that a server could echo back
         self.json_out = out  # where --json's object goes, when `out` is moved to stderr
+        self.real_stdout = real_stdout  # `out` is the process's own stdout (fd 1)
+
+    def claim_stdout(self):
+        """--json: keep stdout for the one JSON object. The sections go to stderr, and so
+        does whatever else writes to fd 1 from now on (a browser started from here)."""
+        self.out = self.err
+        if self.real_stdout:
+            sys.stdout.flush()
+            json_fd = os.dup(1)
+            os.dup2(2, 1)
+            self.json_out = _FdWriter(json_fd, sys.stdout.encoding)
 
     def line(self, text=""):
-        self._write(self.out, text)
+        self._write(self.out, text, lambda text: printable(text, keep="\n"))
 
     def section(self, title, value):
         """A blank line, `title:`, then `value` as JSON indented by 2, as the example prints."""
         self.line("\n" + title + ":")
-        self.line(json_text(value))
+        self._write(self.out, json_text(value))
 
     def problem(self, text):
-        self._write(self.err, one_line(text))
+        """One line on stderr. When even stderr cannot be written, there is nowhere left to say it."""
+        try:
+            self._write(self.err, text, one_line)
+        except OutputError:
+            pass
 
     def note(self, text):
         """Extra text for a person (a hint, the chat answer) on stderr, keeping its lines."""
-        self._write(self.err, printable(text, keep="\n\t"))
+        self._write(self.err, text, lambda text: printable(text, keep="\n\t"))
+
+    def progress(self, text):
+        """Text on stderr as it comes, with no line end added (a streamed answer)."""
+        self._write(self.err, text, lambda text: printable(text, keep="\n\t"), end="")
 
     def result(self, value):
         """The one JSON object of --json, on stdout."""
         self._write(self.json_out, json_text(value))
 
-    def _write(self, stream, text):
+    def redact(self, text):
         for secret in self.secrets:
             text = text.replace(secret, "[redacted]")
-        text += "\n"
+        return text
+
+    def _write(self, stream, text, sanitize=None, end="\n"):
+        # Redacted before and after sanitizing: collapsing white space or blanking a
+        # control character could otherwise turn the secret into a form not listed.
+        text = self.redact(text)
+        if sanitize:
+            text = self.redact(sanitize(text))
+        text += end
         try:
-            stream.write(text)
-        except UnicodeEncodeError:  # a C locale on an old Python: keep going, escape
-            encoding = stream.encoding or "ascii"
-            stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
-        stream.flush()  # piped output must show each step as it happens
+            try:
+                stream.write(text)
+            except UnicodeEncodeError:  # a C locale on an old Python: keep going, escape
+                encoding = stream.encoding or "ascii"
+                stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+            stream.flush()  # piped output must show each step as it happens
+        except (OSError, ValueError) as error:  # a full disk, a reader gone, a closed stream
+            raise OutputError(error)
+
+
+class _FdWriter:
+    """A text stream straight onto a file descriptor, with no buffer of its own, so a
+    failed write leaves nothing behind for Python to fail on again at exit."""
+
+    def __init__(self, fd, encoding):
+        self.fd, self.encoding = fd, encoding or "utf-8"
+
+    def write(self, text):
+        data = text.encode(self.encoding)
+        while data:
+            data = data[os.write(self.fd, data):]
+
+    def flush(self):
+        pass
+
+
+class OutputError(Exception):
+    """Writing to stdout or stderr failed: `error` is the OSError (or ValueError of a
+    closed stream). A broken pipe (the reader has gone) ends the run quietly."""
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
 
 
 # --- Step 1: configuration --------------------------------------------------------------
@@ -172,47 +234,87 @@ exit codes: 0 done; 1 the flow failed (a request, the callback, the chat call);
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        """One line and exit code 2, like every other configuration error."""
-        self.exit(EXIT_USAGE, "{}: {} (see --help)\n".format(self.prog, message))
+        """One line and exit code 2, like every other configuration error, through the
+        same redacting writer as everything else."""
+        raise FlowError("{}: {} (see --help)".format(self.prog, message), EXIT_USAGE)
 
 
-def build_parser():
-    parser = _Parser(
-        prog="glean_oauth.py",
-        description="Get tokens from the Glean OAuth Authorization Server with a static OAuth\n"
-                    "client, printing every step, then call the Chat API with the access token.",
-        epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add = parser.add_argument
-    add("--version", action="version", version="%(prog)s " + __version__)
-    add("--backend-url", metavar="URL", help="the Glean backend (GLEAN_BACKEND_URL)")
-    add("--client-id", metavar="ID", help="the static client's id (CLIENT_ID)")
-    add("--redirect-uri", metavar="URI", help="the registered loopback redirect URI (REDIRECT_URI)")
-    add("--auth-method", choices=list(CLIENT_AUTH), default="client_secret_post",
-        help="how the client authenticates at the token endpoint (default: %(default)s, the doc's)")
-    add("--scope", metavar="SCOPES", help='scopes to ask for, e.g. "chat search offline_access" (GLEAN_SCOPES)')
-    add("--no-browser", dest="open_browser", action="store_false", help="only print the URL; do not open a browser")
-    add("--manual", action="store_true",
-        help="no listener: open the URL anywhere, then paste the address the browser was redirected to")
-    add("--message", metavar="TEXT", default=CHAT_QUESTION, help="the question for the Chat API")
-    add("--no-chat", dest="chat", action="store_false", help="skip the Chat API call")
-    add("--json", action="store_true", help="print one JSON object on stdout; everything else goes to stderr")
-    add("--token-file", metavar="PATH",
-        help="save the final tokens here as JSON, readable by you only (0600), written atomically")
-    add("--refresh", action="store_true",
-        help="skip sign-in: refresh the token in --token-file (or REFRESH_TOKEN) and save the result")
-    add("--http-timeout", metavar="SECONDS", help="seconds each HTTP request may take (GLEAN_HTTP_TIMEOUT)")
-    add("--callback-timeout", metavar="SECONDS", help="seconds to wait for the browser (GLEAN_CALLBACK_TIMEOUT)")
+# The flags, one row each: name -> (argparse keywords). Each command takes the rows it
+# names in COMMAND_FLAGS, after its own name.
+FLAGS = {
+    "--backend-url": dict(metavar="URL", help="the Glean backend (GLEAN_BACKEND_URL)"),
+    "--client-id": dict(metavar="ID", help="the static client's id (CLIENT_ID)"),
+    "--redirect-uri": dict(metavar="URI", help="the registered loopback redirect URI (REDIRECT_URI)"),
+    "--auth-method": dict(default="client_secret_post",
+                          help="how the client authenticates at the token endpoint (default: %(default)s, the doc's)"),
+    "--scope": dict(metavar="SCOPES", help='scopes to ask for, e.g. "chat search offline_access" (GLEAN_SCOPES)'),
+    "--no-browser": dict(dest="open_browser", action="store_false", help="only print the URL; do not open a browser"),
+    "--manual": dict(action="store_true", help="no listener: open the URL anywhere, then paste the address the "
+                                               "browser was redirected to (waits GLEAN_CALLBACK_TIMEOUT, but on Windows)"),
+    "--message": dict(metavar="TEXT", default=CHAT_QUESTION, help="the question for the Chat API"),
+    "--no-chat": dict(dest="chat", action="store_false", help="skip the Chat API call"),
+    "--stream": dict(action="store_true", default=None,
+                     help="stream the chat answer as it is written, on stderr (GLEAN_CHAT_STREAM=1)"),
+    "--json": dict(action="store_true", help="print one JSON object on stdout; everything else goes to stderr"),
+    "--token-file": dict(metavar="PATH", help="the token file: JSON, readable by you only (0600), written atomically"),
+    "--refresh": dict(action="store_true",
+                      help="skip sign-in: refresh the token in --token-file (or REFRESH_TOKEN) and save the result"),
+    "--http-timeout": dict(metavar="SECONDS", help="seconds each HTTP request may take (GLEAN_HTTP_TIMEOUT)"),
+    "--chat-timeout": dict(metavar="SECONDS", help="seconds the chat call may take (GLEAN_CHAT_TIMEOUT)"),
+    "--callback-timeout": dict(metavar="SECONDS", help="seconds to wait for the browser (GLEAN_CALLBACK_TIMEOUT)"),
+    "--min-valid": dict(metavar="SECONDS", default="60",
+                        help="refresh first when the token expires within this many seconds (default: %(default)s)"),
+    "--header": dict(action="store_true", help="print 'Authorization: Bearer <token>'"),
+}
+SIGN_IN_FLAGS = ["--backend-url", "--client-id", "--redirect-uri", "--auth-method", "--scope", "--no-browser",
+                 "--manual", "--http-timeout", "--callback-timeout"]
+
+
+def build_parser(command=None):
+    """The parser of the bare command (the documented flow) or of one subcommand."""
+    if command is None:
+        parser = _Parser(
+            prog="glean_oauth.py", epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+            description="Get tokens from the Glean OAuth Authorization Server with a static OAuth\n"
+                        "client, printing every step, then call the Chat API with the access token.\n\n"
+                        "subcommands (each has --help):\n" + "".join(
+                            "  {:<8} {}\n".format(name, row[1]) for name, row in COMMANDS.items()),
+        )
+        parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+        flags = SIGN_IN_FLAGS + ["--message", "--no-chat", "--stream", "--chat-timeout", "--json", "--token-file",
+                                 "--refresh"]
+    else:
+        _, description, flags, epilog = COMMANDS[command]
+        parser = _Parser(prog="glean_oauth.py " + command, description=description, epilog=epilog,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag in flags:
+        options = dict(FLAGS[flag], **({"choices": list(CLIENT_AUTH)} if flag == "--auth-method" else {}))
+        parser.add_argument(flag, **options)
+    if command == "exec":
+        parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]",
+                            help="the command to run (put -- before it when it starts with -)")
     return parser
 
 
-def load_config(argv, environ, ask_secret=None):
+def parse_args(command, argv):
+    """The flags of `command` (None: the bare command). The client secret is never a
+    flag: one given as such is refused without being echoed."""
+    for arg in argv:
+        if arg == "--":
+            break
+        if re.match(r"--(client[-_])?secret", arg):
+            raise FlowError("The client secret is taken only from CLIENT_SECRET or the prompt, never from a flag "
+                            "(flags end up in shell history and ps).", EXIT_USAGE)
+    return build_parser(command).parse_args(argv)
+
+
+def load_config(argv, environ, ask_secret=None, command=None):
     """Return the run's settings from `argv`, then `environ`, then the defaults (doc step 1).
 
     `ask_secret(prompt)` is called for the client secret when CLIENT_SECRET is unset and
     the auth method needs one. Raises FlowError (exit 2) naming what to fix.
     """
-    config = build_parser().parse_args(argv)
+    config = parse_args(command, argv)
 
     def setting(flag_value, name, default=""):
         value = (environ.get(name, "") if flag_value is None else flag_value).strip()
@@ -229,21 +331,37 @@ def load_config(argv, environ, ask_secret=None):
     ask = unset == ["CLIENT_SECRET"] and ask_secret
     if unset and not ask:
         raise FlowError("Set {} before you run this script (see --help).".format(", ".join(unset)), EXIT_USAGE)
-    check_transport(config.backend_url, "GLEAN_BACKEND_URL", EXIT_USAGE)
+    check_backend_url(config.backend_url)
     config.redirect_uri = setting(config.redirect_uri, "REDIRECT_URI", DEFAULT_REDIRECT_URI)
     check_redirect_uri(config.redirect_uri)
     config.scope = " ".join(setting(config.scope, "GLEAN_SCOPES").split())
     config.http_timeout = seconds(config.http_timeout, environ, "GLEAN_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS)
     config.callback_timeout = seconds(config.callback_timeout, environ, "GLEAN_CALLBACK_TIMEOUT",
                                       CALLBACK_TIMEOUT_SECONDS)
+    config.chat_timeout = seconds(getattr(config, "chat_timeout", None), environ, "GLEAN_CHAT_TIMEOUT",
+                                  CHAT_TIMEOUT_SECONDS)
+    if getattr(config, "stream", None) is None:
+        config.stream = environ.get("GLEAN_CHAT_STREAM", "").strip().lower() in ("1", "true", "yes")
     config.refresh_token = environ.get("REFRESH_TOKEN", "").strip()
-    if config.refresh and not (config.token_file or config.refresh_token):
+    config.store = None
+    if command is not None:  # login: the token store, where the subcommands find the tokens
+        config.store = TokenStore(token_file_path(config.token_file, environ))
+    elif config.token_file:
+        config.store = TokenStore(config.token_file)
+    if getattr(config, "refresh", False) and not (config.token_file or config.refresh_token):
         raise FlowError("--refresh needs a refresh token: give --token-file PATH, or set REFRESH_TOKEN.", EXIT_USAGE)
+    if config.store:  # before any traffic: a sign-in whose tokens cannot be kept is wasted
+        if getattr(config, "refresh", False) and not config.refresh_token:
+            config.store.check_safe()
+        config.store.check_writable()
     if ask:
         config.client_secret = ask_secret("Client secret for {}: ".format(config.client_id)).strip()
         if not config.client_secret:
             raise FlowError("Set CLIENT_SECRET before you run this script (see --help).", EXIT_USAGE)
     return config
+
+
+MAX_SECONDS = 7 * 24 * 3600  # a week: beyond any wait here, within what select and sockets take
 
 
 def seconds(flag_value, environ, name, default):
@@ -255,8 +373,9 @@ def seconds(flag_value, environ, name, default):
         value = float(text)
     except ValueError:
         value = 0
-    if not 0 < value < float("inf"):
-        raise FlowError("{} must be a positive number of seconds, not {!r}.".format(name, text), EXIT_USAGE)
+    if not 0 < value <= MAX_SECONDS:
+        raise FlowError("{} must be a positive number of seconds, at most {}, not {!r}.".format(
+            name, MAX_SECONDS, text), EXIT_USAGE)
     return value
 
 
@@ -266,10 +385,24 @@ def is_loopback(host):
         return False
     if host.lower() == "localhost":
         return True
+    import ipaddress  # here: a token still valid needs no address checked
+
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def split_url(url, name, exit_code=EXIT_FAILURE):
+    """`url` split, with its port checked; FlowError naming `name` for a URL that cannot
+    be one (an unclosed [IPv6 address, a port that is not a number). The error never
+    shows a password the URL holds."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # raises for a port that is not a number from 0 to 65535
+    except ValueError as error:
+        raise FlowError("{} is not a usable URL ({}): {}.".format(name, error, _without_userinfo(url)), exit_code)
+    return parts
 
 
 def check_transport(url, name, exit_code=EXIT_FAILURE):
@@ -278,25 +411,41 @@ def check_transport(url, name, exit_code=EXIT_FAILURE):
     Secrets, codes and tokens go only over TLS, or over plain HTTP that never leaves
     this machine.
     """
-    parts = urllib.parse.urlsplit(url)
+    parts = split_url(url, name, exit_code)
     if parts.hostname and (parts.scheme == "https" or parts.scheme == "http" and is_loopback(parts.hostname)):
-        return
+        return parts
     raise FlowError(
         "{} must be an https:// URL (http:// only for 127.0.0.1, [::1] or localhost), "
-        "not {}.".format(name, url),
+        "not {}.".format(name, _without_userinfo(url)),
         exit_code,
     )
 
 
+def check_backend_url(url):
+    """GLEAN_BACKEND_URL: https (or loopback http), no user:password@, no query or fragment."""
+    parts = check_transport(url, "GLEAN_BACKEND_URL", EXIT_USAGE)
+    if "@" in parts.netloc:
+        raise FlowError("GLEAN_BACKEND_URL must not hold a user name or password: {}.".format(
+            _without_userinfo(url)), EXIT_USAGE)
+    if parts.query or parts.fragment:
+        raise FlowError("GLEAN_BACKEND_URL must be the backend's address alone, without ?query or #fragment: "
+                        "{}.".format(url), EXIT_USAGE)
+
+
 def check_redirect_uri(redirect_uri):
     """Refuse a redirect URI this script cannot safely listen on (RFC 8252 §7.3, §8.3)."""
-    parts = urllib.parse.urlsplit(redirect_uri)
     try:
-        port_ok = parts.port is None or parts.port >= 0  # urllib raises for a bad one
-    except ValueError:
+        parts = urllib.parse.urlsplit(redirect_uri)
+    except ValueError:  # an unclosed [IPv6 address
+        parts = None
+    try:
+        port_ok = parts is not None and (parts.port is None or parts.port >= 0)
+    except ValueError:  # urllib raises for a port that is no number from 0 to 65535
         port_ok = False
     problem = None
-    if parts.scheme != "http":
+    if parts is None:
+        problem = "it is not a URL"
+    elif parts.scheme != "http":
         problem = "it must start with http:// (the listener is plain HTTP on this machine)"
     elif not is_loopback(parts.hostname):
         problem = "its host must be 127.0.0.1, [::1] or localhost, so that only this machine can receive the code"
@@ -304,8 +453,11 @@ def check_redirect_uri(redirect_uri):
         problem = "its port is not a number from 0 to 65535"
     elif parts.fragment:
         problem = "it must not have a #fragment (RFC 6749 §3.1.2)"
+    elif "@" in parts.netloc:
+        problem = "it must not hold a user name or password"
     if problem:
-        raise FlowError("REDIRECT_URI {} is refused: {}.".format(redirect_uri, problem), EXIT_USAGE)
+        raise FlowError("REDIRECT_URI {} is refused: {}.".format(_without_userinfo(redirect_uri), problem),
+                        EXIT_USAGE)
 
 
 # --- Answers: what a server says, parsed with care -------------------------------------
@@ -384,13 +536,12 @@ def token_request(token_endpoint, fields, headers=None, timeout=HTTP_TIMEOUT_SEC
     <error_description>`. An answer without an access token is an error too. Error
     messages show the answer with each of `redact` (the secret's forms) blanked out.
     """
-    body = urllib.parse.urlencode(fields).encode("ascii")
-    headers = dict(headers or {}, **{"Content-Type": "application/x-www-form-urlencoded"})
-    answer = http_request(token_endpoint, body, headers, Deadline(timeout))
+    answer = form_post(token_endpoint, fields, headers, timeout)
     if not 200 <= answer.status < 300:
-        error = _oauth_error(answer.body, redact)
+        code, error = _oauth_error(answer.body, redact)
         if error:
-            raise FlowError("token request failed ({}): {}".format(answer.status, error), status=answer.status)
+            raise FlowError("token request failed ({}): {}".format(answer.status, error), status=answer.status,
+                            oauth_error=code)
         raise FlowError("Request to {} failed ({}): {}".format(
             token_endpoint, answer.status, excerpt(answer.body, redact)), status=answer.status)
     response = json_object(token_endpoint, answer, redact)
@@ -400,52 +551,95 @@ def token_request(token_endpoint, fields, headers=None, timeout=HTTP_TIMEOUT_SEC
     return response
 
 
+def form_post(url, fields, headers=None, timeout=HTTP_TIMEOUT_SECONDS):
+    """POST `fields` as an application/x-www-form-urlencoded form; return the Response."""
+    body = urllib.parse.urlencode(fields).encode("ascii")
+    headers = dict(headers or {}, **{"Content-Type": "application/x-www-form-urlencoded"})
+    return http_request(url, body, headers, Deadline(timeout))
+
+
 def _oauth_error(body, redact=()):
-    """`error: error_description` from an RFC 6749 §5.2 error body, or None."""
+    """`(error, "error: error_description")` from an RFC 6749 §5.2 error body, or (None, None)."""
     try:
         value = parse_json(body.decode("utf-8"))
     except ValueError:
-        return None
+        return None, None
     if not isinstance(value, dict) or not isinstance(value.get("error"), str):
-        return None
+        return None, None
     description = value.get("error_description")
-    return excerpt((value["error"] + (": " + str(description) if description else "")).encode("utf-8"), redact)
+    text = value["error"] + (": " + str(description) if description else "")
+    return value["error"], excerpt(text.encode("utf-8"), redact)
 
 
 # --- Step 2: discovery ------------------------------------------------------------------
 
 
-def discover_metadata(config):
-    """Fetch the RFC 8414 authorization server metadata of the backend (doc step 2)."""
-    return fetch_json(config.backend_url + METADATA_PATH, deadline=Deadline(config.http_timeout))
+def discover_metadata(config, console):
+    """Fetch the RFC 8414 authorization server metadata of the backend (doc step 2).
+
+    The doc's URL first; when it answers 404, once more at the RFC 8414 §3.1 path form
+    for Glean's issuer `{backend}/oauth`, as Glean's own tools look, saying so on
+    stderr. When both answer 404, the doc URL's error stands."""
+    url = config.backend_url + METADATA_PATH
+    try:
+        return fetch_json(url, deadline=Deadline(config.http_timeout))
+    except FlowError as error:
+        if error.status != 404:
+            raise
+        fallback = url + ISSUER_PATH
+        try:
+            metadata = fetch_json(fallback, deadline=Deadline(config.http_timeout))
+        except FlowError as second:
+            raise error if second.status == 404 else second
+    console.note("The metadata came from {} ({} answered 404).".format(fallback, url))
+    return metadata
 
 
-def check_metadata(metadata, auth_method="client_secret_post"):
-    """Refuse metadata this flow cannot use: no endpoints, no PKCE S256, an endpoint
-    that would carry credentials in the clear, or a list of token endpoint auth methods
-    without `auth_method`. Glean's issuer may differ from the backend URL (it can be
-    `{backend}/oauth`), so it is shown, not compared."""
-    missing = [key for key in ("authorization_endpoint", "token_endpoint")
-               if not isinstance(metadata.get(key), str) or not metadata[key]]
+ENDPOINTS = ("authorization_endpoint", "token_endpoint", "revocation_endpoint")
+METHOD_LISTS = ("code_challenge_methods_supported", "token_endpoint_auth_methods_supported")
+
+
+def check_metadata(metadata, auth_method="client_secret_post", backend_url="https://"):
+    """Refuse metadata this flow cannot use: no endpoints, an endpoint that is no clean
+    URL or would carry credentials in the clear (or over http when the backend is https),
+    lists that are not lists of strings, no PKCE S256, or a list of token endpoint auth
+    methods without `auth_method`. Glean's issuer may differ from the backend URL (it
+    can be `{backend}/oauth`), so it is shown, not compared."""
+    missing = [key for key in ENDPOINTS[:2] if not isinstance(metadata.get(key), str) or not metadata[key]]
     if missing:
         raise FlowError("The authorization server metadata has no {}.".format(" and no ".join(missing)))
+    https_only = backend_url.startswith("https://")
+    for key in ENDPOINTS:
+        if key not in metadata:
+            continue
+        url = metadata[key]
+        if not isinstance(url, str) or any(not c.isprintable() or c.isspace() for c in url):
+            raise FlowError("The metadata's {} is not a clean URL (it holds control, space or bidi "
+                            "characters): {}.".format(key, one_line(json.dumps(url))))
+        check_transport(url, "The metadata's " + key)
+        if https_only and not url.startswith("https://"):
+            raise FlowError("The metadata's {} must be https://, as GLEAN_BACKEND_URL is, not {}.".format(key, url))
+    for key in METHOD_LISTS:
+        value = metadata.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+            raise FlowError("The metadata's {} is not a list of names: {}.".format(key, excerpt(
+                json.dumps(value).encode("utf-8"))))
     methods = metadata.get("code_challenge_methods_supported")
     if methods is not None and "S256" not in methods:
         raise FlowError("The authorization server does not offer PKCE S256 (its "
                         "code_challenge_methods_supported is {}); this flow needs it.".format(json.dumps(methods)))
-    for key in ("authorization_endpoint", "token_endpoint"):
-        check_transport(metadata[key], "The metadata's " + key)
     offered = metadata.get("token_endpoint_auth_methods_supported")
     if offered is not None and auth_method not in offered:
         raise FlowError("The token endpoint does not accept {} (it offers {}); choose one with "
-                        "--auth-method.".format(auth_method, ", ".join(map(str, offered)) or "none"))
+                        "--auth-method.".format(auth_method, ", ".join(offered) or "none"))
 
 
-def discover(config, console):
-    """Doc step 2: fetch, print and check the metadata; return it."""
-    metadata = discover_metadata(config)
-    print_metadata(metadata, console)
-    check_metadata(metadata, config.auth_method)
+def discover(config, console, show=True):
+    """Doc step 2: fetch, print (unless not `show`) and check the metadata; return it."""
+    metadata = discover_metadata(config, console)
+    if show:
+        print_metadata(metadata, console)
+    check_metadata(metadata, config.auth_method, config.backend_url)
     return metadata
 
 
@@ -458,7 +652,8 @@ def print_metadata(metadata, console):
         ("token endpoint auth methods", "token_endpoint_auth_methods_supported"),
     ):
         console.line("\n" + title + ":")
-        for method in metadata.get(key) or []:
+        values = metadata.get(key)
+        for method in values if isinstance(values, list) else [] if values is None else [values]:
             console.line(one_line(str(method)))
 
 
@@ -472,11 +667,15 @@ def base64url(data):
 
 def code_challenge_for(code_verifier):
     """The S256 code_challenge of `code_verifier` (RFC 7636 §4.2)."""
+    import hashlib  # here: only a sign-in needs it
+
     return base64url(hashlib.sha256(code_verifier.encode("ascii")).digest())
 
 
 def make_pkce():
     """Return fresh `(state, code_verifier, code_challenge)` (doc step 3)."""
+    import secrets  # here: only a sign-in needs it
+
     state = base64url(secrets.token_bytes(STATE_BYTES))
     code_verifier = base64url(secrets.token_bytes(CODE_VERIFIER_BYTES))
     return state, code_verifier, code_challenge_for(code_verifier)
@@ -525,11 +724,12 @@ class CallbackListener:
     def __exit__(self, *exc):
         self.close()
 
-    def wait(self, check, timeout=CALLBACK_TIMEOUT_SECONDS):
+    def wait(self, check, timeout=CALLBACK_TIMEOUT_SECONDS, on_stray=None):
         """Serve until a request to the callback path arrives; return `check(query)`.
 
         `check` turns the callback's query string into the authorization code or raises
-        FlowError. Either way the browser gets its answer before this returns.
+        FlowError. Either way the browser gets its answer before this returns. A
+        StrayCallback gets a 400 page and `on_stray(message)`, and the wait goes on.
         """
         import select  # here: only a sign-in listens
 
@@ -559,16 +759,18 @@ class CallbackListener:
                             oldest.close()
                         pending[conn] = b""
                         continue
+                    if sock not in pending:  # dropped above, in this same pass, to make room
+                        continue
                     head = _read_head(sock, pending)
                     if head is not None:
-                        code = self._answer(sock, head, check)
+                        code = self._answer(sock, head, check, on_stray)
                         if code is not None:
                             return code
         finally:
             for conn in pending:
                 conn.close()
 
-    def _answer(self, conn, head, check):
+    def _answer(self, conn, head, check, on_stray):
         """Answer one request; return the code when it was the callback, else None."""
         if b"\r\n\r\n" not in head:
             _respond(conn, "431 Request Header Fields Too Large", "Request too large\n")
@@ -582,6 +784,12 @@ class CallbackListener:
             return None
         try:
             code = check(query)
+        except StrayCallback as error:
+            _respond(conn, "400 Bad Request", CALLBACK_FAILED_PAGE)
+            if on_stray:
+                on_stray("Ignored a callback that is not the answer to this run's request ({}); still "
+                         "waiting.".format(str(error).split(":", 1)[0]))
+            return None
         except FlowError:
             _respond(conn, "400 Bad Request", CALLBACK_FAILED_PAGE)
             raise
@@ -698,14 +906,36 @@ class PastedRedirect:
     def __exit__(self, *exc):
         pass
 
-    def wait(self, check, timeout=None):
-        """Read one pasted address; return `check(its query)`."""
+    def wait(self, check, timeout=CALLBACK_TIMEOUT_SECONDS, on_stray=None):
+        """Read one pasted address within `timeout` s; return `check(its query)`."""
         self.console.note("\nPaste the address your browser was redirected to (the page will not load; "
                           "that is expected), then press Enter:")
-        pasted = self.stdin.readline().strip()
+        pasted = self._read_line(timeout).strip().strip("'\"<>").strip()
         if not pasted:
             raise FlowError("No address was pasted.")
-        return check(urllib.parse.urlsplit(pasted).query)
+        parts = urllib.parse.urlsplit(pasted)
+        expected = urllib.parse.urlsplit(self.redirect_uri)
+        params = urllib.parse.parse_qs(parts.query)
+        if parts.path != (expected.path or "/") or not ("state" in params or "error" in params):
+            raise FlowError("That is not the address the browser was redirected to. Paste the whole address "
+                            "from the browser's address bar after sign-in: it starts with {}?".format(
+                                self.redirect_uri))
+        return check(parts.query)
+
+    def _read_line(self, timeout):
+        """A line from stdin, waiting at most `timeout` s where stdin can be waited on
+        (a terminal or pipe on POSIX; elsewhere the wait is unbounded, Ctrl-C ends it)."""
+        try:
+            fileno = self.stdin.fileno()
+        except (AttributeError, ValueError, io.UnsupportedOperation):
+            fileno = None
+        if fileno is not None and os.name == "posix":
+            import select  # here: only --manual waits on stdin
+
+            if not select.select([fileno], [], [], timeout)[0]:
+                raise FlowError("No address was pasted within {:g} s (GLEAN_CALLBACK_TIMEOUT sets the limit "
+                                "in seconds).".format(timeout))
+        return self.stdin.readline()
 
 
 def open_receiver(config, console, stdin):
@@ -738,38 +968,65 @@ def build_authorization_url(authorization_endpoint, client_id, redirect_uri, sta
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept + params)))
 
 
+BROWSER_WAIT_SECONDS = 2  # long enough for a BROWSER command that fails at once to say so
+
+
 def open_browser(url, environ):
     """Open `url` in the user's browser where there is a graphical one, or BROWSER says
-    which; never a text browser in this terminal. Returns True when one was started."""
+    which; never a text browser in this terminal. Returns the note to show: that it was
+    opened, or that the browser command failed; None when no browser was tried."""
     import webbrowser  # here: it is slow to import and only this step needs it
 
     try:
         browser = webbrowser.get()
     except webbrowser.Error:
-        return False
+        return None
     if isinstance(browser, webbrowser.GenericBrowser) and not environ.get("BROWSER"):
-        return False  # lynx, w3m and the like: they would take over the terminal
-    # Some browsers (and BROWSER commands) only return when closed: do not wait for them.
-    threading.Thread(target=browser.open, args=(url,), daemon=True).start()
-    return True
+        return None  # lynx, w3m and the like: they would take over the terminal
+    # Some browsers (and BROWSER commands) only return when closed: wait a moment for a
+    # verdict, not for them.
+    outcome = []
+    opener = threading.Thread(target=lambda: outcome.append(_open_quietly(browser, url)), daemon=True)
+    opener.start()
+    opener.join(BROWSER_WAIT_SECONDS)
+    if outcome == [False]:
+        return "(Could not open a browser{}; open the URL above yourself.)".format(
+            " with BROWSER=" + environ["BROWSER"] if environ.get("BROWSER") else "")
+    return "(Opened it in your browser.)"
+
+
+def _open_quietly(browser, url):
+    try:
+        return browser.open(url)
+    except Exception:  # a browser that cannot start is only a missed convenience
+        return False
 
 
 # --- Step 6: the callback ---------------------------------------------------------------
 
 
+class StrayCallback(FlowError):
+    """A request to the callback path without this run's state: not the answer to this
+    run's request (another tab, an older run, or another local process), so it cannot end
+    the run. The wait goes on."""
+
+
 def parse_callback(query, expected_state, issuer=None, iss_required=False):
     """Return the authorization code from the callback's query string (doc step 6).
 
-    Raises FlowError for a response from another issuer (RFC 9207 §2.4: an `iss` that
-    is not `issuer`, compared as plain strings, or none when `iss_required`), an error
-    response (RFC 6749 §4.1.2.1), a state that is not the one this run sent (§10.12:
-    the response is not ours) or a missing code.
+    The state is checked first (RFC 6749 §4.1.2.1 puts it in error responses too, and
+    §10.12: a response without it is not ours): StrayCallback when it is missing or
+    wrong. Then FlowError for a response from another issuer (RFC 9207 §2.4: an `iss`
+    that is not `issuer`, compared as plain strings, or none when `iss_required`), an
+    error response, or a missing code.
     """
     params = urllib.parse.parse_qs(query, keep_blank_values=True)
 
     def first(name):
         return params.get(name, [""])[0]
 
+    if first("state") != expected_state:
+        raise StrayCallback("State mismatch: the callback is not the answer to this run's request.")
     if "iss" in params and first("iss") != issuer:
         raise FlowError("Issuer mismatch: the callback's iss {} is not the metadata's issuer {} "
                         "(RFC 9207).".format(first("iss"), issuer))
@@ -778,8 +1035,6 @@ def parse_callback(query, expected_state, issuer=None, iss_required=False):
     if first("error"):
         description = first("error_description")
         raise FlowError("OAuth error: " + first("error") + (": " + description if description else ""))
-    if first("state") != expected_state:
-        raise FlowError("State mismatch: the callback is not the answer to this run's request.")
     if not first("code"):
         raise FlowError("Missing authorization code in callback.")
     return first("code")
@@ -809,9 +1064,12 @@ def secret_forms(client_id, client_secret):
     the Basic credential): what must never be printed, longest first."""
     if not client_secret:
         return []
-    forms = {client_secret, urllib.parse.quote_plus(client_secret), urllib.parse.quote(client_secret, safe="")}
+    encoded = {urllib.parse.quote_plus(client_secret), urllib.parse.quote(client_secret, safe="")}
+    forms = {client_secret, printable(client_secret), one_line(client_secret), repr(client_secret)[1:-1],
+             json.dumps(client_secret)[1:-1], json_text(client_secret)[1:-1]}
+    forms |= encoded | {re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), form) for form in encoded}
     forms.add(_client_secret_basic(client_id, client_secret)[1]["Authorization"].split(" ", 1)[1])
-    return sorted(forms, key=len, reverse=True)
+    return sorted(forms - {""}, key=len, reverse=True)
 
 
 # Token endpoint authentication, one row a method (RFC 7591 §2 names them).
@@ -845,17 +1103,165 @@ def refresh_tokens(metadata, config, refresh_token):
 # --- Step 8: the Chat API ---------------------------------------------------------------
 
 
-def chat_request_body(question=CHAT_QUESTION):
-    """The example's request body, serialized as JSON.stringify does (no spaces)."""
+def chat_request_body(question=CHAT_QUESTION, stream=False):
+    """The example's request body, serialized as JSON.stringify does (no spaces);
+    `"stream": true` is added only for --stream."""
     body = {"messages": [{"fragments": [{"text": question}]}]}
+    if stream:
+        body["stream"] = True
     return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
 
-def call_chat_api(config, access_token):
-    """POST one question to the Chat API with the access token as a bearer token."""
+def call_chat_api(config, access_token, console):
+    """POST one question to the Chat API with the access token as a bearer token; return
+    the ChatResponse (with --stream, the stream's lines merged into one).
+
+    The whole call is bounded by GLEAN_CHAT_TIMEOUT (agent answers can take minutes);
+    a stream, also by GLEAN_HTTP_TIMEOUT between two lines. A 401 or 403 names the
+    scope its WWW-Authenticate asks for (RFC 6750 §3.1).
+    """
+    if not BEARER_TOKEN.match(access_token):  # nor could it go in a header safely
+        raise FlowError("The access token holds characters a bearer token cannot (RFC 6750 §2.1); not sending it.")
+    url = config.backend_url + CHAT_PATH
     headers = {"Authorization": "Bearer " + access_token, "Content-Type": "application/json"}
-    body = chat_request_body(config.message)
-    return fetch_json(config.backend_url + CHAT_PATH, body, headers, Deadline(config.http_timeout))
+    body = chat_request_body(config.message, config.stream)
+    deadline = Deadline(config.chat_timeout, "GLEAN_CHAT_TIMEOUT")
+    stream = ChatStream(console, config.http_timeout) if config.stream else None
+    waiting = None
+    if not stream and _isatty(console.err):
+        waiting = threading.Timer(WAITING_NOTE_SECONDS, console.note, ["Waiting for the Chat API answer..."])
+        waiting.daemon = True
+        waiting.start()
+    try:
+        response = http_request(url, body, headers, deadline, on_line=stream.add if stream else None)
+    finally:
+        if waiting:
+            waiting.cancel()
+    if not 200 <= response.status < 300:
+        raise FlowError("Request to {} failed ({}): {}{}".format(
+            url, response.status, excerpt(response.body), scope_hint(response, config)), status=response.status)
+    return stream.finish() if stream else json_object(url, response)
+
+
+WAITING_NOTE_SECONDS = 2
+CHAT_SCOPE_HINT = " (the token may lack the CHAT scope: check the scopes of your static client)"
+
+
+def scope_hint(response, config):
+    """For a 401 or 403: the scope the answer's WWW-Authenticate asks for, and the command
+    that asks for it; else the general hint; "" for other statuses."""
+    if response.status not in (401, 403):
+        return ""
+    challenge = response.headers.get("WWW-Authenticate") or ""
+    wanted = re.search(r'\bscope="([^"]*)"', challenge)
+    if not wanted or not wanted.group(1).split():
+        return CHAT_SCOPE_HINT
+    scopes = [one_line(scope) for scope in wanted.group(1).split()]
+    ask = _scope_union(config.scope.split() + scopes + ["offline_access"])
+    return ' (the token lacks the scope {}: sign in again with --scope "{}")'.format(" ".join(scopes), " ".join(ask))
+
+
+def _scope_union(scopes):
+    """`scopes` without repeats, compared case-insensitively (Glean writes CHAT, sends chat)."""
+    seen, union = set(), []
+    for scope in scopes:
+        if scope.lower() not in seen:
+            seen.add(scope.lower())
+            union.append(scope)
+    return union
+
+
+def chat_scope_missing(token_response):
+    """The scopes granted when they visibly lack chat (compared case-insensitively), else None."""
+    granted = granted_scope(token_response)
+    if granted is None or "chat" in granted.lower().split():
+        return None
+    return granted
+
+
+class ChatStream:
+    """--stream: Glean's NDJSON answer, one ChatResponse a line. Shows the stages (UPDATE
+    messages) as short lines and the answer (CONTENT deltas) as it grows, on stderr, and
+    merges the lines into one ChatResponse: messages in arrival order, one per
+    messageId, each CONTENT message's text fragments joined into one."""
+
+    def __init__(self, console, silence):
+        self.console, self.silence = console, silence
+        self.count = 0  # lines so far
+        self.response = {}  # the fields of the lines but messages, the last one winning
+        self.messages = {}  # messageId (or the arrival number) -> merged message
+        self.end = None  # the whole call's deadline
+        self.writing = False  # an answer line on stderr is still open
+
+    def add(self, raw, deadline):
+        """Take one line of the stream (http_request's on_line)."""
+        self.count += 1
+        if self.end is None:
+            self.end = deadline.at
+        # Once the first line has come, GLEAN_HTTP_TIMEOUT bounds the silence before the next.
+        deadline.at = min(self.end, time.monotonic() + self.silence)
+        deadline.setting = "GLEAN_HTTP_TIMEOUT" if deadline.at < self.end else "GLEAN_CHAT_TIMEOUT"
+        text = raw.decode("utf-8", "replace").strip()
+        if not text:
+            return
+        try:
+            value = parse_json(text)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise FlowError("Line {} of the chat stream is not a JSON object: {}".format(
+                self.count, excerpt(raw)))
+        for key, field in value.items():
+            if key != "messages":
+                self.response[key] = field
+        messages = value.get("messages")
+        for message in messages if isinstance(messages, list) else []:
+            if isinstance(message, dict):
+                self._merge(message)
+
+    def _merge(self, message):
+        key = message.get("messageId") or len(self.messages)
+        fragments = [f for f in message.get("fragments") or [] if isinstance(f, dict)] \
+            if isinstance(message.get("fragments"), list) else []
+        merged = self.messages.setdefault(key, dict(message, fragments=[]))
+        merged.update((k, v) for k, v in message.items() if k != "fragments")
+        merged["fragments"].extend(fragments)
+        text = "".join(f["text"] for f in fragments if isinstance(f.get("text"), str))
+        if message.get("author") == "USER" or not text:
+            return
+        if message.get("messageType", "CONTENT") == "CONTENT":
+            if not self.writing:
+                self.console.progress("\nAnswer: ")
+                self.writing = True
+            self.console.progress(text)
+        else:
+            self._end_answer_line()
+            self.console.note("  " + one_line(text.replace("**", "")))
+
+    def _end_answer_line(self):
+        if self.writing:
+            self.console.progress("\n")
+            self.writing = False
+
+    def finish(self):
+        """The merged ChatResponse, once the stream has ended."""
+        self._end_answer_line()
+        for message in self.messages.values():
+            if message.get("messageType", "CONTENT") == "CONTENT":
+                message["fragments"] = _joined_text(message["fragments"])
+        return dict(self.response, messages=list(self.messages.values()))
+
+
+def _joined_text(fragments):
+    """`fragments` with each run of text-only fragments joined into one."""
+    joined = []
+    for fragment in fragments:
+        if set(fragment) == {"text"} and isinstance(fragment["text"], str) and joined \
+                and set(joined[-1]) == {"text"}:
+            joined[-1] = {"text": joined[-1]["text"] + fragment["text"]}
+        else:
+            joined.append(dict(fragment))
+    return joined
 
 
 def chat_answer(chat_response):
@@ -883,7 +1289,7 @@ def decode_jwt_part(part):
     """Decode one JWT segment to its JSON object; ValueError when it is not that."""
     if not JWT_SEGMENT.match(part):
         raise ValueError("not base64url")
-    value = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)).decode("utf-8"))
+    value = parse_json(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)).decode("utf-8"))
     if not isinstance(value, dict):
         raise ValueError("not a JSON object")
     return value
@@ -932,64 +1338,6 @@ class Results:
             self.tokens["refresh_token"] = used_refresh_token
 
 
-def token_file_contents(tokens, obtained_at):
-    """The tokens, when they were obtained and when the access token expires (UTC, ISO 8601)."""
-    contents = dict(tokens, obtained_at=_iso(obtained_at))
-    expires_in = tokens.get("expires_in")
-    if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool):
-        contents["expires_at"] = _iso(obtained_at + expires_in)
-    return contents
-
-
-def _iso(timestamp):
-    return datetime.datetime.fromtimestamp(int(timestamp), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def write_token_file(path, contents):
-    """Write `contents` as JSON to `path`: owner-only from the start (0600), atomically
-    (a temporary file in the same folder, flushed, fsynced, renamed), never through a
-    symlink. A crash mid-write leaves the old file whole."""
-    if os.path.islink(path):
-        raise FlowError("Not writing tokens through the symlink {}; give the real path.".format(path))
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, temporary = tempfile.mkstemp(prefix=".glean-oauth-", suffix=".tmp", dir=folder)  # mode 0600
-    except OSError as error:
-        raise FlowError("Cannot write the token file {}: {}.".format(path, error.strerror or error))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(contents, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException as error:
-        os.unlink(temporary)
-        if isinstance(error, OSError):
-            raise FlowError("Cannot write the token file {}: {}.".format(path, error.strerror or error))
-        raise
-    if os.name == "posix":  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def read_refresh_token(path):
-    """The refresh token saved in the token file at `path`."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as error:
-        raise FlowError("Cannot read the token file {}: {}.".format(path, getattr(error, "strerror", None) or error),
-                        EXIT_USAGE)
-    token = saved.get("refresh_token") if isinstance(saved, dict) else None
-    if not isinstance(token, str) or not token:
-        raise FlowError("The token file {} has no refresh_token; run the full flow first.".format(path), EXIT_USAGE)
-    return token
-
-
 def deliver(config, results, console):
     """Hand over what the run obtained: the --json object, then the token file.
 
@@ -998,16 +1346,259 @@ def deliver(config, results, console):
     """
     if results.tokens is None:
         return True
+    unprinted = None
     if config.json:
-        console.result(results.sections)
-    if config.token_file:
         try:
-            write_token_file(config.token_file, token_file_contents(results.tokens, time.time()))
-        except FlowError as error:
-            console.problem(str(error))
-            return False
-        console.note("Saved the tokens to {}.".format(config.token_file))
+            console.result(results.sections)
+        except OutputError as error:  # the file is still written: the tokens are not lost
+            unprinted = error
+    saved = save_tokens(config, results, console) if config.store else True
+    if unprinted:
+        raise unprinted
+    return saved
+
+
+def save_tokens(config, results, console):
+    """Write what a refresh needs to the token store; False (and a line) when it cannot."""
+    metadata = results.sections.get("metadata") or {}
+    try:
+        config.store.write(store_contents(results.tokens, time.time(), settings_of(config, metadata)),
+                           console.secrets)
+    except FlowError as error:
+        console.problem(str(error))
+        return False
+    console.note("Saved the tokens to {}.".format(config.store.path))
     return True
+
+
+# --- The token store ---------------------------------------------------------------------
+#
+# One JSON file, shared by --token-file and the subcommands; this section alone opens it.
+# It holds the token response, when it was obtained and expires, and what a refresh needs
+# without discovery. Never the client secret.
+
+STORE_FIELDS = ("backend_url", "client_id", "auth_method", "issuer", "token_endpoint", "revocation_endpoint",
+                "requested_scope")
+ISO_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+MAX_EXPIRES_IN = 10 * 365 * 24 * 3600  # beyond this an expires_in is nonsense: treated as absent
+LOCK_POLL_SECONDS = 0.02
+
+
+def token_file_path(flag_value, environ):
+    """--token-file, else GLEAN_TOKEN_FILE, else the per-user default
+    ($XDG_CONFIG_HOME/glean-oauth/tokens.json; %APPDATA%\\glean-oauth\\tokens.json on Windows)."""
+    path = (flag_value or environ.get("GLEAN_TOKEN_FILE", "")).strip()
+    if path:
+        return path
+    if os.name == "nt":
+        base = environ.get("APPDATA") or os.path.expanduser("~")
+    else:
+        base = environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "glean-oauth", "tokens.json")
+
+
+def settings_of(config, metadata):
+    """What a later refresh or revocation needs without discovery (STORE_FIELDS)."""
+    return {"backend_url": config.backend_url, "client_id": config.client_id, "auth_method": config.auth_method,
+            "issuer": metadata.get("issuer"), "token_endpoint": metadata.get("token_endpoint"),
+            "revocation_endpoint": metadata.get("revocation_endpoint"), "requested_scope": config.scope}
+
+
+def store_contents(tokens, obtained_at, settings):
+    """The token response, `obtained_at` and `expires_at` (UTC, ISO 8601), and the
+    `settings` a later refresh needs."""
+    contents = {key: value for key, value in tokens.items() if key not in STORE_FIELDS}  # ours, not a server's
+    contents["obtained_at"] = iso_time(obtained_at)
+    expires_in = tokens.get("expires_in")
+    if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool) and 0 <= expires_in <= MAX_EXPIRES_IN:
+        contents["expires_at"] = iso_time(obtained_at + expires_in)
+    else:
+        contents.pop("expires_at", None)
+    contents.update((key, value) for key, value in settings.items() if isinstance(value, str) and value)
+    return contents
+
+
+def iso_time(timestamp):
+    return time.strftime(ISO_FORMAT, time.gmtime(int(timestamp)))
+
+
+def parse_iso_time(text):
+    """Seconds since the epoch of an ISO_FORMAT time, or None."""
+    import calendar  # here: only a saved token's expiry needs it
+
+    try:
+        return calendar.timegm(time.strptime(text, ISO_FORMAT))
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+class TokenStore:
+    """The token file at `path` (a ~ the shell left alone is expanded), its checks, its
+    lock, and its atomic write."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(os.path.expanduser(path))
+        self.lock_path = self.path + ".lock"
+
+    def check_writable(self):
+        """FlowError (exit 2) when the file could not be written, before any traffic: a
+        sign-in or a rotated refresh token that cannot be saved is lost for good."""
+        folder = os.path.dirname(self.path)
+        problem = None
+        if os.path.islink(self.path):
+            problem = "it is a symlink, and tokens are never written through one; give the real path"
+        elif os.path.isdir(self.path):
+            problem = "it is a folder"
+        elif not os.path.isdir(folder) and self.path.endswith(os.path.join("glean-oauth", "tokens.json")):
+            try:
+                os.makedirs(folder, 0o700)  # the default place: made for the user alone
+            except OSError as error:
+                problem = "its folder cannot be made ({})".format(error.strerror or error)
+        elif not os.path.isdir(folder):
+            problem = "its folder {} does not exist".format(folder)
+        if not problem and not os.access(folder, os.W_OK | os.X_OK):
+            problem = "its folder {} is not writable by you".format(folder)
+        if problem:
+            raise FlowError("Cannot use the token file {}: {}.".format(self.path, problem), EXIT_USAGE)
+
+    def check_safe(self):
+        """Refuse a file that another user could have planted or changed, as ssh does with
+        a private key; return a warning when others can read it, else None."""
+        import stat
+
+        try:
+            info = os.lstat(self.path)
+        except OSError:
+            return None  # missing: read() says so
+        problem = None
+        if stat.S_ISLNK(info.st_mode):
+            problem = "it is a symlink; give the real path"
+        elif os.name == "posix" and info.st_uid != os.getuid():
+            problem = "it belongs to another user"
+        elif os.name == "posix" and info.st_mode & 0o022:
+            problem = "other users can change it (mode {:o}); run chmod 600 {}".format(info.st_mode & 0o777, self.path)
+        if problem:
+            raise FlowError("Not using the token file {}: {}.".format(self.path, problem), EXIT_USAGE)
+        if os.name == "posix" and info.st_mode & 0o044:
+            return "Other users can read the token file {} (mode {:o}); run chmod 600 {}.".format(
+                self.path, info.st_mode & 0o777, self.path)
+        return None
+
+    def read(self):
+        """The saved contents (a dict), or None when there is no file."""
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                saved = parse_json(f.read())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            raise FlowError("Cannot read the token file {}: {}.".format(
+                self.path, getattr(error, "strerror", None) or error), EXIT_USAGE)
+        if not isinstance(saved, dict):
+            raise FlowError("The token file {} does not hold a JSON object.".format(self.path), EXIT_USAGE)
+        return saved
+
+    def write(self, contents, secrets=()):
+        """Write `contents` as JSON: owner-only from the start (0600), atomically (a
+        temporary file in the same folder, flushed, fsynced, renamed), never through a
+        symlink, and without any value that holds one of `secrets` (a server could
+        echo the client secret into a token response). A crash mid-write leaves the
+        old file whole."""
+        contents = {key: "[redacted]" if isinstance(value, str) and any(s in value for s in secrets) else value
+                    for key, value in contents.items()}
+        if os.path.islink(self.path):
+            raise FlowError("Not writing tokens through the symlink {}; give the real path.".format(self.path))
+        folder = os.path.dirname(self.path)
+        try:
+            import tempfile  # here: only a write needs it
+
+            fd, temporary = tempfile.mkstemp(prefix=".glean-oauth-", suffix=".tmp", dir=folder)  # mode 0600
+        except OSError as error:
+            raise FlowError("Cannot write the token file {}: {}.".format(self.path, error.strerror or error))
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(contents, f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, self.path)
+        except BaseException as error:
+            os.unlink(temporary)
+            if isinstance(error, (OSError, ValueError)):
+                raise FlowError("Cannot write the token file {}: {}.".format(
+                    self.path, getattr(error, "strerror", None) or error))
+            raise
+        _fsync_folder(folder)
+
+    def delete(self):
+        """Remove the file; True when there was one."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            return False
+        except OSError as error:
+            raise FlowError("Cannot remove the token file {}: {}.".format(self.path, error.strerror or error))
+        _fsync_folder(os.path.dirname(self.path))
+        return True
+
+    def lock(self, timeout):
+        """An exclusive lock on the lock file beside the store, for read -> refresh -> write,
+        so that parallel runs refresh once. FlowError when it cannot be had in `timeout` s."""
+        return _FileLock(self.lock_path, timeout)
+
+
+def _fsync_folder(folder):
+    """Make a rename or removal in `folder` durable, where the system can; never raises."""
+    if os.name != "posix":
+        return
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass  # some file systems cannot fsync a folder; the data itself is already synced
+
+
+class _FileLock:
+    """fcntl.flock on POSIX, msvcrt.locking on Windows, on a 0600 file never followed
+    through a symlink. Waits by polling, within a bound."""
+
+    def __init__(self, path, timeout):
+        self.path, self.timeout = path, timeout
+
+    def __enter__(self):
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            self.fd = os.open(self.path, flags, 0o600)
+        except OSError as error:
+            raise FlowError("Cannot open the lock file {}: {}.".format(self.path, error.strerror or error), EXIT_USAGE)
+        deadline = time.monotonic() + self.timeout
+        while not self._try():
+            if time.monotonic() > deadline:
+                os.close(self.fd)
+                raise FlowError("Another run has held the lock {} for {:g} s; try again, or remove it if no "
+                                "run is going on.".format(self.path, self.timeout))
+            time.sleep(LOCK_POLL_SECONDS)  # flock has no timeout of its own
+        return self
+
+    def _try(self):
+        try:
+            if os.name == "nt":
+                import msvcrt
+
+                msvcrt.locking(self.fd, msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            return False
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing releases the lock
 
 
 # --- The flow ---------------------------------------------------------------------------
@@ -1024,28 +1615,9 @@ def main(config, console, results, stdin, environ):
     # 3. PKCE (RFC 7636) and state.
     state, code_verifier, code_challenge = make_pkce()
 
-    # 4. Listen before the URL is shown, so a fast browser cannot arrive first.
-    with open_receiver(config, console, stdin) as receiver:
-        config.redirect_uri = receiver.redirect_uri  # with port 0, the port it really has
-        console.line("\n" + receiver.announcement)
-
-        # 5. The authorization URL.
-        authorize_url = build_authorization_url(
-            metadata["authorization_endpoint"], config.client_id, config.redirect_uri,
-            state, code_challenge, config.scope,
-        )
-        console.line("\nOpen this URL in your browser:\n")
-        console.line(authorize_url)
-        if config.open_browser and not config.manual and open_browser(authorize_url, environ):
-            console.note("(Opened it in your browser.)")
-
-        # 6. The callback: issuer, error, state and code checks.
-        iss_required = metadata.get("authorization_response_iss_parameter_supported") is True
-        code = receiver.wait(
-            lambda query: parse_callback(query, state, metadata.get("issuer"), iss_required),
-            config.callback_timeout,
-        )
-    console.line("\nCaptured auth code prefix: " + one_line(code[:CODE_PREFIX_LENGTH]))
+    # 4.-6. Listen, show the authorization URL, and take the callback.
+    code = authorize(config, console, metadata, state, code_challenge, stdin, environ)
+    console.line("\nCaptured auth code prefix: " + code[:CODE_PREFIX_LENGTH])
 
     # 7. Exchange the code for tokens (client_secret_post unless --auth-method says otherwise).
     token_response = results.sections["token_response"] = exchange_code(metadata, config, code, code_verifier)
@@ -1053,7 +1625,7 @@ def main(config, console, results, stdin, environ):
     console.section("Token response", token_response)
 
     # 8. Call the Chat API with the access token.
-    exit_code = chat(config, console, results, token_response["access_token"]) if config.chat else EXIT_OK
+    exit_code = chat(config, console, results, token_response) if config.chat else EXIT_OK
 
     # 9. Decode the access token locally.
     results.sections["jwt_header"], results.sections["jwt_claims"] = print_jwt(
@@ -1068,22 +1640,55 @@ def main(config, console, results, stdin, environ):
     return exit_code
 
 
-CHAT_SCOPE_HINT = " (the token may lack the CHAT scope: check the scopes of your static client)"
+def authorize(config, console, metadata, state, code_challenge, stdin, environ):
+    """Doc steps 4 to 6: listen (before the URL is shown, so a fast browser cannot
+    arrive first), show and open the authorization URL, and return the code of the one
+    callback that carries this run's state."""
+    with open_receiver(config, console, stdin) as receiver:
+        config.redirect_uri = receiver.redirect_uri  # with port 0, the port it really has
+        console.line("\n" + receiver.announcement)
+
+        # 5. The authorization URL.
+        authorize_url = build_authorization_url(
+            metadata["authorization_endpoint"], config.client_id, config.redirect_uri,
+            state, code_challenge, config.scope,
+        )
+        console.line("\nOpen this URL in your browser:\n")
+        console.line(authorize_url)
+        if config.open_browser and not config.manual:
+            opened = open_browser(authorize_url, environ)
+            if opened is not None:
+                console.note(opened)
+
+        # 6. The callback: state, then issuer, error and code checks.
+        iss_required = metadata.get("authorization_response_iss_parameter_supported") is True
+        return receiver.wait(
+            lambda query: parse_callback(query, state, metadata.get("issuer"), iss_required),
+            config.callback_timeout, on_stray=console.problem,
+        )
+
+
 OFFLINE_ACCESS_HINT = "Glean issues a refresh token when the offline_access scope is requested (--scope)."
 
 
-def chat(config, console, results, access_token):
+def chat(config, console, results, token_response):
     """Doc step 8. A failure (401/403 without the CHAT scope is common) is reported and
     the run goes on, so the tokens already obtained are still decoded and refreshed.
     Returns the exit code this step calls for."""
+    granted = chat_scope_missing(token_response)
+    if granted is not None:
+        console.note('The token was not granted the chat scope (granted: {}); the Chat API will likely refuse '
+                     'it. Ask for it with --scope "{}".'.format(granted, " ".join(
+                         _scope_union(config.scope.split() + ["chat", "offline_access"]))))
     try:
-        chat_response = results.sections["chat_response"] = call_chat_api(config, access_token)
+        chat_response = results.sections["chat_response"] = call_chat_api(
+            config, token_response["access_token"], console)
     except FlowError as error:
-        console.problem("Chat API call failed: {}{}".format(error, CHAT_SCOPE_HINT if error.status in (401, 403) else ""))
+        console.problem("Chat API call failed: {}".format(error))
         return EXIT_FAILURE
     console.section("Chat response", chat_response)
     answer = chat_answer(chat_response)
-    if answer:
+    if answer and not config.stream:  # a stream has shown it already, as it came
         console.note("\nAnswer: " + answer)
     return EXIT_OK
 
@@ -1098,40 +1703,393 @@ def refresh(config, console, results, metadata, refresh_token):
 def refresh_later(config, console, results):
     """--refresh: discover the token endpoint, then refresh REFRESH_TOKEN or the one in
     the token file; no sign-in."""
-    refresh_token = config.refresh_token or read_refresh_token(config.token_file)
+    refresh_token = config.refresh_token or stored_refresh_token(config.store, console)
     metadata = results.sections["metadata"] = discover(config, console)
     refresh(config, console, results, metadata, refresh_token)
     return EXIT_OK
 
 
-def cli(argv=None, environ=None, out=None, err=None, stdin=None):
-    """Run from the command line: read the configuration, run the flow, and turn
-    whatever stops it into one line on stderr and an exit code."""
-    environ = os.environ if environ is None else environ
-    stdin, err = stdin or sys.stdin, err or sys.stderr
-    console = Console(out or sys.stdout, err)
+def stored_refresh_token(store, console):
+    """The refresh token in `store`, after the checks a file of secrets needs."""
+    warning = store.check_safe()
+    if warning:
+        console.problem(warning)
+    saved = store.read()
+    if saved is None:
+        raise FlowError("Cannot read the token file {}: No such file or directory.".format(store.path), EXIT_USAGE)
+    token = saved.get("refresh_token")
+    if not isinstance(token, str) or not token:
+        raise FlowError("The token file {} has no refresh_token; run the full flow first.".format(store.path),
+                        EXIT_USAGE)
+    return token
+
+
+def run_documented_flow(argv, environ, console, stdin):
+    """The bare command: doc step 1, then main() or --refresh, then the --json object and
+    the token file, whatever happened before."""
     results = Results()
+    # 1. Configuration: flags, then the environment.
+    config = load_config(argv, environ, ask_secret=_ask_secret if _isatty(stdin) else None)
+    console.secrets = secret_forms(config.client_id, config.client_secret)
+    if config.json:
+        console.claim_stdout()
+    delivered = False
     try:
-        # 1. Configuration: flags, then the environment.
-        config = load_config(sys.argv[1:] if argv is None else argv, environ,
-                             ask_secret=_ask_secret if stdin.isatty() else None)
-        console.secrets = secret_forms(config.client_id, config.client_secret)
-        if config.json:
-            console.out = err  # stdout is for the one JSON object
-            if out is None:
-                console.json_out = _claim_stdout()
-        delivered = False
-        try:
-            if config.refresh:
-                exit_code = refresh_later(config, console, results)
-            else:
-                exit_code = main(config, console, results, stdin, environ)
-        finally:
-            delivered = deliver(config, results, console)  # even when a later step failed
-        return exit_code if delivered else EXIT_FAILURE
+        if config.refresh:
+            exit_code = refresh_later(config, console, results)
+        else:
+            exit_code = main(config, console, results, stdin, environ)
+    finally:
+        delivered = deliver(config, results, console)  # even when a later step failed
+    return exit_code if delivered else EXIT_FAILURE
+
+
+# --- After the flow: tokens that stay usable ----------------------------------------------
+#
+# login signs in once; token, exec and TokenProvider then serve a valid access token from
+# the token store, refreshing it (under a lock, so parallel runs refresh once) when it
+# expires within --min-valid seconds; status shows what is stored; logout ends it.
+
+EXIT_SIGN_IN = 3
+LOCK_MARGIN_SECONDS = 10  # a run holding the lock may take the HTTP timeout, and a little more
+BEARER_TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")  # RFC 6750 §2.1 b64token
+
+
+class SignInNeeded(FlowError):
+    """Nothing usable is stored: the user must run `login` (exit code 3)."""
+
+    def __init__(self, message):
+        super().__init__(message + " Sign in with: python3 glean_oauth.py login", EXIT_SIGN_IN)
+
+
+def login(argv, environ, console, stdin):
+    """`login`: sign in as the flow does (doc steps 2 to 7), then save the tokens and say
+    who signed in, where the tokens are and until when. Nothing on stdout."""
+    config = load_config(argv, environ, ask_secret=_ask_secret if _isatty(stdin) else None, command="login")
+    console.secrets = secret_forms(config.client_id, config.client_secret)
+    console.out = console.err  # the URL is for a person; stdout never carries a token
+    metadata = discover(config, console, show=False)
+    state, code_verifier, code_challenge = make_pkce()
+    code = authorize(config, console, metadata, state, code_challenge, stdin, environ)
+    token_response = exchange_code(metadata, config, code, code_verifier)
+    contents = store_contents(token_response, time.time(), settings_of(config, metadata))
+    config.store.write(contents, console.secrets)
+    console.note("Signed in as {}; saved the tokens to {}; {}.".format(
+        user_of(contents) or "an unknown user", config.store.path, expiry_text(contents, time.time())))
+    if not token_response.get("refresh_token"):
+        console.note("No refresh token came back, so `token` can serve this one only until it expires. "
+                     + OFFLINE_ACCESS_HINT)
+    return EXIT_OK
+
+
+def token(argv, environ, console, stdin):
+    """`token`: print a valid access token and nothing else; never a browser, never a prompt."""
+    args = parse_args("token", argv)
+    tokens = fresh_tokens(TokenStore(token_file_path(args.token_file, environ)), environ,
+                          seconds(args.min_valid, {}, "--min-valid", 60),
+                          seconds(args.http_timeout, environ, "GLEAN_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS), console)
+    if args.json:
+        console.result({key: tokens.get(key) for key in ("access_token", "token_type", "expires_at", "scope")})
+    else:
+        console.line(("Authorization: Bearer " if args.header else "") + tokens["access_token"])
+    return EXIT_OK
+
+
+def exec_command(argv, environ, console, stdin):
+    """`exec -- CMD [ARGS...]`: run CMD with a valid token as GLEAN_API_TOKEN and the
+    backend as GLEAN_SERVER_URL (the names Glean's SDKs read), in its environment only:
+    never on a command line, where ps would show it. Exits with CMD's exit code."""
+    args = parse_args("exec", argv)
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not command:
+        raise FlowError("exec needs a command: glean_oauth.py exec -- CMD [ARGS...]", EXIT_USAGE)
+    tokens = fresh_tokens(TokenStore(token_file_path(args.token_file, environ)), environ,
+                          seconds(args.min_valid, {}, "--min-valid", 60),
+                          seconds(args.http_timeout, environ, "GLEAN_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS), console)
+    child_environ = dict(environ, GLEAN_API_TOKEN=tokens["access_token"],
+                         GLEAN_SERVER_URL=tokens.get("backend_url") or environ.get("GLEAN_BACKEND_URL", ""))
+    try:
+        if os.name == "posix":  # CMD takes this process's place: its exit code and signals are its own
+            for stream in (sys.stdout, sys.stderr):
+                if stream:
+                    stream.flush()
+            os.execvpe(command[0], command, child_environ)
+        import subprocess
+
+        return subprocess.call(command, env=child_environ)
+    except OSError as error:
+        raise FlowError("Cannot run {}: {}.".format(command[0], error.strerror or error), 127)
+
+
+def status(argv, environ, console, stdin):
+    """`status`: what is stored, never a token."""
+    args = parse_args("status", argv)
+    store = TokenStore(token_file_path(args.token_file, environ))
+    info = status_of(load_store(store, environ, console), store.path, time.time())
+    if args.json:
+        console.result(info)
+        return EXIT_OK
+    for label, key in (("Token file", "token_file"), ("Backend", "backend_url"), ("Client", "client_id"),
+                       ("Auth method", "auth_method"), ("Signed in as", "user"), ("Scopes", "scope"),
+                       ("Access token", "expiry"), ("Refresh token", "refresh_token")):
+        console.line("{:<14} {}".format(label + ":", info[key] if info[key] not in (None, "") else "(unknown)"))
+    return EXIT_OK
+
+
+def logout(argv, environ, console, stdin):
+    """`logout`: revoke the tokens at the metadata's revocation_endpoint when there is one
+    (RFC 7009), then delete them. Without one, say what that means."""
+    args = parse_args("logout", argv)
+    store = TokenStore(token_file_path(args.token_file, environ))
+    warning = store.check_safe()
+    if warning:
+        console.problem(warning)
+    saved = store.read()
+    if saved is None:
+        console.note("Nothing is stored at {}; nothing to do.".format(store.path))
+        return EXIT_OK
+    endpoint = saved.get("revocation_endpoint")
+    if isinstance(endpoint, str) and endpoint:
+        client = stored_client(saved, environ, seconds(args.http_timeout, environ, "GLEAN_HTTP_TIMEOUT",
+                                                        HTTP_TIMEOUT_SECONDS))
+        console.secrets = secret_forms(client.client_id, client.client_secret)
+        check_transport(endpoint, "The token file's revocation_endpoint")
+        for kind in ("refresh_token", "access_token"):  # the refresh token first: it is the lasting one
+            if isinstance(saved.get(kind), str) and saved[kind]:
+                revoke_token(endpoint, client, saved[kind], kind)
+        console.note("Revoked the tokens at {}.".format(endpoint))
+    store.delete()
+    console.note("Deleted {}.".format(store.path))
+    if not endpoint:
+        console.note("The server advertises no revocation endpoint, so the tokens were not revoked there: the "
+                     "refresh token stays valid until it expires or you remove the app in Glean's settings.")
+    return EXIT_OK
+
+
+class TokenProvider:
+    """A valid access token for Python programs, refreshed as `token` does:
+
+        from glean.api_client import Glean
+        glean = Glean(api_token=TokenProvider(), server_url="https://acme-be.glean.com")
+
+    Each call returns the access token string. Raises SignInNeeded (exit_code 3) when
+    `login` must be run first, FlowError for any other failure. A refresh for a
+    confidential client takes CLIENT_SECRET from the environment.
+    """
+
+    def __init__(self, token_file=None, min_valid=60, environ=None):
+        self.environ = os.environ if environ is None else environ
+        self.store = TokenStore(token_file_path(token_file, self.environ))
+        self.min_valid = min_valid
+        self.tokens = None
+        self.lock = threading.Lock()  # one refresh at a time within this process too
+
+    def __call__(self):
+        with self.lock:
+            if self.tokens is None or not valid_for(self.tokens, self.min_valid, time.time()):
+                timeout = seconds(None, self.environ, "GLEAN_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS)
+                self.tokens = fresh_tokens(self.store, self.environ, self.min_valid, timeout)
+            return self.tokens["access_token"]
+
+
+def fresh_tokens(store, environ, min_valid, http_timeout, console=None):
+    """The stored tokens, refreshed first when the access token expires within
+    `min_valid` seconds. A token still valid is read without the lock (every write is an
+    atomic rename); a refresh happens under it, after reading again, so parallel runs
+    refresh once."""
+    saved = load_store(store, environ, console)
+    if not valid_for(saved, min_valid, time.time()):
+        with store.lock(http_timeout + LOCK_MARGIN_SECONDS):
+            saved = load_store(store, environ)
+            if not valid_for(saved, min_valid, time.time()):
+                saved = refresh_saved(saved, environ, http_timeout, store)
+    if not isinstance(saved.get("access_token"), str) or not BEARER_TOKEN.match(saved["access_token"]):
+        raise SignInNeeded("The token file {} holds no usable access token.".format(store.path))
+    return saved
+
+
+def load_store(store, environ, console=None):
+    """The stored tokens, after the safety checks; SignInNeeded when nothing is stored for
+    the backend GLEAN_BACKEND_URL names (when it names one)."""
+    warning = store.check_safe()
+    if warning and console:
+        console.problem(warning)
+    saved = store.read()
+    if saved is None:
+        raise SignInNeeded("No tokens are stored at {}.".format(store.path))
+    backend = environ.get("GLEAN_BACKEND_URL", "").strip().rstrip("/")
+    if backend and saved.get("backend_url") not in (None, backend):
+        raise SignInNeeded("The tokens at {} are for {}, not for GLEAN_BACKEND_URL {}.".format(
+            store.path, saved.get("backend_url"), backend))
+    return saved
+
+
+def refresh_saved(saved, environ, http_timeout, store):
+    """The refresh_token grant with what the store holds (no discovery); the new tokens
+    are saved before they are returned. invalid_grant is SignInNeeded, the file untouched."""
+    if not isinstance(saved.get("refresh_token"), str) or not saved["refresh_token"]:
+        raise SignInNeeded("The access token at {} has expired and there is no refresh token to renew it "
+                           "(ask for offline_access when you sign in).".format(store.path))
+    client = stored_client(saved, environ, http_timeout)
+    check_transport(saved["token_endpoint"], "The token file's token_endpoint")
+    try:
+        response = refresh_tokens({"token_endpoint": saved["token_endpoint"]}, client, saved["refresh_token"])
+    except FlowError as error:
+        if error.oauth_error == "invalid_grant":
+            raise SignInNeeded("The refresh token was refused ({}).".format(error))
+        raise
+    tokens = dict(response)
+    for kept in ("refresh_token", "scope"):  # RFC 6749 §5.1, §6: absent means unchanged
+        if not tokens.get(kept) and saved.get(kept):
+            tokens[kept] = saved[kept]
+    contents = store_contents(tokens, time.time(), {key: saved.get(key) for key in STORE_FIELDS})
+    store.write(contents, secret_forms(client.client_id, client.client_secret))
+    return contents
+
+
+class StoredClient:
+    """The client settings a refresh or a revocation needs, as _grant takes them."""
+
+    def __init__(self, client_id, client_secret, auth_method, http_timeout):
+        self.client_id, self.client_secret = client_id, client_secret
+        self.auth_method, self.http_timeout = auth_method, http_timeout
+
+
+def stored_client(saved, environ, http_timeout):
+    """The client the tokens were issued to, with CLIENT_SECRET from the environment
+    (it is never stored) when its auth method needs one: a usage error when unset."""
+    missing = [key for key in ("client_id", "token_endpoint") if not isinstance(saved.get(key), str) or not saved[key]]
+    if missing:
+        raise SignInNeeded("The token file lacks what a refresh needs ({}).".format(", ".join(missing)))
+    auth_method = saved.get("auth_method") or "client_secret_post"
+    if auth_method not in CLIENT_AUTH:
+        raise FlowError("The token file names an unknown auth method {}.".format(auth_method), EXIT_USAGE)
+    secret = environ.get("CLIENT_SECRET", "").strip()
+    if auth_method != "none" and secret in ("", PLACEHOLDERS["CLIENT_SECRET"]):
+        raise FlowError("Set CLIENT_SECRET: the client {} authenticates with {}, and its secret is never "
+                        "stored.".format(saved["client_id"], auth_method), EXIT_USAGE)
+    return StoredClient(saved["client_id"], secret, auth_method, http_timeout)
+
+
+def revoke_token(endpoint, client, value, kind):
+    """RFC 7009 §2.1: ask the server to revoke one token, with the client's authentication.
+    A refusal to revoke the access token is only a note (§2.2.1: servers need not)."""
+    auth_fields, headers = CLIENT_AUTH[client.auth_method](client.client_id, client.client_secret)
+    fields = [("token", value), ("token_type_hint", kind)] + auth_fields
+    answer = form_post(endpoint, fields, headers, client.http_timeout)
+    if not 200 <= answer.status < 300 and kind == "refresh_token":
+        raise FlowError("Revoking the refresh token failed ({}): {}. The tokens were kept; try again.".format(
+            answer.status, excerpt(answer.body, secret_forms(client.client_id, client.client_secret))))
+
+
+def valid_for(saved, min_valid, now):
+    """True when the access token will still be valid in `min_valid` seconds (an expiry
+    that cannot be known counts as valid)."""
+    expires = expires_at(saved)
+    return bool(saved.get("access_token")) and (expires is None or expires - now > min_valid)
+
+
+def expires_at(saved):
+    """When the access token expires: the store's expires_at, else the JWT's exp, else None."""
+    when = parse_iso_time(saved.get("expires_at"))
+    if when is None:
+        claims = jwt_claims(saved.get("access_token"))
+        exp = claims.get("exp")
+        when = exp if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+    return when
+
+
+def jwt_claims(access_token):
+    """The access token's claims when it is a JWT, else {}."""
+    try:
+        return decode_jwt(access_token)[1]
+    except (ValueError, AttributeError):
+        return {}
+
+
+def user_of(saved):
+    """Who the tokens belong to: the JWT's email or sub claim, or None."""
+    claims = jwt_claims(saved.get("access_token"))
+    for claim in ("email", "sub"):
+        if isinstance(claims.get(claim), str) and claims[claim]:
+            return claims[claim]
+    return None
+
+
+def granted_scope(saved):
+    """The scopes granted: the token response's scope, else the JWT's scope or scp."""
+    claims = jwt_claims(saved.get("access_token"))
+    for value in (saved.get("scope"), claims.get("scope"), claims.get("scp")):
+        if isinstance(value, list):
+            value = " ".join(str(item) for item in value)
+        if isinstance(value, str) and value.strip():
+            return " ".join(value.split())
+    return None
+
+
+def expiry_text(saved, now):
+    """'the access token expires at <ISO> (in 59 min)', or that it expired, or is unknown."""
+    when = expires_at(saved)
+    if when is None:
+        return "the access token's expiry is unknown"
+    minutes = int(abs(when - now) // 60)
+    relative = "{} min".format(minutes) if minutes < 120 else "{} h".format(minutes // 60)
+    if when > now:
+        return "the access token expires at {} (in {})".format(iso_time(when), relative)
+    return "the access token expired at {} ({} ago)".format(iso_time(when), relative)
+
+
+def status_of(saved, path, now):
+    """What `status` shows: the stored settings and facts, never a token."""
+    when = expires_at(saved)
+    return {
+        "token_file": path, "backend_url": saved.get("backend_url"), "client_id": saved.get("client_id"),
+        "auth_method": saved.get("auth_method"), "user": user_of(saved), "scope": granted_scope(saved),
+        "expires_at": iso_time(when) if when is not None else None,
+        "expires_in_seconds": int(when - now) if when is not None else None,
+        "expiry": expiry_text(saved, now).replace("the access token ", ""),
+        "refresh_token": "present" if saved.get("refresh_token") else "none (sign in again once the access token expires)",
+    }
+
+
+# Subcommands, one row each: name -> (function, what it does, its flags, its epilog).
+COMMANDS = {
+    "login": (login, "sign in and save the tokens to the token store (no chat call, no token on stdout)",
+              SIGN_IN_FLAGS + ["--token-file"], None),
+    "token": (token, "print a valid access token, refreshed first when it expires within --min-valid s",
+              ["--token-file", "--min-valid", "--header", "--json", "--http-timeout"], None),
+    "exec": (exec_command, "run a command with GLEAN_API_TOKEN and GLEAN_SERVER_URL in its environment",
+             ["--token-file", "--min-valid", "--http-timeout"], "example: glean_oauth.py exec -- python3 my_script.py"),
+    "status": (status, "show what is stored: backend, client, user, scopes, expiry (never a token)",
+               ["--token-file", "--json"], None),
+    "logout": (logout, "revoke the tokens where the server can, and delete them",
+               ["--token-file", "--http-timeout"], None),
+}
+
+
+def cli(argv=None, environ=None, out=None, err=None, stdin=None):
+    """Run from the command line: the documented flow, or a subcommand; turn whatever
+    stops it into one line on stderr and an exit code."""
+    environ = os.environ if environ is None else environ
+    argv = sys.argv[1:] if argv is None else list(argv)
+    real_stdout = out is None
+    stdin = stdin or sys.stdin or io.StringIO()  # stdin closed (<&-): there is nothing to read
+    console = Console(out or sys.stdout, err or sys.stderr or open(os.devnull, "w"), real_stdout)
+    # Known before the flags are read, so that even a usage error cannot show it.
+    console.secrets = secret_forms(environ.get("CLIENT_ID", ""), environ.get("CLIENT_SECRET", "").strip())
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    try:
+        if console.out is None and command not in ("exec", "login", "logout"):
+            raise FlowError("Standard output is closed, so nothing could be shown; run with it open "
+                            "(redirect it to a file to keep it).", EXIT_USAGE)
+        if command is None:
+            return run_documented_flow(argv, environ, console, stdin)
+        return COMMANDS[command][0](argv[1:], environ, console, stdin)
     except FlowError as error:
         console.problem(str(error))
         return error.exit_code
+    except (OutputError, BrokenPipeError) as error:
+        return _output_failed(getattr(error, "error", error), console)
     except KeyboardInterrupt:
         console.problem("Interrupted.")
         return EXIT_INTERRUPTED
@@ -1141,13 +2099,25 @@ def cli(argv=None, environ=None, out=None, err=None, stdin=None):
         return EXIT_FAILURE
 
 
-def _claim_stdout():
-    """Keep the process's stdout for --json's object alone: from now on whatever else
-    writes to it (a browser started from here, say) writes to stderr instead."""
-    sys.stdout.flush()
-    json_fd = os.dup(1)
-    os.dup2(2, 1)
-    return os.fdopen(json_fd, "w", encoding=sys.stdout.encoding or "utf-8")
+def _output_failed(error, console):
+    """Writing the output failed. A reader that has gone (a closed pipe) ends the run
+    quietly, as command-line tools do; anything else (a full disk) is one line. Either
+    way stdout is pointed at the null device, so Python's own last flush cannot fail."""
+    if console.real_stdout:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        except OSError:
+            pass
+    if not isinstance(error, BrokenPipeError):
+        console.problem("Cannot write the output: {}.".format(getattr(error, "strerror", None) or error))
+    return EXIT_FAILURE
+
+
+def _isatty(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed stream
+        return False
 
 
 def _ask_secret(prompt):
@@ -1218,7 +2188,7 @@ def http_request(url, data=None, headers=None, deadline=None, on_line=None):
                     url, response.status, one_line(response.getheader("Location") or "nowhere")),
                 status=response.status,
             )
-        if on_line:
+        if on_line and 200 <= response.status < 300:
             _read_lines(response, url, deadline, on_line)
             body = b""
         else:
@@ -1229,6 +2199,8 @@ def http_request(url, data=None, headers=None, deadline=None, on_line=None):
         return Response(response.status, response.headers, body)
     except (TimeoutError, OSError) as error:  # socket.timeout and ssl.SSLError are OSErrors
         raise FlowError("Request to {} failed: {}".format(url, _reason(error, deadline)))
+    except (ValueError, UnicodeError) as error:  # a header value that cannot be sent
+        raise FlowError("Request to {} cannot be sent: {}.".format(url, one_line(str(error))))
     except _http_client().HTTPException as error:
         raise FlowError("Request to {} failed: the answer is not valid HTTP ({}).".format(
             url, one_line(type(error).__name__ + (": " + str(error) if str(error) else ""))))

@@ -663,13 +663,13 @@ def test_parse_callback_refuses_bad_callbacks(query, message):
 # --- Step 4: the listener ---------------------------------------------------------------
 
 
-def wait_in_thread(listener, check, timeout=RUN_TIMEOUT):
+def wait_in_thread(listener, check, timeout=RUN_TIMEOUT, on_stray=None):
     """Run listener.wait in a thread; return a function that joins it and gives the outcome."""
     outcome = {}
 
     def target():
         try:
-            outcome["code"] = listener.wait(check, timeout=timeout)
+            outcome["code"] = listener.wait(check, timeout=timeout, on_stray=on_stray)
         except glean_oauth.FlowError as error:
             outcome["error"] = error
 
@@ -694,12 +694,25 @@ def test_listener_answers_other_paths_404_and_keeps_waiting_for_the_callback():
         assert join() == {"code": "c0de"}
 
 
-def test_listener_answers_400_and_raises_on_a_failed_callback():
+def test_a_stray_callback_gets_400_and_the_wait_goes_on_until_this_runs_state():
+    strays = []
+    with glean_oauth.CallbackListener(EPHEMERAL_REDIRECT_URI) as listener:
+        join = wait_in_thread(listener, lambda q: glean_oauth.parse_callback(q, "s1"), on_stray=strays.append)
+        for query in ["code=c0de&state=forged", "error=access_denied&error_description=pwned", "code=evil"]:
+            status, _, body = http_get(listener.redirect_uri + "?" + query)
+            assert (status, body) == (400, "OAuth callback failed. Check the terminal for details.\n")
+        assert http_get(listener.redirect_uri + "?code=real&state=s1")[0] == 200
+        assert join() == {"code": "real"}
+    assert strays == ["Ignored a callback that is not the answer to this run's request (State mismatch); "
+                      "still waiting."] * 3
+
+
+def test_a_callback_with_this_runs_state_ends_the_run_with_its_error():
     with glean_oauth.CallbackListener(EPHEMERAL_REDIRECT_URI) as listener:
         join = wait_in_thread(listener, lambda q: glean_oauth.parse_callback(q, "s1"))
-        status, _, body = http_get(listener.redirect_uri + "?code=c0de&state=forged")
+        status, _, body = http_get(listener.redirect_uri + "?error=access_denied&state=s1")
         assert (status, body) == (400, "OAuth callback failed. Check the terminal for details.\n")
-        assert "State mismatch" in str(join()["error"])
+        assert str(join()["error"]) == "OAuth error: access_denied"
 
 
 def test_listener_closes_its_port_when_done():
@@ -902,11 +915,11 @@ def test_glean_http_timeout_applies_to_the_run():
 
 
 @parametrize("name", ["GLEAN_HTTP_TIMEOUT", "GLEAN_CALLBACK_TIMEOUT"])
-@parametrize("value", ["soon", "0", "-1", "inf", "nan"])
+@parametrize("value", ["soon", "0", "-1", "inf", "nan", "1e10", "1e308", "1e400"])
 def test_a_bad_timeout_is_a_usage_error(name, value):
     code, out, err = run_cli(dict(good_environ("https://acme-be.glean.com"), **{name: value}))
     assert (code, out) == (2, "")
-    assert err == "{} must be a positive number of seconds, not {!r}.\n".format(name, value)
+    assert err == "{} must be a positive number of seconds, at most 604800, not {!r}.\n".format(name, value)
 
 
 def test_waiting_for_the_browser_has_a_bound_that_says_what_to_check():
@@ -1082,11 +1095,14 @@ def test_a_port_in_use_is_a_clear_error_at_once():
                   "REDIRECT_URI to it.\n".format(port)
 
 
-@parametrize("query, status", [("code=c0de&state=s1", 200), ("code=<b>hi</b>&state=<script>", 400)])
+@parametrize("query, status", [("code=c0de&state=s1", 200), ("code=<b>hi</b>&state=<script>", 400),
+                               ("error=<b>x</b>&state=s1", 400)])
 def test_the_browser_page_is_plain_uncached_and_never_echoes_input(query, status):
     with glean_oauth.CallbackListener(EPHEMERAL_REDIRECT_URI) as listener:
         join = wait_in_thread(listener, lambda q: glean_oauth.parse_callback(q, "s1"))
         got, headers, body = http_get(listener.redirect_uri + "?" + query)
+        if "state=s1" not in query:
+            http_get(listener.redirect_uri + "?code=c0de&state=s1")  # a stray does not end the wait
         join()
     assert got == status
     assert headers["Content-Type"] == "text/plain; charset=utf-8"
@@ -1569,20 +1585,58 @@ def test_the_secret_is_redacted_in_the_forms_it_travels_in():
             assert form not in flow.stdout + flow.stderr
 
 
+def run_flow_losing_folder(glean, folder, args):
+    """A run whose token file folder vanishes while the user signs in."""
+    run = ScriptRun(script_env(glean), args)
+    try:
+        url = run.authorize_url()
+        os.rmdir(str(folder))
+        play_browser(url)
+        return Flow(run, run.finish(), None)
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+
+
 def test_a_token_file_that_cannot_be_written_costs_neither_the_json_nor_the_flow_error(tmp_path):
-    unwritable = str(tmp_path / "missing" / "tokens.json")
+    folder = tmp_path / "gone"
+    path = str(folder / "tokens.json")
     with StandInGlean() as glean:
-        saved_late = run_flow(glean, ["--json", "--token-file", unwritable])
+        folder.mkdir()
+        saved_late = run_flow_losing_folder(glean, folder, ["--json", "--token-file", path])
         glean.overrides["/oauth/token"] = lambda request: (
             _oauth_error(400, "invalid_grant", "revoked")
             if request.form.get("grant_type") == ["refresh_token"] else glean.token(request))
-        both_failed = run_flow(glean, ["--token-file", unwritable])
+        folder.mkdir()
+        both_failed = run_flow_losing_folder(glean, folder, ["--token-file", path])
     assert saved_late.code == 1
     assert json.loads(saved_late.stdout)["refresh_response"]["access_token"] in glean.access_tokens
-    assert saved_late.stderr.endswith("Cannot write the token file {}: No such file or directory.\n".format(unwritable))
+    assert saved_late.stderr.endswith("Cannot write the token file {}: No such file or directory.\n".format(path))
     assert both_failed.code == 1
     assert both_failed.stderr.endswith("Cannot write the token file {}: No such file or directory.\n"
-                                       "token request failed (400): invalid_grant: revoked\n".format(unwritable))
+                                       "token request failed (400): invalid_grant: revoked\n".format(path))
+
+
+@parametrize("name, problem", [
+    ("missing/tokens.json", "its folder {tmp}/missing does not exist"),
+    ("folder", "it is a folder"),
+    ("link.json", "it is a symlink, and tokens are never written through one; give the real path"),
+])
+def test_a_token_file_that_cannot_be_written_is_refused_before_any_traffic(tmp_path, name, problem):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "link.json").symlink_to(tmp_path / "elsewhere.json")
+    with StandInGlean() as glean:
+        code, out, err = run_cli(good_environ(glean), ["--token-file", str(tmp_path / name)])
+    assert (code, out) == (2, "")
+    assert err == "Cannot use the token file {}: {}.\n".format(tmp_path / name, problem.format(tmp=tmp_path))
+    assert glean.requests == []
+
+
+def test_a_quoted_tilde_in_the_token_file_is_expanded(tmp_path):
+    with StandInGlean() as glean:
+        flow = run_flow(glean, ["--no-chat", "--token-file", "~/tokens.json"], HOME=str(tmp_path))
+    assert flow.code == 0, flow.run.output()
+    assert json.loads((tmp_path / "tokens.json").read_text())["refresh_token"] in glean.refresh_tokens
 
 
 def test_an_unexpected_error_is_one_line_without_a_traceback(monkeypatch):
@@ -1617,12 +1671,29 @@ def test_version():
     assert proc.stdout.decode() == "glean_oauth.py {}\n".format(glean_oauth.__version__)
 
 
-@parametrize("argv", [["--client-secret", "x"], ["--auth-method", "magic"], ["--bogus"]])
+@parametrize("argv", [["--client-secret", "x"], ["--auth-method", "magic"], ["--bogus"], ["login", "--bogus"]])
 def test_a_bad_flag_is_one_line_and_exit_2(argv):
     proc = run_script({"PATH": os.environ.get("PATH", "")}, argv)
     assert proc.returncode == 2
     err = proc.stderr.decode()
-    assert err.startswith("glean_oauth.py: ") and err.endswith(" (see --help)\n") and err.count("\n") == 1
+    assert err.count("\n") == 1
+    if argv[0] == "--client-secret":
+        assert "x" not in err.replace("ps)", "")
+        assert err == "The client secret is taken only from CLIENT_SECRET or the prompt, never from a flag " \
+                      "(flags end up in shell history and ps).\n"
+    else:
+        assert err.startswith("glean_oauth.py" + (" login: " if argv[0] == "login" else ": "))
+        assert err.endswith(" (see --help)\n")
+
+
+@parametrize("argv", [["--client-secret", CLIENT_SECRET], ["--client-secret=" + CLIENT_SECRET],
+                      ["--secret", CLIENT_SECRET], ["login", "--client-secret", CLIENT_SECRET],
+                      ["--no-chat", CLIENT_SECRET]])
+def test_a_secret_on_the_command_line_is_never_echoed(argv):
+    proc = run_script({"PATH": os.environ.get("PATH", ""), "CLIENT_SECRET": CLIENT_SECRET}, argv)
+    assert proc.returncode == 2 and proc.stderr.count(b"\n") == 1  # run_script asserts the secret is absent
+    if argv[0] != "--no-chat":  # a secret flag is refused whether or not CLIENT_SECRET is set
+        assert run_script({"PATH": os.environ.get("PATH", "")}, argv).stderr.startswith(b"The client secret is taken")
 
 
 def test_flags_override_the_environment():
@@ -1771,7 +1842,12 @@ def test_manual_takes_the_pasted_redirect_address():
     ("", "No address was pasted."),
     ("http://127.0.0.1:9090/oauth/callback?code=abc&state=forged",
      "State mismatch: the callback is not the answer to this run's request."),
-    ("http://127.0.0.1:9090/oauth/callback?error=access_denied", "OAuth error: access_denied"),
+    ("http://127.0.0.1:9090/oauth/callback?error=access_denied", "State mismatch: the callback is not the answer "
+                                                                  "to this run's request."),
+    ("abc123", "That is not the address the browser was redirected to. Paste the whole address from the "
+               "browser's address bar after sign-in: it starts with http://127.0.0.1:0/oauth/callback?"),
+    ("'https://glean/oauth/authorize?state=x'", "That is not the address the browser was redirected to. Paste the "
+     "whole address from the browser's address bar after sign-in: it starts with http://127.0.0.1:0/oauth/callback?"),
 ])
 def test_manual_applies_the_callback_checks(pasted, message):
     with StandInGlean() as glean:
@@ -1871,7 +1947,7 @@ def test_token_file_is_0600_from_the_moment_it_exists_whatever_the_umask(tmp_pat
     path = str(tmp_path / "tokens.json")
     old = os.umask(0)
     try:
-        glean_oauth.write_token_file(path, {"access_token": "a"})
+        glean_oauth.TokenStore(path).write({"access_token": "a"})
     finally:
         os.umask(old)
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
@@ -1886,7 +1962,7 @@ def test_a_crash_mid_write_leaves_the_old_token_file_whole(tmp_path, monkeypatch
         raise KeyboardInterrupt
     monkeypatch.setattr(glean_oauth.json, "dump", crash)
     with pytest.raises(KeyboardInterrupt):
-        glean_oauth.write_token_file(str(path), {"access_token": "new"})
+        glean_oauth.TokenStore(str(path)).write({"access_token": "new"})
     assert path.read_text() == '{"access_token": "old"}\n'
     assert os.listdir(str(tmp_path)) == ["tokens.json"]
 
@@ -1896,14 +1972,14 @@ def test_the_token_file_is_never_written_through_a_symlink(tmp_path):
     target.write_text("precious")
     (tmp_path / "tokens.json").symlink_to(target)
     with pytest.raises(glean_oauth.FlowError) as caught:
-        glean_oauth.write_token_file(str(tmp_path / "tokens.json"), {"access_token": "a"})
+        glean_oauth.TokenStore(str(tmp_path / "tokens.json")).write({"access_token": "a"})
     assert str(caught.value).startswith("Not writing tokens through the symlink ")
     assert target.read_text() == "precious"
 
 
 def test_an_unwritable_token_file_is_a_clear_error(tmp_path):
     with pytest.raises(glean_oauth.FlowError, match=r"^Cannot write the token file .*/missing/t.json: "):
-        glean_oauth.write_token_file(str(tmp_path / "missing" / "t.json"), {})
+        glean_oauth.TokenStore(str(tmp_path / "missing" / "t.json")).write({})
 
 
 def test_refresh_later_uses_the_token_file_without_a_browser(tmp_path):
@@ -1945,6 +2021,7 @@ def test_refresh_later_needs_a_readable_token_file_with_a_refresh_token(tmp_path
     path = tmp_path / "tokens.json"
     if contents is not None:
         path.write_text(contents)
+        path.chmod(0o600)
     code, out, err = run_cli(good_environ("https://acme-be.glean.com"), ["--refresh", "--token-file", str(path)])
     assert (code, err) == (2, message.format(path) + "\n")
 
