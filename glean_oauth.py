@@ -132,7 +132,7 @@ class Console:
     def section(self, title, value):
         """A blank line, `title:`, then `value` as JSON indented by 2, as the example prints."""
         self.line("\n" + title + ":")
-        self._write(self.out, json_text(value))
+        self._write(self.out, json_text(self.redact_value(value)))
 
     def problem(self, text):
         """One line on stderr. When even stderr cannot be written, there is nowhere left to say it."""
@@ -151,12 +151,13 @@ class Console:
 
     def result(self, value):
         """The one JSON object of --json, on stdout."""
-        self._write(self.json_out, json_text(value))
+        self._write(self.json_out, json_text(self.redact_value(value)))
 
     def redact(self, text):
-        for secret in self.secrets:
-            text = text.replace(secret, "[redacted]")
-        return text
+        return redacted(text, self.secrets)
+
+    def redact_value(self, value):
+        return redacted(value, self.secrets)
 
     def _write(self, stream, text, sanitize=None, end="\n"):
         # Redacted before and after sanitizing: collapsing white space or blanking a
@@ -174,6 +175,21 @@ class Console:
             stream.flush()  # piped output must show each step as it happens
         except (OSError, ValueError) as error:  # a full disk, a reader gone, a closed stream
             raise OutputError(error)
+
+
+def redacted(value, secrets):
+    """`value` (text, or parsed JSON) with each of `secrets` in every string replaced by
+    [redacted]. JSON is redacted before it is serialized, since serializing escapes the
+    secret's forms into yet other forms."""
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "[redacted]")
+        return value
+    if isinstance(value, list):
+        return [redacted(item, secrets) for item in value]
+    if isinstance(value, dict):
+        return {redacted(key, secrets): redacted(item, secrets) for key, item in value.items()}
+    return value
 
 
 class _FdWriter:
@@ -1501,11 +1517,10 @@ class TokenStore:
     def write(self, contents, secrets=()):
         """Write `contents` as JSON: owner-only from the start (0600), atomically (a
         temporary file in the same folder, flushed, fsynced, renamed), never through a
-        symlink, and without any value that holds one of `secrets` (a server could
-        echo the client secret into a token response). A crash mid-write leaves the
+        symlink, and with each of `secrets` redacted (a server could echo the client
+        secret into a token response). A crash mid-write leaves the
         old file whole."""
-        contents = {key: "[redacted]" if isinstance(value, str) and any(s in value for s in secrets) else value
-                    for key, value in contents.items()}
+        contents = redacted(contents, secrets)
         if os.path.islink(self.path):
             raise FlowError("Not writing tokens through the symlink {}; give the real path.".format(self.path))
         folder = os.path.dirname(self.path)
