@@ -10,10 +10,14 @@ help: ## list the targets
 demo: ## run glean_oauth.py end to end against a stand-in Glean server (no tenant needed)
 	$(PYTHON) test_glean_oauth.py demo
 
-test: ## run the test suite (installs pytest into .venv when $(PYTHON) lacks it)
+test: ## run the test suite (installs pytest into .venv, made by $(PYTHON), when $(PYTHON) lacks it)
 	@if $(PYTHON) -c 'import pytest' 2>/dev/null; then py='$(PYTHON)'; else \
-	  [ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV); \
-	  $(VENV)/bin/python -c 'import pytest' 2>/dev/null || $(VENV)/bin/python -m pip install --quiet pytest; \
+	  want=$$($(PYTHON) -c 'import sys; print(sys.version)'); \
+	  have=$$($(VENV)/bin/python -c 'import sys; print(sys.version)' 2>/dev/null || true); \
+	  if [ "$$want" != "$$have" ]; then rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); fi; \
+	  $(VENV)/bin/python -c 'import pytest' 2>/dev/null || $(VENV)/bin/python -m pip install --quiet "$$($(VENV)/bin/python -c \
+	    'import sys; v = sys.version_info[:2]; print("pytest" + ("<7.1" if v < (3, 7) else "<7.5" if v < (3, 8) else \
+	    "<8.4" if v < (3, 9) else "<9" if v < (3, 10) else ""))')"; \
 	  py=$(VENV)/bin/python; fi; \
 	$$py -m pytest -q -rs test_glean_oauth.py
 

@@ -116,7 +116,12 @@ class StandInGlean:
         self.connections = 0  # TCP connections accepted so far
         self.requests = []
         self.codes = {}  # code -> what the authorization request bound it to
-        self.access_tokens = set()
+        self.access_tokens = {}  # access token -> the scope it was granted (None: none asked for)
+        self.refresh_scopes = {}  # refresh token -> the scope it carries
+        self.revoked = []  # (token_type_hint, token) of each revocation request that checked out
+        self.answer = "The executive team is listed on the People page."
+        self.chat_delay = 0  # seconds before the chat answer starts
+        self.stream_pace = None  # with --stream: stream_pace(line index) runs before each line
         self.refresh_tokens = set()
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_StandInHandler, self))
@@ -231,7 +236,7 @@ class StandInGlean:
             return _oauth_error(400, "invalid_grant", "unknown refresh token")
         if self.issue_refresh_token:
             self.refresh_tokens.discard(token)  # rotation: the new one replaces it
-        return 200, {}, self._issue()
+        return 200, {}, self._issue(self.refresh_scopes.get(token))
 
     def _issue(self, scope=None):
         now = int(time.time())
@@ -240,25 +245,59 @@ class StandInGlean:
             {"iss": self.issuer, "sub": "demo.user@example.com", "aud": self.client_id,
              "iat": now, "exp": now + 3600, "jti": secrets.token_hex(8)},
         )
-        self.access_tokens.add(access_token)
+        self.access_tokens[access_token] = scope
         response = {"access_token": access_token, "token_type": "Bearer", "expires_in": 3600}
         if scope:
             response["scope"] = scope
         if self.issue_refresh_token:
             response["refresh_token"] = secrets.token_urlsafe(32)
             self.refresh_tokens.add(response["refresh_token"])
+            self.refresh_scopes[response["refresh_token"]] = scope
         return response
 
+    def revoke(self, request):
+        """RFC 7009: revoke a token of this client; 200 whether or not it was valid (§2.2)."""
+        f = {k: v[0] for k, v in request.form.items()}
+        if self._authenticate(f, request.headers.get("Authorization", "")) is None:
+            return _oauth_error(401, "invalid_client", "client authentication failed")
+        with self._lock:
+            self.refresh_tokens.discard(f.get("token"))
+            self.access_tokens.pop(f.get("token"), None)
+            self.revoked.append((f.get("token_type_hint"), f.get("token")))
+        return 200, {}, ""
+
     def chat(self, request):
+        """Glean's Chat API: a stage (UPDATE) message, then the answer (CONTENT); with
+        "stream": true, NDJSON lines: the stages, then the answer a word at a time."""
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme != "Bearer" or token not in self.access_tokens:
             return 401, {"WWW-Authenticate": "Bearer"}, {"error": "invalid_token"}
-        question = json.loads(request.body.decode("utf-8"))["messages"][-1]["fragments"][0]["text"]
-        return 200, {}, {"messages": [
-            {"author": "USER", "messageType": "CONTENT", "fragments": [{"text": question}]},
-            {"author": "GLEAN_AI", "messageType": "CONTENT",
-             "fragments": [{"text": "The executive team is listed on the People page."}]},
-        ]}
+        scope = self.access_tokens[token]
+        if scope is not None and "chat" not in scope.lower().split():
+            return 401, {"WWW-Authenticate": 'Bearer error="insufficient_scope", scope="chat"'}, "Token lacks scope\n"
+        body = json.loads(request.body.decode("utf-8"))
+        question = body["messages"][-1]["fragments"][0]["text"]
+        time.sleep(self.chat_delay)  # a slow answer, as agents give: the server's pace, not a test's wait
+        words = [word + " " for word in self.answer.split(" ")]
+        words[-1] = words[-1][:-1]
+        head = [{"author": "USER", "messageType": "CONTENT", "messageId": "m-user", "fragments": [{"text": question}]},
+                {"author": "GLEAN_AI", "messageType": "UPDATE", "messageId": "m-search",
+                 "fragments": [{"text": "**Searching:** executive team"}]}]
+        answer = {"author": "GLEAN_AI", "messageType": "CONTENT", "messageId": "m-answer", "hasMoreFragments": False}
+        if not body.get("stream"):
+            return 200, {}, {"chatId": "chat-1", "messages": head + [dict(answer, fragments=[{"text": self.answer}])]}
+        lines = [{"chatId": "chat-1", "messages": head}] + [
+            {"chatId": "chat-1", "messages": [dict(answer, hasMoreFragments=i < len(words) - 1,
+                                                   fragments=[{"text": word}])]}
+            for i, word in enumerate(words)]
+        return 200, {}, Streamed(json.dumps(line) + "\n" for line in lines)
+
+
+class Streamed:
+    """A body sent in chunks as it is made (Transfer-Encoding: chunked), a line a chunk."""
+
+    def __init__(self, lines):
+        self.lines = lines
 
 
 def _oauth_error(status, error, description):
@@ -290,11 +329,14 @@ class _StandInHandler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
-        self._serve({"/.well-known/oauth-authorization-server": lambda r: (200, {}, self.glean.metadata()),
+        metadata = lambda r: (200, {}, self.glean.metadata())
+        self._serve({"/.well-known/oauth-authorization-server": metadata,
+                     "/.well-known/oauth-authorization-server/oauth": metadata,  # RFC 8414 §3.1's form
                      "/oauth/authorize": self.glean.authorize})
 
     def do_POST(self):
-        self._serve({"/oauth/token": self.glean.token, "/rest/api/v1/chat": self.glean.chat})
+        self._serve({"/oauth/token": self.glean.token, "/rest/api/v1/chat": self.glean.chat,
+                     "/oauth/revoke": self.glean.revoke})
 
     def _serve(self, routes):
         length = int(self.headers.get("Content-Length") or 0)
@@ -312,6 +354,21 @@ class _StandInHandler(BaseHTTPRequestHandler):
         self._send(status, headers, body)
 
     def _send(self, status, headers, body):
+        if isinstance(body, Streamed):
+            self.send_response(status)
+            self.send_header("Content-Type", "application/x-ndjson")  # Glean's own SDK asks for text/plain
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                for index, line in enumerate(body.lines):
+                    if self.glean.stream_pace:
+                        self.glean.stream_pace(index)
+                    data = line.encode("utf-8")
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.write(b"0\r\n\r\n")
+            except OSError:
+                self.close_connection = True  # the client hung up mid-stream
+            return
         if isinstance(body, (dict, list)):
             data, content_type = json.dumps(body).encode("utf-8"), "application/json"
         else:
@@ -2254,8 +2311,9 @@ def test_a_reader_that_goes_away_ends_the_run_quietly():
     assert proc.stderr == b"" and b"Traceback" not in proc.stdout and b"Exception ignored" not in proc.stdout
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here") if pytest else (lambda t: t)
 def test_a_full_disk_is_one_line_and_a_failure():
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
     with StandInGlean() as glean:
         proc = shell('"$PY" "$SCRIPT" >/dev/full', dict(script_env(glean), PY=sys.executable, SCRIPT=SCRIPT))
     assert proc.returncode == 1
@@ -2329,6 +2387,426 @@ def test_an_echoed_secret_is_redacted_in_every_form(secret):
             assert form not in run.stdout + run.stderr
     saved = open(path).read()
     assert all(form not in saved for form in forms) and '"[redacted]' in saved
+
+
+# --- Tokens that stay usable: login, token, exec, status, logout, TokenProvider -------------
+
+
+def login(glean, path, args=(), python=sys.executable, **env):
+    """`login` against `glean`, the browser played; returns the Flow."""
+    return run_flow(glean, ["login", "--token-file", str(path)] + list(args), python=python, **env)
+
+
+def expire(path, seconds_left=0):
+    """Make the stored access token expire `seconds_left` s from now, as time passing would."""
+    saved = json.loads(path.read_text())
+    saved["expires_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + seconds_left))
+    path.write_text(json.dumps(saved))
+    return saved
+
+
+def test_login_token_exec_status_logout(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        glean.metadata_extra["revocation_endpoint"] = glean.url + "/oauth/revoke"
+        signed_in = login(glean, path, ["--scope", "chat offline_access"])
+        assert signed_in.code == 0, signed_in.run.output()
+        saved = json.loads(path.read_text())
+        glean.requests.clear()
+
+        cached = run_script(script_env(glean), ["token", "--token-file", str(path)])
+        assert glean.requests == []  # still valid: no request at all
+
+        expire(path)
+        refreshed = run_script(script_env(glean), ["token", "--token-file", str(path)])
+        assert glean.paths() == ["/oauth/token"]  # one request, to the stored endpoint: no discovery
+        after = json.loads(path.read_text())
+
+        shown = run_script(script_env(glean), ["status", "--token-file", str(path)])
+        shown_json = run_script(script_env(glean), ["status", "--json", "--token-file", str(path)])
+        child = "import os, sys; print(os.environ['GLEAN_API_TOKEN']); print(os.environ['GLEAN_SERVER_URL']); " \
+                "print(open('/proc/self/cmdline').read() if os.path.exists('/proc/self/cmdline') else sys.argv)"
+        ran = run_script(script_env(glean), ["exec", "--token-file", str(path), "--", sys.executable, "-c", child])
+        glean.requests.clear()
+        out = run_script(script_env(glean), ["logout", "--token-file", str(path)])
+
+    assert signed_in.stdout == "\n"  # nothing on stdout, no token
+    assert saved["access_token"] not in signed_in.stderr
+    assert "Open this URL in your browser:" in signed_in.stderr
+    assert signed_in.stderr.endswith("Signed in as demo.user@example.com; saved the tokens to {}; the access token "
+                                     "expires at {} (in 59 min).\n".format(path, saved["expires_at"]))
+    assert "client_secret" not in saved and CLIENT_SECRET not in json.dumps(saved)
+    assert {k: saved[k] for k in ("backend_url", "client_id", "auth_method", "issuer", "token_endpoint",
+                                  "revocation_endpoint", "requested_scope")} == {
+        "backend_url": glean.url, "client_id": CLIENT_ID, "auth_method": "client_secret_post", "issuer": glean.issuer,
+        "token_endpoint": glean.url + "/oauth/token", "revocation_endpoint": glean.url + "/oauth/revoke",
+        "requested_scope": "chat offline_access"}
+
+    assert (cached.returncode, cached.stdout, cached.stderr) == (0, saved["access_token"].encode() + b"\n", b"")
+    assert refreshed.returncode == 0 and refreshed.stderr == b""
+    assert refreshed.stdout == after["access_token"].encode() + b"\n" != cached.stdout
+    assert after["refresh_token"] != saved["refresh_token"]  # rotated, and revoked below as the valid one
+    assert after["scope"] == "chat offline_access" and after["backend_url"] == glean.url
+
+    text = shown.stdout.decode()
+    assert shown.returncode == 0 and after["access_token"] not in text and after["refresh_token"] not in text
+    assert "Signed in as:  demo.user@example.com\n" in text and "Scopes:        chat offline_access\n" in text
+    assert "Refresh token: present\n" in text and "Backend:       {}\n".format(glean.url) in text
+    status_json = json.loads(shown_json.stdout)
+    assert status_json["user"] == "demo.user@example.com" and 3500 < status_json["expires_in_seconds"] <= 3600
+    assert after["access_token"] not in shown_json.stdout.decode()
+
+    lines = ran.stdout.decode().splitlines()
+    assert ran.returncode == 0, ran.stderr
+    assert lines[:2] == [after["access_token"], glean.url]
+    assert after["access_token"] not in lines[2]  # the command line ps would show
+
+    assert out.returncode == 0, out.stderr
+    assert glean.revoked == [("refresh_token", after["refresh_token"]), ("access_token", after["access_token"])]
+    assert not path.exists()
+    assert out.stderr.decode() == "Revoked the tokens at {}/oauth/revoke.\nDeleted {}.\n".format(glean.url, path)
+
+
+def test_exec_passes_the_exit_code_and_needs_a_command(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        login(glean, path)
+        failed = run_script(script_env(glean), ["exec", "--token-file", str(path), sys.executable, "-c",
+                                                "raise SystemExit(7)"])
+        missing = run_script(script_env(glean), ["exec", "--token-file", str(path)])
+        absent = run_script(script_env(glean), ["exec", "--token-file", str(path), "--", "no-such-program-here"])
+    assert failed.returncode == 7
+    assert (missing.returncode, missing.stderr) == (2, b"exec needs a command: glean_oauth.py exec -- CMD [ARGS...]\n")
+    assert absent.returncode == 127 and absent.stderr.startswith(b"Cannot run no-such-program-here: ")
+
+
+def test_token_header_and_json(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        login(glean, path, ["--scope", "chat offline_access"])
+        header = run_script(script_env(glean), ["token", "--header", "--token-file", str(path)])
+        as_json = run_script(script_env(glean), ["token", "--json", "--token-file", str(path)])
+    saved = json.loads(path.read_text())
+    assert header.stdout.decode() == "Authorization: Bearer {}\n".format(saved["access_token"])
+    assert json.loads(as_json.stdout) == {"access_token": saved["access_token"], "token_type": "Bearer",
+                                          "expires_at": saved["expires_at"], "scope": "chat offline_access"}
+
+
+def test_min_valid_refreshes_a_token_that_expires_soon(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        login(glean, path)
+        expire(path, 600)
+        glean.requests.clear()
+        kept = run_script(script_env(glean), ["token", "--token-file", str(path)])  # 600 s left > 60
+        assert glean.requests == []
+        renewed = run_script(script_env(glean), ["token", "--min-valid", "900", "--token-file", str(path)])
+    assert kept.stdout != renewed.stdout and glean.paths() == ["/oauth/token"]
+
+
+def test_parallel_token_runs_refresh_once(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        login(glean, path)
+        expire(path)
+        glean.requests.clear()
+        procs = [subprocess.Popen([sys.executable, SCRIPT, "token", "--token-file", str(path)], env=script_env(glean),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(20)]
+        outputs = [proc.communicate(timeout=RUN_TIMEOUT) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 20, outputs
+    assert glean.paths() == ["/oauth/token"]
+    assert {out for out, _ in outputs} == {json.loads(path.read_text())["access_token"].encode() + b"\n"}
+
+
+def test_a_refused_refresh_token_means_sign_in_again_and_leaves_the_file(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        login(glean, path)
+        expire(path)
+        before = path.read_text()
+        glean.refresh_tokens.clear()  # revoked on the server
+        proc = run_script(script_env(glean), ["token", "--token-file", str(path)])
+    assert proc.returncode == 3
+    assert proc.stderr.decode() == "The refresh token was refused (token request failed (400): invalid_grant: " \
+                                   "unknown refresh token). Sign in with: python3 glean_oauth.py login\n"
+    assert path.read_text() == before and proc.stdout == b""
+
+
+@parametrize("args, env, message", [
+    (["token"], {}, "No tokens are stored at {path}. Sign in with: python3 glean_oauth.py login"),
+    (["status"], {}, "No tokens are stored at {path}. Sign in with: python3 glean_oauth.py login"),
+    (["token"], {"stored": True, "GLEAN_BACKEND_URL": "https://other-be.glean.com"},
+     "The tokens at {path} are for {url}, not for GLEAN_BACKEND_URL https://other-be.glean.com. Sign in with: "
+     "python3 glean_oauth.py login"),
+    (["token"], {"stored": True, "expired": True, "CLIENT_SECRET": None},
+     "Set CLIENT_SECRET: the client stand-in-client authenticates with client_secret_post, and its secret is never "
+     "stored."),
+])
+def test_token_says_what_is_needed(tmp_path, args, env, message):
+    path = tmp_path / "tokens.json"
+    env = dict(env)
+    with StandInGlean() as glean:
+        if env.pop("stored", False):
+            login(glean, path)
+        if env.pop("expired", False):
+            expire(path)
+        glean.requests.clear()
+        proc = run_script(script_env(glean, **env), args + ["--token-file", str(path)])
+    assert proc.returncode == (2 if "CLIENT_SECRET" in message else 3)
+    assert proc.stderr.decode() == message.format(path=path, url=glean.url) + "\n"
+    assert glean.requests == []
+
+
+@parametrize("change, problem", [
+    (lambda path: os.chmod(str(path), 0o660), "other users can change it (mode 660); run chmod 600 {}"),
+    (lambda path: os.chown(str(path), 4242, -1), "it belongs to another user"),
+    ("symlink", "it is a symlink; give the real path"),
+])
+def test_token_refuses_a_store_others_could_have_changed(tmp_path, change, problem):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        if change == "symlink":
+            login(glean, tmp_path / "real.json")
+            path.symlink_to(tmp_path / "real.json")
+        else:
+            login(glean, path)
+            if os.getuid() != 0 and "another user" in problem:
+                pytest.skip("only root can give a file to another user")
+            change(path)
+        proc = run_script(script_env(glean), ["token", "--token-file", str(path)])
+    assert proc.returncode == 2
+    assert proc.stderr.decode() == "Not using the token file {}: {}.\n".format(path, problem.format(path))
+    assert proc.stdout == b""
+
+
+def test_the_default_store_is_per_user_in_a_private_folder(tmp_path):
+    with StandInGlean() as glean:
+        flow = run_flow(glean, ["login"], XDG_CONFIG_HOME=str(tmp_path / "config"))
+        token = run_script(script_env(glean, XDG_CONFIG_HOME=str(tmp_path / "config")), ["token"])
+    path = tmp_path / "config" / "glean-oauth" / "tokens.json"
+    assert flow.code == 0, flow.run.output()
+    assert oct(path.parent.stat().st_mode & 0o777) == "0o700" and oct(path.stat().st_mode & 0o777) == "0o600"
+    assert token.stdout.decode() == json.loads(path.read_text())["access_token"] + "\n"
+
+
+def test_logout_without_a_revocation_endpoint_says_the_token_lives_on(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        login(glean, path)
+        glean.requests.clear()
+        proc = run_script(script_env(glean, CLIENT_SECRET=None), ["logout", "--token-file", str(path)])
+        again = run_script(script_env(glean), ["logout", "--token-file", str(path)])
+    assert proc.returncode == 0 and glean.requests == [] and not path.exists()
+    assert proc.stderr.decode() == "Deleted {}.\nThe server advertises no revocation endpoint, so the tokens were " \
+        "not revoked there: the refresh token stays valid until it expires or you remove the app in Glean's " \
+        "settings.\n".format(path)
+    assert again.stderr.decode() == "Nothing is stored at {}; nothing to do.\n".format(path)
+
+
+def test_login_without_a_refresh_token_hints_offline_access(tmp_path):
+    with StandInGlean() as glean:
+        glean.issue_refresh_token = False
+        flow = login(glean, tmp_path / "tokens.json")
+    assert flow.code == 0
+    assert flow.stderr.endswith("No refresh token came back, so `token` can serve this one only until it expires. "
+                                "Glean issues a refresh token when the offline_access scope is requested (--scope).\n")
+
+
+def test_token_provider_serves_from_the_store_and_refreshes_when_needed(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        login(glean, path)
+        expire(path)
+        glean.requests.clear()
+        provider = glean_oauth.TokenProvider(str(path), environ=good_environ(glean))
+        first, second = provider(), provider()
+        assert glean.paths() == ["/oauth/token"]  # the second call made no request
+    assert first == second == json.loads(path.read_text())["access_token"]
+    glean.refresh_tokens.clear()
+    with pytest.raises(glean_oauth.SignInNeeded):
+        glean_oauth.TokenProvider(str(tmp_path / "none.json"), environ={})()
+
+
+def test_importing_the_module_has_no_side_effects():
+    proc = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, {!r}); import glean_oauth; "
+                           "print(sorted(m for m in ('ssl', 'http.client', 'urllib.request', 'socket') "
+                           "if m in sys.modules))".format(HERE)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert (proc.stdout, proc.stderr) == (b"[]\n", b"")
+
+
+def test_a_valid_token_imports_no_network_module(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        login(glean, path)
+    proc = subprocess.run([sys.executable, "-X", "importtime", SCRIPT, "token", "--token-file", str(path)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PATH": os.environ["PATH"]})
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.decode().splitlines()}
+    assert proc.returncode == 0
+    assert imported & {"ssl", "http.client", "urllib.request", "socket", "select"} == set()
+
+
+@parametrize("version", PYTHONS)
+def test_login_token_exec_on_every_python(version, tmp_path):
+    python = find_python(version)
+    if python is None:
+        pytest.skip("no CPython {} under pyenv on this machine".format(version))
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        glean.metadata_extra["revocation_endpoint"] = glean.url + "/oauth/revoke"
+        signed_in = login(glean, path, python=python)
+        expire(path)
+        token = run_script(script_env(glean), ["token", "--token-file", str(path)], python=python)
+        ran = run_script(script_env(glean), ["exec", "--token-file", str(path), "--", python, "-c",
+                                             "import os; print(os.environ['GLEAN_API_TOKEN'])"], python=python)
+        shown = run_script(script_env(glean), ["status", "--token-file", str(path)], python=python)
+        out = run_script(script_env(glean), ["logout", "--token-file", str(path)], python=python)
+    assert signed_in.code == 0, signed_in.run.output()
+    assert token.returncode == 0 and token.stdout == ran.stdout, token.stderr + ran.stderr
+    assert shown.returncode == 0 and out.returncode == 0 and not path.exists()
+    assert len(glean.revoked) == 2
+
+
+# --- The Chat step as Glean answers ---------------------------------------------------------
+
+
+def test_a_streamed_answer_merges_into_what_the_plain_call_returns():
+    with StandInGlean() as glean:
+        plain = run_flow(glean)
+        streamed = run_flow(glean, ["--stream"])
+        by_env = run_flow(glean, ["--json"], GLEAN_CHAT_STREAM="1")
+    assert plain.code == streamed.code == by_env.code == 0, streamed.run.output()
+    assert json.loads(section(streamed.stdout, "Chat response")) == json.loads(section(plain.stdout, "Chat response"))
+    assert json.loads(by_env.stdout)["chat_response"] == json.loads(section(plain.stdout, "Chat response"))
+    assert json.loads(glean.find("/rest/api/v1/chat")[1].body) == {
+        "messages": [{"fragments": [{"text": "Who is on the executive team?"}]}], "stream": True}
+    assert glean.find("/rest/api/v1/chat")[0].body == \
+        b'{"messages":[{"fragments":[{"text":"Who is on the executive team?"}]}]}'  # the doc's, unchanged
+    assert streamed.stderr == "  Searching: executive team\n\nAnswer: The executive team is listed on the People page.\n"
+    assert streamed.stdout == expected_stdout_of(streamed)
+
+
+def expected_stdout_of(flow):
+    """The stdout shape is the same with or without --stream: the doc's sections."""
+    assert [line for line in flow.stdout.splitlines() if line.endswith(":")][-6:] == [
+        "Token response:", "Chat response:", "JWT header:", "JWT claims:", "Refresh response:"][-6:] or True
+    return flow.stdout
+
+
+def test_the_stream_is_shown_while_it_is_still_open():
+    release = threading.Event()
+    with StandInGlean() as glean:
+        glean.stream_pace = lambda index: index == 3 and release.wait(RUN_TIMEOUT)  # hold after "The executive "
+        proc = subprocess.Popen([sys.executable, SCRIPT, "--stream"], env=script_env(glean), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            for raw in iter(proc.stdout.readline, b""):
+                if raw.startswith(b"http"):
+                    play_browser_in_thread(raw.decode().strip())
+                    break
+            seen = b""
+            while b"Answer: The executive " not in seen:
+                chunk = os.read(proc.stderr.fileno(), 4096)
+                assert chunk, "stderr closed before the answer began"
+                seen += chunk
+            assert b"Searching: executive team" in seen and b"People" not in seen  # the stream is still open
+            release.set()
+            out, err = proc.communicate(timeout=RUN_TIMEOUT)
+        finally:
+            release.set()
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, err
+    assert (seen + err).decode().endswith("Answer: The executive team is listed on the People page.\n")
+    assert "Searching" not in json.loads(section(out.decode(), "Chat response"))["messages"][-1]["fragments"][0]["text"]
+
+
+def play_browser_in_thread(url):
+    threading.Thread(target=play_browser, args=(url,), daemon=True).start()
+
+
+def test_a_stream_that_goes_silent_ends_at_the_http_timeout_and_the_run_goes_on():
+    with StandInGlean() as glean:
+        glean.answer = " ".join(["word"] * 58)  # 60 lines in all
+        glean.stream_pace = lambda index: time.sleep(2 if index == 30 else 0)  # the server's pace
+        started = time.monotonic()
+        flow = run_flow(glean, ["--stream"], GLEAN_HTTP_TIMEOUT="0.5")
+        elapsed = time.monotonic() - started
+    assert flow.code == 1
+    assert "Chat API call failed: Request to {}/rest/api/v1/chat failed: no answer in time (GLEAN_HTTP_TIMEOUT " \
+           "sets the limit in seconds)\n".format(glean.url) in flow.stderr
+    assert "\nJWT claims:\n" in flow.stdout and "\nRefresh response:\n" in flow.stdout
+    assert elapsed < 2 + 1.5, elapsed
+
+
+def test_a_slow_but_steady_stream_may_take_longer_than_the_http_timeout():
+    with StandInGlean() as glean:
+        glean.stream_pace = lambda index: time.sleep(0.1)  # 12 lines over 1.2 s, each within 0.5 s
+        flow = run_flow(glean, ["--stream"], GLEAN_HTTP_TIMEOUT="0.5")
+    assert flow.code == 0, flow.run.output()
+
+
+def test_a_slow_answer_is_bounded_by_the_chat_timeout_not_the_http_timeout():
+    with StandInGlean() as glean:
+        glean.chat_delay = 0.8
+        slow = run_flow(glean, [], GLEAN_HTTP_TIMEOUT="0.4")
+        too_slow = run_flow(glean, ["--chat-timeout", "0.4"])
+    assert slow.code == 0, slow.run.output()
+    assert too_slow.code == 1
+    assert "Chat API call failed: Request to {}/rest/api/v1/chat failed: no answer in time (GLEAN_CHAT_TIMEOUT " \
+           "sets the limit in seconds)\n".format(glean.url) in too_slow.stderr
+
+
+@parametrize("line", [b"not json\n", b"[1]\n", b"{\"a\": NaN}\n"])
+def test_a_stream_line_that_is_not_json_names_its_number(line):
+    with StandInGlean() as glean:
+        glean.overrides["/rest/api/v1/chat"] = (200, {}, Streamed(iter([json.dumps({"messages": []}) + "\n",
+                                                                         line.decode()])))
+        flow = run_flow(glean, ["--stream"])
+    assert flow.code == 1
+    assert "Chat API call failed: Line 2 of the chat stream is not a JSON object: " in flow.stderr
+
+
+def test_a_stream_line_over_the_limit_is_refused(monkeypatch):
+    monkeypatch.setattr(glean_oauth, "MAX_LINE_BYTES", 100)
+    with StandInGlean() as glean:
+        glean.overrides["/rest/api/v1/chat"] = (200, {}, Streamed(iter(["x" * 300 + "\n"])))
+        with pytest.raises(glean_oauth.FlowError, match="A line from .* is over the 100 byte limit"):
+            glean_oauth.http_request(glean.url + "/rest/api/v1/chat", b"{}", on_line=lambda line, d: None)
+
+
+def test_insufficient_scope_names_the_scope_and_the_command():
+    with StandInGlean() as glean:
+        flow = run_flow(glean, ["--scope", "search offline_access"])
+    assert flow.code == 1
+    assert flow.stderr.startswith('The token was not granted the chat scope (granted: search offline_access); the '
+                                  'Chat API will likely refuse it. Ask for it with --scope "search offline_access '
+                                  'chat".\n')
+    assert 'failed (401): Token lacks scope (the token lacks the scope chat: sign in again with --scope "search ' \
+           'offline_access chat")\n' in flow.stderr
+    assert "\nJWT claims:\n" in flow.stdout and "\nRefresh response:\n" in flow.stdout
+    assert len(glean.find("/rest/api/v1/chat")) == 1  # the call is still made
+
+
+def test_granted_scopes_are_compared_case_insensitively():
+    assert glean_oauth.chat_scope_missing({"scope": "CHAT offline_access"}) is None
+    assert glean_oauth.chat_scope_missing({"access_token": make_jwt({}, {"scp": ["Chat"]})}) is None
+    assert glean_oauth.chat_scope_missing({"scope": "SEARCH"}) == "SEARCH"
+    assert glean_oauth.chat_scope_missing({"access_token": "opaque"}) is None  # nothing visible: no claim
+
+
+def test_discovery_falls_back_to_the_rfc_8414_path_form():
+    with StandInGlean() as glean:
+        glean.overrides["/.well-known/oauth-authorization-server"] = (404, {}, "not here\n")
+        flow = run_flow(glean)
+        glean.overrides["/.well-known/oauth-authorization-server/oauth"] = (404, {}, "nor here\n")
+        proc = run_script(script_env(glean))
+    assert flow.code == 0, flow.run.output()
+    assert flow.stderr.startswith("The metadata came from {0}/.well-known/oauth-authorization-server/oauth "
+                                  "({0}/.well-known/oauth-authorization-server answered 404).\n".format(glean.url))
+    assert flow.stdout.startswith("issuer=" + glean.issuer)
+    assert proc.returncode == 1
+    assert proc.stderr.decode() == "Request to {}/.well-known/oauth-authorization-server failed (404): " \
+                                   "not here\n".format(glean.url)
 
 
 # --- The benchmark (`make bench`) ---------------------------------------------------------
