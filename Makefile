@@ -15,9 +15,13 @@ test: ## run the test suite (installs pytest into .venv, made by $(PYTHON), when
 	  want=$$($(PYTHON) -c 'import sys; print(sys.version)'); \
 	  have=$$($(VENV)/bin/python -c 'import sys; print(sys.version)' 2>/dev/null || true); \
 	  if [ "$$want" != "$$have" ]; then rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); fi; \
-	  $(VENV)/bin/python -c 'import pytest' 2>/dev/null || $(VENV)/bin/python -m pip install --quiet "$$($(VENV)/bin/python -c \
-	    'import sys; v = sys.version_info[:2]; print("pytest" + ("<7.1" if v < (3, 7) else "<7.5" if v < (3, 8) else \
-	    "<8.4" if v < (3, 9) else "<9" if v < (3, 10) else ""))')"; \
+	  if ! $(VENV)/bin/python -c 'import pytest' 2>/dev/null; then \
+	    set -- $$($(VENV)/bin/python -c 'import sys; v = sys.version_info[:2]; print( \
+	      "pip<22 pytest<7.1" if v < (3, 7) else "pip pytest<7.5" if v < (3, 8) else "pip pytest<8.4" \
+	      if v < (3, 9) else "pip pytest<9" if v < (3, 10) else "pip pytest")'); \
+	    $(VENV)/bin/python -m pip install --quiet --upgrade "$$1" 2>/dev/null || true; \
+	    $(VENV)/bin/python -m pip install --quiet "$$2" || exit 1; \
+	  fi; \
 	  py=$(VENV)/bin/python; fi; \
 	$$py -m pytest -q -rs test_glean_oauth.py
 

@@ -59,6 +59,9 @@ MAX_STREAM_BYTES = 64 * 1024 * 1024  # a whole streamed answer: deltas repeat th
 MAX_JSON_DEPTH = 64  # Glean's answers nest a few levels; deeper is an attack
 MAX_CALLBACK_REQUEST_BYTES = 16 * 1024  # a browser's GET is a few hundred bytes
 MAX_PENDING_CONNECTIONS = 64  # idle ones beyond this are dropped, oldest first (select's limits)
+# Python 3.6 in a C locale reads the bytes of a non-ASCII variable as surrogates; encoding
+# them back with this sends the bytes the user set, instead of failing.
+ENV_ERRORS = "surrogateescape"
 EXCERPT_CHARACTERS = 300  # how much of an unexpected body an error message shows
 USER_AGENT = "glean-oauth/{} Python/{}.{}".format(__version__, *sys.version_info[:2])
 
@@ -569,7 +572,7 @@ def token_request(token_endpoint, fields, headers=None, timeout=HTTP_TIMEOUT_SEC
 
 def form_post(url, fields, headers=None, timeout=HTTP_TIMEOUT_SECONDS):
     """POST `fields` as an application/x-www-form-urlencoded form; return the Response."""
-    body = urllib.parse.urlencode(fields).encode("ascii")
+    body = urllib.parse.urlencode(fields, errors=ENV_ERRORS).encode("ascii")
     headers = dict(headers or {}, **{"Content-Type": "application/x-www-form-urlencoded"})
     return http_request(url, body, headers, Deadline(timeout))
 
@@ -981,7 +984,7 @@ def build_authorization_url(authorization_endpoint, client_id, redirect_uri, sta
     parts = urllib.parse.urlsplit(authorization_endpoint)
     names = {name for name, _ in params}
     kept = [p for p in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if p[0] not in names]
-    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept + params)))
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept + params, errors=ENV_ERRORS)))
 
 
 BROWSER_WAIT_SECONDS = 2  # long enough for a BROWSER command that fails at once to say so
@@ -1066,7 +1069,8 @@ def _client_secret_post(client_id, client_secret):
 
 def _client_secret_basic(client_id, client_secret):
     """HTTP Basic, each part form-urlencoded first, as RFC 6749 §2.3.1 requires."""
-    pair = "{}:{}".format(urllib.parse.quote_plus(client_id), urllib.parse.quote_plus(client_secret))
+    pair = "{}:{}".format(urllib.parse.quote_plus(client_id, errors=ENV_ERRORS),
+                          urllib.parse.quote_plus(client_secret, errors=ENV_ERRORS))
     return [], {"Authorization": "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")}
 
 
@@ -1080,7 +1084,8 @@ def secret_forms(client_id, client_secret):
     the Basic credential): what must never be printed, longest first."""
     if not client_secret:
         return []
-    encoded = {urllib.parse.quote_plus(client_secret), urllib.parse.quote(client_secret, safe="")}
+    encoded = {urllib.parse.quote_plus(client_secret, errors=ENV_ERRORS),
+               urllib.parse.quote(client_secret, safe="", errors=ENV_ERRORS)}
     forms = {client_secret, printable(client_secret), one_line(client_secret), repr(client_secret)[1:-1],
              json.dumps(client_secret)[1:-1], json_text(client_secret)[1:-1]}
     forms |= encoded | {re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), form) for form in encoded}
@@ -1438,14 +1443,22 @@ def iso_time(timestamp):
     return time.strftime(ISO_FORMAT, time.gmtime(int(timestamp)))
 
 
-def parse_iso_time(text):
-    """Seconds since the epoch of an ISO_FORMAT time, or None."""
-    import calendar  # here: only a saved token's expiry needs it
+ISO_TIME = re.compile(r"^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)Z$")
 
-    try:
-        return calendar.timegm(time.strptime(text, ISO_FORMAT))
-    except (TypeError, ValueError, OverflowError):
+
+def parse_iso_time(text):
+    """Seconds since the epoch of an ISO_FORMAT time, or None. Worked out here rather than
+    with time.strptime and calendar, whose imports would double the time `token` takes."""
+    match = ISO_TIME.match(text) if isinstance(text, str) else None
+    if not match:
         return None
+    year, month, day, hour, minute, second = map(int, match.groups())
+    # Days since 1970-01-01 in the proleptic Gregorian calendar, counting years from March
+    # so that the leap day comes last (H. Hinnant, "chrono-Compatible Low-Level Date Algorithms").
+    year -= month <= 2
+    era_day = (153 * ((month + 9) % 12) + 2) // 5 + day - 1
+    days = 365 * year + year // 4 - year // 100 + year // 400 + era_day - 719468
+    return days * 86400 + hour * 3600 + minute * 60 + second
 
 
 class TokenStore:
@@ -2090,10 +2103,10 @@ def cli(argv=None, environ=None, out=None, err=None, stdin=None):
     real_stdout = out is None
     stdin = stdin or sys.stdin or io.StringIO()  # stdin closed (<&-): there is nothing to read
     console = Console(out or sys.stdout, err or sys.stderr or open(os.devnull, "w"), real_stdout)
-    # Known before the flags are read, so that even a usage error cannot show it.
-    console.secrets = secret_forms(environ.get("CLIENT_ID", ""), environ.get("CLIENT_SECRET", "").strip())
     command = argv[0] if argv and argv[0] in COMMANDS else None
     try:
+        # Known before the flags are read, so that even a usage error cannot show it.
+        console.secrets = secret_forms(environ.get("CLIENT_ID", ""), environ.get("CLIENT_SECRET", "").strip())
         if console.out is None and command not in ("exec", "login", "logout"):
             raise FlowError("Standard output is closed, so nothing could be shown; run with it open "
                             "(redirect it to a file to keep it).", EXIT_USAGE)

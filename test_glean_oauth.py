@@ -11,6 +11,7 @@ was sent. Everything listens on 127.0.0.1 with ports the system picks.
 
 import atexit
 import base64
+import codecs
 import functools
 import glob
 import hashlib
@@ -18,6 +19,7 @@ import http.client
 import io
 import json
 import os
+import pathlib
 import queue
 import re
 import secrets
@@ -426,14 +428,22 @@ class ScriptRun:
 
     @staticmethod
     def _read(stream, lines, echo, notify):
-        for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            lines.append(line)
+        """Collect `stream`'s lines; echo its bytes as they come (a streamed answer has no line ends)."""
+        decoder, pending = codecs.getincrementaldecoder("utf-8")("replace"), b""
+        for chunk in iter(lambda: stream.read1(65536), b""):
             if echo:
-                echo.write(line + "\n")
+                echo.write(decoder.decode(chunk))
                 echo.flush()
+            complete = (pending + chunk).split(b"\n")
+            pending = complete.pop()
+            for raw in complete:
+                lines.append(raw.decode("utf-8", "replace"))
+                if notify:
+                    notify.put(lines[-1])
+        if pending:
+            lines.append(pending.decode("utf-8", "replace"))
             if notify:
-                notify.put(line)
+                notify.put(lines[-1])
         if notify:
             notify.put(None)
 
@@ -489,7 +499,8 @@ def good_environ(backend, **overrides):
 
 def script_env(backend, **overrides):
     """good_environ plus PATH: the whole, clean environment of a script run."""
-    return good_environ(backend, **dict({"PATH": os.environ.get("PATH", "")}, **overrides))
+    # UTF-8 output whatever the locale: Python 3.6 in a C locale would write ASCII escapes.
+    return good_environ(backend, **dict({"PATH": os.environ.get("PATH", ""), "PYTHONIOENCODING": "utf-8"}, **overrides))
 
 
 class Flow:
@@ -523,14 +534,19 @@ def run_script(env, args=(), stdin=b"", python=sys.executable):
 
 def demo():
     """`make demo`: the real script, end to end, against the stand-in; the browser step is
-    played automatically. Returns the script's exit code."""
+    played automatically. Then once more with --stream, the answer coming a word at a time.
+    Returns the script's exit code."""
     with StandInGlean() as glean:
         sys.stderr.write("demo: a stand-in Glean server is listening at {}\n".format(glean.url))
         sys.stderr.write("demo: running glean_oauth.py; the browser step is played for you\n\n")
         flow = run_flow(glean, echo=(sys.stdout, sys.stderr))
         sys.stderr.write("\ndemo: the browser was shown: {}".format(flow.browser[2]))
         sys.stderr.write("demo: glean_oauth.py exited with {}\n".format(flow.code))
-        return flow.code
+        sys.stderr.write("\ndemo: again with --stream --no-browser: stages and the answer on stderr as they come\n\n")
+        glean.stream_pace = lambda index: time.sleep(0.08)  # a word at a time, as Glean writes
+        streamed = run_flow(glean, ["--stream", "--no-browser"], echo=(None, sys.stderr))
+        sys.stderr.write("demo: glean_oauth.py --stream exited with {}\n".format(streamed.code))
+        return flow.code or streamed.code
 
 
 # --- Helpers for in-process tests -------------------------------------------------------
@@ -2627,6 +2643,12 @@ def test_token_provider_serves_from_the_store_and_refreshes_when_needed(tmp_path
         glean_oauth.TokenProvider(str(tmp_path / "none.json"), environ={})()
 
 
+def test_stored_times_are_read_back_as_written():
+    for timestamp in [0, 951782400, 1772323199, 4102444800, 1795893326]:  # 2000-02-29 and 2100-01-01 among them
+        assert glean_oauth.parse_iso_time(glean_oauth.iso_time(timestamp)) == timestamp
+    assert glean_oauth.parse_iso_time("2026-11-28 12:00:00") is None and glean_oauth.parse_iso_time(5) is None
+
+
 def test_importing_the_module_has_no_side_effects():
     proc = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, {!r}); import glean_oauth; "
                            "print(sorted(m for m in ('ssl', 'http.client', 'urllib.request', 'socket') "
@@ -3016,8 +3038,50 @@ def median(values):
     return statistics.median(values)
 
 
+def bench_token(rounds=21):
+    """`token` from the store: a valid token (no request) beside `python3 -c pass` with the
+    same interpreter, interleaved; an expired one (one refresh request)."""
+    def timed(command, env=None):
+        started = time.monotonic()
+        proc = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.returncode == 0, proc.stderr
+        return time.monotonic() - started
+
+    path = os.path.join(tempfile.mkdtemp(), "tokens.json")
+    with StandInGlean() as glean:
+        assert login(glean, path).code == 0
+        # Python may keep the module's bytecode (python3 -m glean_oauth); a script is compiled on every run.
+        env = dict(script_env(glean), PYTHONPATH=HERE)
+        script = [sys.executable, SCRIPT, "token", "--token-file", path]
+        module = [sys.executable, "-m", "glean_oauth", "token", "--token-file", path]
+        timed(module, env)  # writes the bytecode cache
+        bare, as_script, as_module = [], [], []
+        for _ in range(rounds):
+            bare.append(timed([sys.executable, "-c", "pass"], env))
+            as_script.append(timed(script, env))
+            as_module.append(timed(module, env))
+        glean.requests.clear()
+        expired = []
+        for _ in range(rounds):
+            expire(pathlib.Path(path))
+            expired.append(timed(module, env))
+        requests = len(glean.requests)
+    proc = subprocess.run([sys.executable, "-X", "importtime"] + script[1:], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.decode().splitlines()}
+    network = sorted(imported & {"ssl", "http.client", "urllib.request", "socket", "select"})
+    print("\n`token` from the store, medians of {} interleaved runs ({}):".format(rounds, sys.executable))
+    print("  python3 -c pass                       {:6.1f} ms".format(median(bare) * 1000))
+    for name, runs in (("python3 glean_oauth.py token", as_script), ("python3 -m glean_oauth token", as_module)):
+        print("  {:<37} {:6.1f} ms  {:.2f}x".format(name + ", valid", median(runs) * 1000, median(runs) / median(bare)))
+    print("  python3 -m glean_oauth token, expired {:6.1f} ms  ({} requests in {} runs)".format(
+        median(expired) * 1000, requests, rounds))
+    print("  network modules a valid token imports: {}".format(", ".join(network) or "none"), flush=True)
+
+
 def bench(rounds=5, rtts=(0.0, 0.02, 0.1)):
-    """`make bench`: print, per round-trip time and client, the medians of `rounds` runs."""
+    """`make bench`: print, per round-trip time and client, the medians of `rounds` runs;
+    then the `token` timings."""
     clients = bench_clients()
     print("Sign-in runs over TLS, every hop delayed; medians of {} runs each.".format(rounds))
     print("{:>6}  {:<28} {:>5} {:>5} {:>5} {:>9} {:>15}".format(
@@ -3031,6 +3095,7 @@ def bench(rounds=5, rtts=(0.0, 0.02, 0.1)):
                 print("{:>4.0f}ms  {:<28} {:>5g} {:>5g} {:>5g} {:>8.3f}s {:>14.3f}s".format(
                     rtt * 1000, name, figures["connections"], figures["handshakes"], figures["requests"],
                     figures["wall"], figures["callback_to_exit"]), flush=True)
+    bench_token()
     return 0
 
 
