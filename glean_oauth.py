@@ -232,9 +232,13 @@ environment variables (a flag wins over its variable):
   REDIRECT_URI            default http://127.0.0.1:9090/oauth/callback (--redirect-uri);
                           must be registered on the client. Port 0: any free port.
   GLEAN_SCOPES            scopes to ask for, space-separated (--scope)
-  GLEAN_HTTP_TIMEOUT      seconds each HTTP request may take, default 30
-  GLEAN_CALLBACK_TIMEOUT  seconds to wait for the browser, default 300
+  GLEAN_HTTP_TIMEOUT      seconds one HTTP request may take, all of it, default 30
+  GLEAN_CHAT_TIMEOUT      seconds the chat call may take, default 300
+  GLEAN_CHAT_STREAM       1: stream the chat answer (--stream)
+  GLEAN_CALLBACK_TIMEOUT  seconds to wait for the browser (or the paste), default 300
   REFRESH_TOKEN           the refresh token for --refresh (wins over --token-file's)
+  GLEAN_TOKEN_FILE        the subcommands' token store, default
+                          $XDG_CONFIG_HOME/glean-oauth/tokens.json (~/.config/...)
   HTTPS_PROXY, NO_PROXY   the proxy for https:// requests, and where not to use it
   SSL_CERT_FILE           a CA bundle to trust (a corporate CA), also SSL_CERT_DIR
   BROWSER                 the browser to open the URL with
@@ -244,10 +248,24 @@ examples:
   python3 glean_oauth.py --scope "chat search offline_access" --token-file tokens.json
   python3 glean_oauth.py --refresh --token-file tokens.json
   python3 glean_oauth.py --manual                         on a machine with no browser
+  python3 glean_oauth.py --stream --message "What is our PTO policy?"
   python3 glean_oauth.py --json --no-chat | jq -r .token_response.access_token
+  python3 glean_oauth.py login --scope "chat offline_access"   then, any time:
+  python3 glean_oauth.py exec -- python3 my_script.py     GLEAN_API_TOKEN set for it
 
 exit codes: 0 done; 1 the flow failed (a request, the callback, the chat call);
-2 bad configuration or usage; 130 interrupted (Ctrl-C).
+2 bad configuration or usage; 3 sign-in needed (run login); 130 interrupted (Ctrl-C).
+"""
+
+SUBCOMMAND_EPILOG = """\
+The token store is --token-file, else GLEAN_TOKEN_FILE, else
+$XDG_CONFIG_HOME/glean-oauth/tokens.json (~/.config/glean-oauth/tokens.json;
+%APPDATA%\\glean-oauth\\tokens.json on Windows). It never holds the client secret:
+a refresh for a confidential client takes CLIENT_SECRET from the environment.
+
+exit codes: 0 done; 1 a request failed; 2 bad configuration or usage;
+3 sign-in needed (nothing stored, or the refresh token was refused: run login);
+130 interrupted (Ctrl-C).
 """
 
 
@@ -304,7 +322,8 @@ def build_parser(command=None):
                                  "--refresh"]
     else:
         _, description, flags, epilog = COMMANDS[command]
-        parser = _Parser(prog="glean_oauth.py " + command, description=description, epilog=epilog,
+        parser = _Parser(prog="glean_oauth.py " + command, description=description,
+                         epilog=(epilog + "\n\n" if epilog else "") + SUBCOMMAND_EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     for flag in flags:
         options = dict(FLAGS[flag], **({"choices": list(CLIENT_AUTH)} if flag == "--auth-method" else {}))
@@ -1080,16 +1099,20 @@ def _no_client_auth(client_id, client_secret):
 
 
 def secret_forms(client_id, client_secret):
-    """The client secret as typed and as it goes on the wire (form-encoded, and inside
-    the Basic credential): what must never be printed, longest first."""
+    """The client secret in every form a server could echo it back in: as typed, as it
+    goes on the wire (form-encoded, inside the Basic credential), JSON-escaped, as repr
+    writes it, with its white space collapsed. What must never be printed, longest first."""
     if not client_secret:
         return []
-    encoded = {urllib.parse.quote_plus(client_secret, errors=ENV_ERRORS),
-               urllib.parse.quote(client_secret, safe="", errors=ENV_ERRORS)}
-    forms = {client_secret, printable(client_secret), one_line(client_secret), repr(client_secret)[1:-1],
-             json.dumps(client_secret)[1:-1], json_text(client_secret)[1:-1]}
-    forms |= encoded | {re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), form) for form in encoded}
-    forms.add(_client_secret_basic(client_id, client_secret)[1]["Authorization"].split(" ", 1)[1])
+    forms = {_client_secret_basic(client_id, client_secret)[1]["Authorization"].split(" ", 1)[1]}
+    # The secret as a server decodes it: the bytes the user set, where Python 3.6 in a C
+    # locale read them as surrogates.
+    for secret in {client_secret, client_secret.encode("utf-8", ENV_ERRORS).decode("utf-8", "replace")}:
+        encoded = {urllib.parse.quote_plus(secret, errors=ENV_ERRORS),
+                   urllib.parse.quote(secret, safe="", errors=ENV_ERRORS)}
+        forms |= {secret, printable(secret), one_line(secret), repr(secret)[1:-1], json.dumps(secret)[1:-1],
+                  json_text(secret)[1:-1]}
+        forms |= encoded | {re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), form) for form in encoded}
     return sorted(forms - {""}, key=len, reverse=True)
 
 

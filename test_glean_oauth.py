@@ -356,6 +356,12 @@ class _StandInHandler(BaseHTTPRequestHandler):
         self._send(status, headers, body)
 
     def _send(self, status, headers, body):
+        try:
+            self._write(status, headers, body)
+        except OSError:
+            self.close_connection = True  # the client hung up first (a timeout test, say)
+
+    def _write(self, status, headers, body):
         if isinstance(body, Streamed):
             self.send_response(status)
             self.send_header("Content-Type", "application/x-ndjson")  # Glean's own SDK asks for text/plain
@@ -1423,6 +1429,22 @@ def test_a_content_length_that_is_not_ascii_digits_is_read_to_the_close(content_
         assert glean_oauth.fetch_json(server.url + "/x") == {}
 
 
+@parametrize("head", [b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 200 + b"\r\n",
+                      b"HTTP/1.1 200 OK\r\nX-Long: " + b"y" * 70000 + b"\r\n\r\n"])
+def test_header_lines_and_count_stay_bounded(head):
+    def many(conn):
+        read_head(conn)
+        try:
+            conn.sendall(head)
+        except OSError:
+            pass  # the client stopped reading at its limit
+
+    with RawServer(many) as server:
+        with pytest.raises(glean_oauth.FlowError) as caught:
+            glean_oauth.http_request(server.url + "/x")
+    assert str(caught.value).startswith("Request to {}/x failed: the answer is not valid HTTP (".format(server.url))
+
+
 def tunnel_to(port, log):
     """A CONNECT proxy that tunnels every request to 127.0.0.1:`port` and logs what it saw."""
     def tunnel(conn):
@@ -1740,8 +1762,17 @@ def test_help_explains_every_variable_flag_and_exit_code():
                  "SSL_CERT_FILE", "BROWSER", "--backend-url", "--client-id", "--redirect-uri",
                  "--auth-method", "--scope", "--no-browser", "--manual", "--message", "--no-chat",
                  "--json", "--token-file", "--refresh", "--http-timeout", "--callback-timeout",
-                 "--version", "examples:", "exit codes: 0", "130 interrupted"]:
+                 "--version", "examples:", "exit codes: 0", "130 interrupted", "GLEAN_CHAT_TIMEOUT", "--stream",
+                 "GLEAN_TOKEN_FILE", "3 sign-in needed", "login", "token", "exec", "status", "logout"]:
         assert word in text, word
+
+
+@parametrize("command", ["login", "token", "exec", "status", "logout"])
+def test_each_subcommand_explains_itself(command):
+    proc = run_script({"PATH": os.environ.get("PATH", "")}, [command, "--help"])
+    text = proc.stdout.decode()
+    assert proc.returncode == 0 and text.startswith("usage: glean_oauth.py " + command)
+    assert "--token-file" in text and "3 sign-in needed" in text and "CLIENT_SECRET" in text
 
 
 def test_version():
