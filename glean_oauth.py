@@ -2141,6 +2141,13 @@ def cli(argv=None, environ=None, out=None, err=None, stdin=None):
         return error.exit_code
     except (OutputError, BrokenPipeError) as error:
         return _output_failed(getattr(error, "error", error), console)
+    except SystemExit as done:  # --help or --version: argparse has printed to stdout
+        try:
+            if real_stdout and sys.stdout:
+                sys.stdout.flush()
+        except (OSError, ValueError) as error:
+            return _output_failed(error, console)
+        return done.code or EXIT_OK
     except KeyboardInterrupt:
         console.problem("Interrupted.")
         return EXIT_INTERRUPTED
