@@ -9,6 +9,7 @@ was sent. Everything listens on 127.0.0.1 with ports the system picks.
     python3 test_glean_oauth.py demo         # the whole flow against the stand-in
 """
 
+import argparse
 import atexit
 import base64
 import codecs
@@ -2725,6 +2726,102 @@ def test_login_token_exec_on_every_python(version, tmp_path):
     assert token.returncode == 0 and token.stdout == ran.stdout, token.stderr + ran.stderr
     assert shown.returncode == 0 and out.returncode == 0 and not path.exists()
     assert len(glean.revoked) == 2
+
+
+def test_an_old_or_incomplete_store_means_sign_in_again(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        signed_in_and_expired(glean, path)
+        saved = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in saved.items() if k != "token_endpoint"}))
+        lacking = run_script(script_env(glean), ["token", "--token-file", str(path)])
+        path.write_text(json.dumps({k: v for k, v in saved.items() if k != "refresh_token"}))
+        no_refresh = run_script(script_env(glean), ["token", "--token-file", str(path)])
+        path.write_text("[1, 2]")
+        not_object = run_script(script_env(glean), ["token", "--token-file", str(path)])
+    assert (lacking.returncode, lacking.stderr.decode()) == (3, "The token file lacks what a refresh needs "
+                                                             "(token_endpoint). Sign in with: python3 glean_oauth.py login\n")
+    assert no_refresh.returncode == 3 and no_refresh.stderr.decode().startswith(
+        "The access token at {} has expired and there is no refresh token to renew it".format(path))
+    assert (not_object.returncode, not_object.stderr.decode()) == (
+        2, "The token file {} does not hold a JSON object.\n".format(path))
+    assert glean.requests == []
+
+
+def test_the_lock_wait_is_bounded(tmp_path):
+    import fcntl
+
+    store = glean_oauth.TokenStore(str(tmp_path / "tokens.json"))
+    with open(store.lock_path, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another run, mid-refresh
+        started = time.monotonic()
+        with pytest.raises(glean_oauth.FlowError) as caught:
+            with store.lock(0.2):
+                pass
+        assert 0.2 <= time.monotonic() - started < 2
+    assert str(caught.value) == "Another run has held the lock {} for 0.2 s; try again, or remove it if no run " \
+                                "is going on.".format(store.lock_path)
+    with store.lock(0.2):  # free again
+        pass
+
+
+def test_a_failed_revocation_keeps_the_tokens(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        glean.metadata_extra["revocation_endpoint"] = glean.url + "/oauth/revoke"
+        login(glean, path)
+        glean.overrides["/oauth/revoke"] = (503, {}, "down for maintenance\n")
+        proc = run_script(script_env(glean), ["logout", "--token-file", str(path)])
+    assert proc.returncode == 1 and path.exists()
+    assert proc.stderr.decode() == "Revoking the refresh token failed (503): down for maintenance. The tokens were " \
+                                   "kept; try again.\n"
+
+
+def test_the_chat_call_says_it_is_waiting_on_a_terminal(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(glean_oauth, "WAITING_NOTE_SECONDS", 0.05)
+    with StandInGlean() as glean:
+        glean.access_tokens["tok"] = None
+        glean.chat_delay = 0.5
+        config = argparse.Namespace(backend_url=glean.url, message="Q?", stream=False, chat_timeout=5,
+                                    http_timeout=5, scope="")
+        err = Terminal()
+        answer = glean_oauth.call_chat_api(config, "tok", glean_oauth.Console(io.StringIO(), err))
+    assert err.getvalue() == "Waiting for the Chat API answer...\n"
+    assert glean_oauth.chat_answer(answer) == glean.answer
+
+
+def test_a_header_that_cannot_be_sent_is_a_clear_error():
+    with StandInGlean() as glean:
+        with pytest.raises(glean_oauth.FlowError) as caught:
+            glean_oauth.http_request(glean.url + "/x", headers={"X-Bad": "a\r\nInjected: 1"})
+    assert str(caught.value).startswith("Request to {}/x cannot be sent: ".format(glean.url))
+    assert glean.requests == []
+
+
+@parametrize("proxy", ["https://proxy.example:3128", "socks5://127.0.0.1:1080", "http://proxy:port"])
+def test_a_proxy_that_is_no_plain_http_proxy_is_a_usage_error(proxy):
+    proc = run_script(dict(script_env("https://glean.test"), HTTPS_PROXY=proxy))
+    assert proc.returncode == 2
+    assert proc.stderr.decode() == "HTTPS_PROXY must be http://HOST:PORT (a plain-HTTP proxy that tunnels with " \
+                                   "CONNECT), not {}.\n".format(proxy)
+
+
+def test_a_backend_url_with_a_query_is_a_usage_error():
+    code, out, err = run_cli(good_environ("https://acme-be.glean.com/?x=1"))
+    assert (code, err) == (2, "GLEAN_BACKEND_URL must be the backend's address alone, without ?query or #fragment: "
+                              "https://acme-be.glean.com/?x=1.\n")
+
+
+def test_a_stream_over_the_total_limit_is_refused(monkeypatch):
+    monkeypatch.setattr(glean_oauth, "MAX_STREAM_BYTES", 1000)
+    with StandInGlean() as glean:
+        glean.overrides["/rest/api/v1/chat"] = (200, {}, Streamed(iter(["{}\n"] * 600)))
+        with pytest.raises(glean_oauth.FlowError, match="The stream from .* is over the 1000 byte limit"):
+            glean_oauth.http_request(glean.url + "/rest/api/v1/chat", b"{}", on_line=lambda line, d: None)
 
 
 # --- The Chat step as Glean answers ---------------------------------------------------------
