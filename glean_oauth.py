@@ -1264,7 +1264,8 @@ class ChatStream:
                 self._merge(message)
 
     def _merge(self, message):
-        key = message.get("messageId") or len(self.messages)
+        key = message.get("messageId")
+        key = key if isinstance(key, str) and key else len(self.messages)  # a server's value may be anything
         fragments = [f for f in message.get("fragments") or [] if isinstance(f, dict)] \
             if isinstance(message.get("fragments"), list) else []
         merged = self.messages.setdefault(key, dict(message, fragments=[]))
@@ -1426,6 +1427,7 @@ STORE_FIELDS = ("backend_url", "client_id", "auth_method", "issuer", "token_endp
 ISO_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 MAX_EXPIRES_IN = 10 * 365 * 24 * 3600  # beyond this an expires_in is nonsense: treated as absent
 LOCK_POLL_SECONDS = 0.02
+MAX_TIMESTAMP = 253402300800  # 10000-01-01: later times cannot be written in ISO_FORMAT
 
 
 def token_file_path(flag_value, environ):
@@ -1857,8 +1859,9 @@ def exec_command(argv, environ, console, stdin):
     tokens = fresh_tokens(TokenStore(token_file_path(args.token_file, environ)), environ,
                           seconds(args.min_valid, {}, "--min-valid", 60),
                           seconds(args.http_timeout, environ, "GLEAN_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS), console)
+    server = tokens.get("backend_url")
     child_environ = dict(environ, GLEAN_API_TOKEN=tokens["access_token"],
-                         GLEAN_SERVER_URL=tokens.get("backend_url") or environ.get("GLEAN_BACKEND_URL", ""))
+                         GLEAN_SERVER_URL=server if isinstance(server, str) else environ.get("GLEAN_BACKEND_URL", ""))
     try:
         if os.name == "posix":  # CMD takes this process's place: its exit code and signals are its own
             for stream in (sys.stdout, sys.stderr):
@@ -2046,7 +2049,8 @@ def expires_at(saved):
     if when is None:
         claims = jwt_claims(saved.get("access_token"))
         exp = claims.get("exp")
-        when = exp if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+        plausible = isinstance(exp, (int, float)) and not isinstance(exp, bool) and 0 <= exp < MAX_TIMESTAMP
+        when = exp if plausible else None
     return when
 
 

@@ -1418,6 +1418,23 @@ def test_a_server_that_drips_bytes_is_cut_off_at_the_deadline(head, body):
     assert 0.5 <= elapsed < 1.5, elapsed
 
 
+def test_a_server_that_drips_its_tls_handshake_is_cut_off_at_the_deadline():
+    def handshake(conn):
+        try:
+            conn.recv(4096)  # the ClientHello
+            for byte in b"\x16\x03\x03\x10\x00" + b"\x00" * 100:  # a record header, then its body slowly
+                conn.sendall(bytes([byte]))
+                time.sleep(0.05)  # the misbehaving peer's pace
+        except OSError:
+            pass
+
+    with RawServer(handshake) as server:
+        started = time.monotonic()
+        with pytest.raises(glean_oauth.FlowError, match="no answer in time"):
+            glean_oauth.http_request("https://127.0.0.1:{}/x".format(server.port), deadline=glean_oauth.Deadline(0.5))
+        assert 0.5 <= time.monotonic() - started < 1.5
+
+
 @parametrize("content_length", ["\u00b2", "-5", "1e3", "0x10"])
 def test_a_content_length_that_is_not_ascii_digits_is_read_to_the_close(content_length):
     def odd(conn):
@@ -2848,6 +2865,24 @@ def expected_stdout_of(flow):
     assert [line for line in flow.stdout.splitlines() if line.endswith(":")][-6:] == [
         "Token response:", "Chat response:", "JWT header:", "JWT claims:", "Refresh response:"][-6:] or True
     return flow.stdout
+
+
+def test_a_stream_with_odd_message_ids_is_still_merged():
+    lines = [{"messages": [{"messageId": {"not": "a string"}, "messageType": "CONTENT", "fragments": [{"text": "a"}]}]},
+             {"messages": [{"messageId": ["x"], "messageType": "CONTENT", "fragments": [{"text": "b"}]}]}]
+    with StandInGlean() as glean:
+        glean.overrides["/rest/api/v1/chat"] = (200, {}, Streamed(json.dumps(line) + "\n" for line in lines))
+        flow = run_flow(glean, ["--stream"])
+    assert flow.code == 0, flow.run.output()
+    assert [m["fragments"] for m in json.loads(section(flow.stdout, "Chat response"))["messages"]] == [
+        [{"text": "a"}], [{"text": "b"}]]
+
+
+def test_status_of_a_token_with_an_absurd_expiry():
+    token = make_jwt({"alg": "none"}, {"sub": "u", "exp": 1e20})
+    info = glean_oauth.status_of({"access_token": token}, "/x", time.time())
+    assert info["expires_at"] is None and info["user"] == "u"
+    assert glean_oauth.valid_for({"access_token": token}, 60, time.time())  # unknown counts as valid
 
 
 def test_the_stream_is_shown_while_it_is_still_open():
