@@ -1538,6 +1538,13 @@ class TokenStore:
                 self.path, info.st_mode & 0o777, self.path)
         return None
 
+    def load(self, console=None):
+        """The saved contents after check_safe (its warning to `console`), or None."""
+        warning = self.check_safe()
+        if warning and console:
+            console.problem(warning)
+        return self.read()
+
     def read(self):
         """The saved contents (a dict), or None when there is no file."""
         try:
@@ -1764,10 +1771,7 @@ def refresh_later(config, console, results):
 
 def stored_refresh_token(store, console):
     """The refresh token in `store`, after the checks a file of secrets needs."""
-    warning = store.check_safe()
-    if warning:
-        console.problem(warning)
-    saved = store.read()
+    saved = store.load(console)
     if saved is None:
         raise FlowError("Cannot read the token file {}: No such file or directory.".format(store.path), EXIT_USAGE)
     token = saved.get("refresh_token")
@@ -1838,9 +1842,7 @@ def login(argv, environ, console, stdin):
 def token(argv, environ, console, stdin):
     """`token`: print a valid access token and nothing else; never a browser, never a prompt."""
     args = parse_args("token", argv)
-    tokens = fresh_tokens(TokenStore(token_file_path(args.token_file, environ)), environ,
-                          seconds(args.min_valid, {}, "--min-valid", 60),
-                          seconds(args.http_timeout, environ, "GLEAN_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS), console)
+    tokens = fresh_tokens_for(args, environ, console)
     if args.json:
         console.result({key: tokens.get(key) for key in ("access_token", "token_type", "expires_at", "scope")})
     else:
@@ -1856,9 +1858,7 @@ def exec_command(argv, environ, console, stdin):
     command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not command:
         raise FlowError("exec needs a command: glean_oauth.py exec -- CMD [ARGS...]", EXIT_USAGE)
-    tokens = fresh_tokens(TokenStore(token_file_path(args.token_file, environ)), environ,
-                          seconds(args.min_valid, {}, "--min-valid", 60),
-                          seconds(args.http_timeout, environ, "GLEAN_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS), console)
+    tokens = fresh_tokens_for(args, environ, console)
     server = tokens.get("backend_url")
     child_environ = dict(environ, GLEAN_API_TOKEN=tokens["access_token"],
                          GLEAN_SERVER_URL=server if isinstance(server, str) else environ.get("GLEAN_BACKEND_URL", ""))
@@ -1895,17 +1895,13 @@ def logout(argv, environ, console, stdin):
     (RFC 7009), then delete them. Without one, say what that means."""
     args = parse_args("logout", argv)
     store = TokenStore(token_file_path(args.token_file, environ))
-    warning = store.check_safe()
-    if warning:
-        console.problem(warning)
-    saved = store.read()
+    saved = store.load(console)
     if saved is None:
         console.note("Nothing is stored at {}; nothing to do.".format(store.path))
         return EXIT_OK
     endpoint = saved.get("revocation_endpoint")
     if isinstance(endpoint, str) and endpoint:
-        client = stored_client(saved, environ, seconds(args.http_timeout, environ, "GLEAN_HTTP_TIMEOUT",
-                                                        HTTP_TIMEOUT_SECONDS))
+        client = stored_client(saved, environ, http_timeout_setting(args, environ))
         console.secrets = secret_forms(client.client_id, client.client_secret)
         check_transport(endpoint, "The token file's revocation_endpoint")
         for kind in ("refresh_token", "access_token"):  # the refresh token first: it is the lasting one
@@ -1941,9 +1937,20 @@ class TokenProvider:
     def __call__(self):
         with self.lock:
             if self.tokens is None or not valid_for(self.tokens, self.min_valid, time.time()):
-                timeout = seconds(None, self.environ, "GLEAN_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS)
-                self.tokens = fresh_tokens(self.store, self.environ, self.min_valid, timeout)
+                self.tokens = fresh_tokens(self.store, self.environ, self.min_valid,
+                                           http_timeout_setting(None, self.environ))
             return self.tokens["access_token"]
+
+
+def fresh_tokens_for(args, environ, console):
+    """fresh_tokens with the flags of `token` or `exec`."""
+    return fresh_tokens(TokenStore(token_file_path(args.token_file, environ)), environ,
+                        seconds(args.min_valid, {}, "--min-valid", 60), http_timeout_setting(args, environ), console)
+
+
+def http_timeout_setting(args, environ):
+    """--http-timeout, else GLEAN_HTTP_TIMEOUT, else the default."""
+    return seconds(getattr(args, "http_timeout", None), environ, "GLEAN_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS)
 
 
 def fresh_tokens(store, environ, min_valid, http_timeout, console=None):
@@ -1965,10 +1972,7 @@ def fresh_tokens(store, environ, min_valid, http_timeout, console=None):
 def load_store(store, environ, console=None):
     """The stored tokens, after the safety checks; SignInNeeded when nothing is stored for
     the backend GLEAN_BACKEND_URL names (when it names one)."""
-    warning = store.check_safe()
-    if warning and console:
-        console.problem(warning)
-    saved = store.read()
+    saved = store.load(console)
     if saved is None:
         raise SignInNeeded("No tokens are stored at {}.".format(store.path))
     backend = environ.get("GLEAN_BACKEND_URL", "").strip().rstrip("/")
@@ -2261,8 +2265,8 @@ def http_request(url, data=None, headers=None, deadline=None, on_line=None):
         return Response(response.status, response.headers, body)
     except (TimeoutError, OSError) as error:  # socket.timeout and ssl.SSLError are OSErrors
         raise FlowError("Request to {} failed: {}".format(url, _reason(error, deadline)))
-    except (ValueError, UnicodeError) as error:  # a header value that cannot be sent
-        raise FlowError("Request to {} cannot be sent: {}.".format(url, one_line(str(error))))
+    except (ValueError, UnicodeError):  # its message would echo the header value: a credential, maybe
+        raise FlowError("Request to {} cannot be sent: a header holds characters HTTP does not allow.".format(url))
     except _http_client().HTTPException as error:
         raise FlowError("Request to {} failed: the answer is not valid HTTP ({}).".format(
             url, one_line(type(error).__name__ + (": " + str(error) if str(error) else ""))))
