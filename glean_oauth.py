@@ -118,6 +118,7 @@ class Console:
         self.secrets = []  # every form of the client secret that a server could echo back
         self.json_out = out  # where --json's object goes, when `out` is moved to stderr
         self.real_stdout = real_stdout  # `out` is the process's own stdout (fd 1)
+        self.held = ""  # the end of the streamed text so far that could begin a secret
 
     def claim_stdout(self):
         """--json: keep stdout for the one JSON object. The sections go to stderr, and so
@@ -149,8 +150,18 @@ class Console:
         self._write(self.err, text, lambda text: printable(text, keep="\n\t"))
 
     def progress(self, text):
-        """Text on stderr as it comes, with no line end added (a streamed answer)."""
-        self._write(self.err, text, lambda text: printable(text, keep="\n\t"), end="")
+        """Text on stderr as it comes, with no line end added (a streamed answer). The text
+        is redacted as a whole, however it was cut: its end that could be the start of a
+        secret is held back until the next piece, or end_progress(), shows what follows."""
+        text = redacted(self.held + text, self.secrets)
+        cut = len(text) - _secret_start_length(text, self.secrets)
+        self.held = text[cut:]
+        self._write(self.err, text[:cut], lambda text: printable(text, keep="\n\t"), end="")
+
+    def end_progress(self):
+        """Show what progress() held back: the streamed text has ended."""
+        held, self.held = self.held, ""
+        self._write(self.err, held, lambda text: printable(text, keep="\n\t"), end="")
 
     def result(self, value):
         """The one JSON object of --json, on stdout."""
@@ -180,19 +191,41 @@ class Console:
             raise OutputError(error)
 
 
+REDACTED = "[redacted]"
+
+
 def redacted(value, secrets):
     """`value` (text, or parsed JSON) with each of `secrets` in every string replaced by
     [redacted]. JSON is redacted before it is serialized, since serializing escapes the
-    secret's forms into yet other forms."""
+    secret's forms into yet other forms. One pass, longest secret first, and never inside
+    a marker already there, so that redacting twice changes nothing."""
     if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, "[redacted]")
-        return value
+        if not secrets:
+            return value
+        pattern = _secrets_pattern(tuple(secrets))
+        return REDACTED.join(pattern.sub(REDACTED, piece) for piece in value.split(REDACTED))
     if isinstance(value, list):
         return [redacted(item, secrets) for item in value]
     if isinstance(value, dict):
         return {redacted(key, secrets): redacted(item, secrets) for key, item in value.items()}
     return value
+
+
+def _secret_start_length(text, secrets):
+    """The length of the longest end of `text` that is the start of one of `secrets`
+    (shorter than it): what a stream must hold back until it sees what follows."""
+    longest = 0
+    for secret in secrets:
+        for length in range(min(len(secret) - 1, len(text)), longest, -1):
+            if secret.startswith(text[-length:]):
+                longest = length
+                break
+    return longest
+
+
+@functools.lru_cache(maxsize=8)
+def _secrets_pattern(secrets):
+    return re.compile("|".join(re.escape(secret) for secret in sorted(secrets, key=len, reverse=True)))
 
 
 class _FdWriter:
@@ -534,10 +567,7 @@ def _finite(text):
 def excerpt(body, redact=()):
     """The start of a response body, on one line, for an error message; each of `redact`
     is replaced first, since a secret cut in two by the excerpt could not be."""
-    text = body.decode("utf-8", "replace")
-    for secret in redact:
-        text = text.replace(secret, "[redacted]")
-    text = one_line(text)
+    text = one_line(redacted(body.decode("utf-8", "replace"), redact))
     return text if len(text) <= EXCERPT_CHARACTERS else text[:EXCERPT_CHARACTERS] + "..."
 
 
@@ -1098,22 +1128,36 @@ def _no_client_auth(client_id, client_secret):
     return [("client_id", client_id)], {}
 
 
+MIN_SECRET_CHARACTERS = 8  # shorter forms are not redacted: they would shred unrelated text
+
+
 def secret_forms(client_id, client_secret):
-    """The client secret in every form a server could echo it back in: as typed, as it
-    goes on the wire (form-encoded, inside the Basic credential), JSON-escaped, as repr
-    writes it, with its white space collapsed. What must never be printed, longest first."""
+    """The client secret in every form a server could echo it back in (credential_forms),
+    and inside the Basic credential. What must never be printed, longest first."""
     if not client_secret:
         return []
-    forms = {_client_secret_basic(client_id, client_secret)[1]["Authorization"].split(" ", 1)[1]}
-    # The secret as a server decodes it: the bytes the user set, where Python 3.6 in a C
+    basic = _client_secret_basic(client_id, client_secret)[1]["Authorization"].split(" ", 1)[1]
+    return _longest_first(credential_forms(client_secret) + [basic])
+
+
+def credential_forms(value):
+    """`value` (a secret, a token, a code) in every form a server could echo it back in:
+    as typed, as it goes on the wire (form-encoded), JSON-escaped, as repr writes it,
+    with its white space collapsed; longest first, none under MIN_SECRET_CHARACTERS."""
+    forms = set()
+    # The value as a server decodes it: the bytes the user set, where Python 3.6 in a C
     # locale read them as surrogates.
-    for secret in {client_secret, client_secret.encode("utf-8", ENV_ERRORS).decode("utf-8", "replace")}:
+    for secret in {value, value.encode("utf-8", ENV_ERRORS).decode("utf-8", "replace")} if value else ():
         encoded = {urllib.parse.quote_plus(secret, errors=ENV_ERRORS),
                    urllib.parse.quote(secret, safe="", errors=ENV_ERRORS)}
         forms |= {secret, printable(secret), one_line(secret), repr(secret)[1:-1], json.dumps(secret)[1:-1],
                   json_text(secret)[1:-1]}
         forms |= encoded | {re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), form) for form in encoded}
-    return sorted(forms - {""}, key=len, reverse=True)
+    return _longest_first(forms)
+
+
+def _longest_first(forms):
+    return sorted({form for form in forms if len(form) >= MIN_SECRET_CHARACTERS}, key=len, reverse=True)
 
 
 # Token endpoint authentication, one row a method (RFC 7591 §2 names them).
@@ -1129,8 +1173,11 @@ def _grant(metadata, config, grant_fields, after_auth=()):
     client's fields go between `grant_fields` and `after_auth`, where the doc puts them."""
     auth_fields, headers = CLIENT_AUTH[config.auth_method](config.client_id, config.client_secret)
     fields = list(grant_fields) + auth_fields + list(after_auth)
+    # An error answer may echo what was sent: the secret, and the code or token spent.
+    in_flight = [value for name, value in fields if name in ("code", "code_verifier", "refresh_token")]
     return token_request(metadata["token_endpoint"], fields, headers, config.http_timeout,
-                         redact=secret_forms(config.client_id, config.client_secret))
+                         redact=_longest_first(secret_forms(config.client_id, config.client_secret)
+                                               + [form for value in in_flight for form in credential_forms(value)]))
 
 
 def exchange_code(metadata, config, code, code_verifier):
@@ -1170,7 +1217,8 @@ def call_chat_api(config, access_token, console):
     headers = {"Authorization": "Bearer " + access_token, "Content-Type": "application/json"}
     body = chat_request_body(config.message, config.stream)
     deadline = Deadline(config.chat_timeout, "GLEAN_CHAT_TIMEOUT")
-    stream = ChatStream(console, config.http_timeout) if config.stream else None
+    redact = credential_forms(access_token)  # an error answer may echo the token it refused
+    stream = ChatStream(console, config.http_timeout, redact) if config.stream else None
     waiting = None
     if not stream and _isatty(console.err):
         waiting = threading.Timer(WAITING_NOTE_SECONDS, console.note, ["Waiting for the Chat API answer..."])
@@ -1181,9 +1229,12 @@ def call_chat_api(config, access_token, console):
     finally:
         if waiting:
             waiting.cancel()
+        if stream:
+            stream.end_answer_line()
     if not 200 <= response.status < 300:
         raise FlowError("Request to {} failed ({}): {}{}".format(
-            url, response.status, excerpt(response.body), scope_hint(response, config)), status=response.status)
+            url, response.status, excerpt(response.body, redact), scope_hint(response, config)),
+            status=response.status)
     return stream.finish() if stream else json_object(url, response)
 
 
@@ -1229,8 +1280,8 @@ class ChatStream:
     merges the lines into one ChatResponse: messages in arrival order, one per
     messageId, each CONTENT message's text fragments joined into one."""
 
-    def __init__(self, console, silence):
-        self.console, self.silence = console, silence
+    def __init__(self, console, silence, redact=()):
+        self.console, self.silence, self.redact = console, silence, redact
         self.count = 0  # lines so far
         self.response = {}  # the fields of the lines but messages, the last one winning
         self.messages = {}  # messageId (or the arrival number) -> merged message
@@ -1254,7 +1305,7 @@ class ChatStream:
             value = None
         if not isinstance(value, dict):
             raise FlowError("Line {} of the chat stream is not a JSON object: {}".format(
-                self.count, excerpt(raw)))
+                self.count, excerpt(raw, self.redact)))
         for key, field in value.items():
             if key != "messages":
                 self.response[key] = field
@@ -1280,17 +1331,19 @@ class ChatStream:
                 self.writing = True
             self.console.progress(text)
         else:
-            self._end_answer_line()
+            self.end_answer_line()
             self.console.note("  " + one_line(text.replace("**", "")))
 
-    def _end_answer_line(self):
+    def end_answer_line(self):
+        """End the answer's line on stderr, if one is open, with what was held back."""
         if self.writing:
             self.console.progress("\n")
+            self.console.end_progress()
             self.writing = False
 
     def finish(self):
         """The merged ChatResponse, once the stream has ended."""
-        self._end_answer_line()
+        self.end_answer_line()
         for message in self.messages.values():
             if message.get("messageType", "CONTENT") == "CONTENT":
                 message["fragments"] = _joined_text(message["fragments"])
@@ -2037,7 +2090,8 @@ def revoke_token(endpoint, client, value, kind):
     answer = form_post(endpoint, fields, headers, client.http_timeout)
     if not 200 <= answer.status < 300 and kind == "refresh_token":
         raise FlowError("Revoking the refresh token failed ({}): {}. The tokens were kept; try again.".format(
-            answer.status, excerpt(answer.body, secret_forms(client.client_id, client.client_secret))))
+            answer.status, excerpt(answer.body, _longest_first(
+                secret_forms(client.client_id, client.client_secret) + credential_forms(value)))))
 
 
 def valid_for(saved, min_valid, now):
@@ -2214,12 +2268,21 @@ class Deadline:
         self.seconds, self.setting = seconds, setting
         self.at = time.monotonic() + seconds
 
-    def remaining(self):
-        """Seconds left; TimeoutError when there are none."""
+    def remaining(self, waiting_for="an answer"):
+        """Seconds left; Expired(`waiting_for`) when there are none."""
         left = self.at - time.monotonic()
         if left <= 0:
-            raise TimeoutError("deadline")
+            raise Expired(waiting_for)
         return left
+
+
+class Expired(TimeoutError):
+    """A request's deadline ran out while it waited for `waiting_for`: "name resolution",
+    "connect" or "an answer"."""
+
+    def __init__(self, waiting_for):
+        super().__init__(waiting_for)
+        self.waiting_for = waiting_for
 
 
 def http_request(url, data=None, headers=None, deadline=None, on_line=None):
@@ -2259,7 +2322,10 @@ def http_request(url, data=None, headers=None, deadline=None, on_line=None):
             body = b""
         else:
             body = _read_limited(response, url)
-        if not response.will_close:
+        # Reused only when this answer was read to the end its framing gives (its length,
+        # or its last chunk) and neither side asked to close: else the next request on it
+        # could read the rest of this one as its answer.
+        if response.isclosed() and not response.length and not response.will_close:
             _keep(origin, conn)
             conn = None
         return Response(response.status, response.headers, body)
@@ -2281,20 +2347,39 @@ def _http_client():
     return http.client
 
 
-_idle = {}  # (scheme, host, port) -> kept-alive connections waiting for the next request
-_idle_lock = threading.Lock()  # TokenProvider may be called from several threads
+class _Pool:
+    """The kept-alive connections of one process: (scheme, host, port) -> idle connections."""
+
+    def __init__(self):
+        self.pid = os.getpid()
+        self.idle = {}
+        self.lock = threading.Lock()  # TokenProvider may be called from several threads
+
+
+_pool = None
+
+
+def _this_process_pool():
+    """The pool of this process. After fork() the child starts an empty one: a connection
+    its parent opened is one TLS stream, and two processes writing to it break it for both."""
+    global _pool
+    if _pool is None or _pool.pid != os.getpid():
+        _pool = _Pool()  # the parent's connections are dropped here, never used or closed on the wire
+    return _pool
 
 
 def _keep(origin, conn):
-    with _idle_lock:
-        _idle.setdefault(origin, []).append(conn)
+    pool = _this_process_pool()
+    with pool.lock:
+        pool.idle.setdefault(origin, []).append(conn)
 
 
 def _connection(origin, deadline):
     """An idle connection to `origin` that the server has not closed, else a new one."""
+    pool = _this_process_pool()
     while True:
-        with _idle_lock:
-            conn = _idle.get(origin, []) and _idle[origin].pop()
+        with pool.lock:
+            conn = pool.idle.get(origin, []) and pool.idle[origin].pop()
         if not conn:
             return _connect(origin, deadline)
         if _still_open(conn.sock):
@@ -2337,6 +2422,7 @@ def _connect(origin, deadline):
     else:
         conn = http_client.HTTPConnection(*address, timeout=deadline.remaining())
     conn.response_class = functools.partial(_timed_response, deadline)
+    conn._create_connection = functools.partial(_open_socket, deadline)  # what connect() calls
     if proxy:
         conn.set_tunnel(host, port, _proxy_headers(proxy))
     through_proxy = bool(proxy)
@@ -2361,6 +2447,59 @@ def _connect(origin, deadline):
         raise FlowError("Cannot reach the proxy {} (HTTPS_PROXY): {}.".format(where, _reason(error, deadline)))
 
 
+def _open_socket(deadline, address, *unused):
+    """A TCP connection to `address` (host, port) within `deadline`: the name resolved in
+    a thread joined with the time left (getaddrinfo has no timeout of its own), then
+    each address tried with the time that is left, not the whole timeout each."""
+    import socket
+
+    host, port = address
+    addresses = _resolve(host, port, deadline)
+    error = OSError("{} has no address".format(host))
+    for family, kind, proto, _, sockaddr in addresses:
+        left = deadline.remaining("connect")
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(left)
+            sock.connect(sockaddr)
+            return sock
+        except socket.timeout:
+            sock.close()
+            error = Expired("connect")
+        except OSError as failed:  # refused, unreachable: the next address may answer
+            sock.close()
+            error = failed
+    raise error
+
+
+def _resolve(host, port, deadline):
+    """getaddrinfo for `host`, bounded by `deadline`; at once for an IP address."""
+    import socket
+
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+        except (OSError, ValueError):
+            continue
+    outcome = []
+
+    def resolve():
+        try:
+            outcome.append(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
+        except Exception as error:  # gaierror, UnicodeError for a bad name: reported below
+            outcome.append(error)
+
+    resolver = threading.Thread(target=resolve, daemon=True)  # left behind when it takes too long
+    resolver.start()
+    resolver.join(deadline.remaining("name resolution"))
+    if not outcome:
+        raise Expired("name resolution")
+    if isinstance(outcome[0], Exception):
+        raise outcome[0] if isinstance(outcome[0], OSError) else OSError(str(outcome[0]))
+    return outcome[0]
+
+
 def _proxy_for(scheme, host):
     """HTTPS_PROXY as a split URL for an https request that NO_PROXY does not exempt;
     None for plain http (loopback only) and for loopback, which no proxy can reach."""
@@ -2377,8 +2516,9 @@ def _proxy_for(scheme, host):
     except ValueError:
         parts = None
     if not parts or parts.scheme != "http" or not parts.hostname:
-        raise FlowError("HTTPS_PROXY must be http://HOST:PORT (a plain-HTTP proxy that tunnels with "
-                        "CONNECT), not {}.".format(_without_userinfo(proxy)), EXIT_USAGE)
+        raise FlowError("HTTPS_PROXY must be http://HOST:PORT (a plain-HTTP proxy that tunnels with CONNECT; "
+                        "percent-encode / ? # @ in its user name or password), not {}.".format(
+                            _without_userinfo(proxy)), EXIT_USAGE)
     return parts
 
 
@@ -2391,8 +2531,13 @@ def _proxy_headers(proxy):
 
 
 def _without_userinfo(url):
-    """`url` with any user:password@ removed, for messages."""
-    return re.sub(r"//[^/@]*@", "//", url)
+    """`url` for messages, with everything up to its last @ removed but the scheme: a
+    password may hold / ? or #, so the userinfo cannot be told from a path with certainty,
+    and no part of it may be shown."""
+    head, at, rest = url.rpartition("@")
+    if not at:
+        return url
+    return (head.split("//", 1)[0] + "//" if "//" in head else "") + rest
 
 
 @functools.lru_cache(maxsize=None)
@@ -2446,7 +2591,31 @@ class _DeadlineReader(io.RawIOBase):
 
 
 def _timed_response(deadline, sock, *args, **kwargs):
-    return _http_client().HTTPResponse(_TimedSocket(sock, deadline), *args, **kwargs)
+    return _response_class()(_TimedSocket(sock, deadline), *args, **kwargs)
+
+
+MAX_INTERIM_ANSWERS = 16  # 1xx answers before the real one; servers send one or two
+
+
+@functools.lru_cache(maxsize=None)
+def _response_class():
+    """http.client's response, but an interim answer (102 Processing, 103 Early Hints, any
+    1xx: RFC 9110 §15.2) is read and dropped like 100 Continue, never taken as the answer
+    (which would leave the real one to be read as the answer to the next request)."""
+    http_client = _http_client()
+
+    class InterimAnswersSkipped(http_client.HTTPResponse):
+        def _read_status(self):
+            for _ in range(MAX_INTERIM_ANSWERS):
+                version, status, reason = super()._read_status()
+                if status == 101:  # this client never asks to switch protocols
+                    raise http_client.HTTPException("101 Switching Protocols, never asked for")
+                if not 101 < status < 200:
+                    return version, status, reason  # 100: begin() drops it itself
+                http_client.parse_headers(self.fp)  # its headers, dropped with it
+            raise http_client.HTTPException("over {} interim 1xx answers".format(MAX_INTERIM_ANSWERS))
+
+    return InterimAnswersSkipped
 
 
 def _reason(error, deadline):
@@ -2454,7 +2623,9 @@ def _reason(error, deadline):
     import socket
 
     if isinstance(error, (TimeoutError, socket.timeout)):
-        return "no answer in time ({} sets the limit in seconds)".format(deadline.setting)
+        waiting_for = getattr(error, "waiting_for", "an answer")
+        what = "no answer in time" if waiting_for == "an answer" else "{} took too long".format(waiting_for)
+        return "{} ({} sets the limit in seconds)".format(what, deadline.setting)
     ssl = sys.modules.get("ssl")
     if ssl and isinstance(error, ssl.CertificateError) or "CERTIFICATE_VERIFY_FAILED" in str(error):
         return ("the server's TLS certificate is not trusted ({}); behind a corporate proxy or CA, "
@@ -2484,6 +2655,9 @@ def _read_lines(response, url, deadline, on_line):
     while True:
         line = response.readline(MAX_LINE_BYTES + 1)
         if not line:
+            if response.length:  # the connection closed before the Content-Length was reached
+                raise _http_client().IncompleteRead(b"", response.length)
+            response.read()  # a length-delimited body read to its end: Python < 3.13 leaves it open
             return
         size += len(line)
         if len(line) > MAX_LINE_BYTES:

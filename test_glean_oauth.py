@@ -125,6 +125,9 @@ class StandInGlean:
         self.answer = "The executive team is listed on the People page."
         self.chat_delay = 0  # seconds before the chat answer starts
         self.stream_pace = None  # with --stream: stream_pace(line index) runs before each line
+        self.stream_framing = "chunked"  # or "length": the whole stream with a Content-Length, as a buffering proxy sends it
+        self.answer_deltas = None  # with --stream: the answer's text deltas (default: a word each)
+        self.interim = {}  # path -> the 1xx statuses sent before its answer (102 Processing, 103 Early Hints)
         self.refresh_tokens = set()
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_StandInHandler, self))
@@ -283,6 +286,7 @@ class StandInGlean:
         time.sleep(self.chat_delay)  # a slow answer, as agents give: the server's pace, not a test's wait
         words = [word + " " for word in self.answer.split(" ")]
         words[-1] = words[-1][:-1]
+        words = self.answer_deltas or words
         head = [{"author": "USER", "messageType": "CONTENT", "messageId": "m-user", "fragments": [{"text": question}]},
                 {"author": "GLEAN_AI", "messageType": "UPDATE", "messageId": "m-search",
                  "fragments": [{"text": "**Searching:** executive team"}]}]
@@ -354,15 +358,20 @@ class _StandInHandler(BaseHTTPRequestHandler):
             status, headers, body = routes[request.path](request)
         else:
             status, headers, body = 404, {}, "not found\n"
-        self._send(status, headers, body)
+        self._send(status, headers, body, request.path)
 
-    def _send(self, status, headers, body):
+    def _send(self, status, headers, body, path=None):
         try:
+            for interim in self.glean.interim.get(path, []):
+                self.wfile.write("HTTP/1.1 {} Interim\r\nLink: </a.css>; rel=preload\r\n\r\n".format(interim).encode())
             self._write(status, headers, body)
         except OSError:
             self.close_connection = True  # the client hung up first (a timeout test, say)
 
     def _write(self, status, headers, body):
+        if isinstance(body, Streamed) and self.glean.stream_framing == "length":
+            body = "".join(body.lines).encode("utf-8")
+            headers = dict(headers, **{"Content-Type": "application/x-ndjson"})
         if isinstance(body, Streamed):
             self.send_response(status)
             self.send_header("Content-Type", "application/x-ndjson")  # Glean's own SDK asks for text/plain
@@ -383,6 +392,8 @@ class _StandInHandler(BaseHTTPRequestHandler):
         else:
             data = body if isinstance(body, bytes) else body.encode("utf-8")
             content_type = "text/plain; charset=utf-8"
+        headers = dict(headers)
+        content_type = headers.pop("Content-Type", content_type)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
@@ -1388,6 +1399,142 @@ def test_a_connection_that_breaks_after_the_request_was_sent_is_not_retried():
     assert len(server.connections) == 1 and len(heads) == 1  # sent once, on the kept connection
 
 
+def saved_refresh_token(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["refresh_token"]
+
+
+@parametrize("version", ["3.6", PYTHONS[-1]])
+def test_a_streamed_answer_with_a_content_length_is_read_to_its_end_and_the_refresh_still_lands(version, tmp_path):
+    """Python 3.6 to 3.12 leave a length-delimited body open after readline() reaches its end;
+    the refresh on the same connection then read nothing and the rotated token was lost."""
+    python = find_python(version) or pytest.skip("no CPython {} here".format(version))
+    path = str(tmp_path / "tokens.json")
+    with StandInGlean() as glean:
+        glean.stream_framing = "length"
+        flow = run_flow(glean, ["--stream", "--token-file", path], python=python)
+    assert flow.code == 0, flow.run.output()
+    assert json.loads(section(flow.stdout, "Refresh response"))["refresh_token"] == saved_refresh_token(path)
+    assert saved_refresh_token(path) in glean.refresh_tokens
+    script = [r for r in glean.requests if r.path != "/oauth/authorize"]
+    assert len({r.connection for r in script}) == 1  # still one kept connection
+
+
+@parametrize("version", ["3.6", PYTHONS[-1]])
+def test_interim_answers_are_dropped_and_the_real_answer_is_this_requests(version, tmp_path):
+    """A 102 or 103 before the answer was taken as the answer; the real one was then read as
+    the answer to the refresh, whose rotated token was lost."""
+    python = find_python(version) or pytest.skip("no CPython {} here".format(version))
+    path = str(tmp_path / "tokens.json")
+    with StandInGlean() as glean:
+        glean.interim = {"/rest/api/v1/chat": [102, 103], "/oauth/token": [103]}
+        flow = run_flow(glean, ["--token-file", path], python=python)
+    assert flow.code == 0, flow.run.output()
+    assert json.loads(section(flow.stdout, "Chat response"))["chatId"] == "chat-1"
+    assert saved_refresh_token(path) in glean.refresh_tokens
+
+
+@parametrize("interim, message", [
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n", "101 Switching Protocols, never asked for"),
+    (b"HTTP/1.1 103 Early Hints\r\n\r\n" * 17, "over 16 interim 1xx answers"),
+])
+def test_a_switch_or_endless_interim_answers_are_refused_and_the_connection_dropped(interim, message):
+    def answer(conn):
+        try:
+            read_head(conn)
+            conn.sendall(interim + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            read_head(conn)  # the connection must not be used again: a new one comes instead
+        except OSError:
+            pass  # closed by the client, or by the server's exit
+
+    with RawServer(answer) as server:
+        with pytest.raises(glean_oauth.FlowError) as caught:
+            glean_oauth.http_request(server.url + "/x")
+        with pytest.raises(glean_oauth.FlowError):
+            glean_oauth.http_request(server.url + "/y", deadline=glean_oauth.Deadline(1))
+    assert str(caught.value) == "Request to {}/x failed: the answer is not valid HTTP (HTTPException: {}).".format(
+        server.url, message)
+    assert len(server.connections) == 2
+
+
+def test_slow_name_resolution_ends_at_the_deadline(monkeypatch):
+    resolved, real = threading.Event(), socket.getaddrinfo
+
+    def slow(host, *args, **kwargs):
+        if host == "slow.test":
+            resolved.wait(RUN_TIMEOUT)  # a resolver that does not answer: released at the end
+        return real("127.0.0.1" if host == "slow.test" else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    started = time.monotonic()
+    try:
+        with pytest.raises(glean_oauth.FlowError) as caught:
+            glean_oauth.http_request("http://slow.test:9/x", deadline=glean_oauth.Deadline(0.5))
+        elapsed = time.monotonic() - started
+    finally:
+        resolved.set()
+    assert str(caught.value) == "Request to http://slow.test:9/x failed: name resolution took too long " \
+                                "(GLEAN_HTTP_TIMEOUT sets the limit in seconds)"
+    assert 0.5 <= elapsed < 0.5 + 1.5, elapsed
+
+
+def test_addresses_that_drop_syns_share_the_deadline_instead_of_taking_it_each(monkeypatch):
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)  # one connection fills its queue: Linux then drops further SYNs
+        address = full.getsockname()
+        with socket.create_connection(address):
+            entry = (socket.AF_INET, socket.SOCK_STREAM, 6, "", address)
+            monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: [entry] * 3)
+            started = time.monotonic()
+            with pytest.raises(glean_oauth.FlowError) as caught:
+                glean_oauth.http_request("http://three.test:{}/x".format(address[1]),
+                                         deadline=glean_oauth.Deadline(0.5))
+            elapsed = time.monotonic() - started
+    assert str(caught.value).endswith("failed: connect took too long (GLEAN_HTTP_TIMEOUT sets the limit in seconds)")
+    assert 0.5 <= elapsed < 0.5 + 1.5, elapsed
+
+
+def test_a_refused_address_passes_the_time_left_to_the_next(monkeypatch):
+    with StandInGlean() as glean, socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # never listening: refused at once
+        port = glean.httpd.server_address[1]
+        entries = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", closed.getsockname()),
+                   (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: entries)
+        assert glean_oauth.fetch_json("http://two.test:{}/.well-known/oauth-authorization-server".format(port))
+
+
+FORK_SCRIPT = """
+import os, sys
+sys.path.insert(0, {here!r})
+import glean_oauth
+glean_oauth._tls_context.cache_clear()
+url = {url!r}
+glean_oauth.fetch_json(url)  # a pooled TLS connection, then a fork
+child = os.fork()
+results = [glean_oauth.fetch_json(url) for _ in range(3)]
+if child == 0:
+    os._exit(0)
+_, status = os.waitpid(child, 0)
+print(os.WEXITSTATUS(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
+def test_a_forked_child_never_uses_its_parents_connection():
+    with StandInGlean(tls=True) as glean:
+        url = glean.url + "/.well-known/oauth-authorization-server"
+        proc = subprocess.run([sys.executable, "-c", FORK_SCRIPT.format(here=HERE, url=url)],
+                              env=dict(os.environ, SSL_CERT_FILE=certificate_file()),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"0\n", b"")
+    by_connection = {}
+    for request in glean.requests:
+        by_connection[request.connection] = by_connection.get(request.connection, 0) + 1
+    assert sorted(by_connection.values()) == [3, 4]  # the parent's 1 + 3 on one, the child's 3 on its own
+
+
 def drip(head, body=b"", interval=0.05, count=200):
     """A server that sends `head` and then `body` one byte every `interval` s (bounded)."""
     def handle(conn):
@@ -1701,6 +1848,71 @@ def test_the_secret_is_redacted_in_the_forms_it_travels_in():
     for flow in (post, basic, not_json):
         for form in glean_oauth.secret_forms(CLIENT_ID, secret):
             assert form not in flow.stdout + flow.stderr
+
+
+def test_a_secret_split_over_streamed_deltas_never_reaches_stderr_whole():
+    with StandInGlean() as glean:
+        glean.answer = "The key is " + CLIENT_SECRET + " and more."
+        glean.answer_deltas = ["The key is s3", "cret-NEV", "E", "R-PRINT-9f2c", "1e7a and more."]
+        flow = run_flow(glean, ["--stream"])  # run_flow asserts the secret is absent
+    assert flow.code == 0, flow.run.output()
+    assert "\nAnswer: The key is [redacted] and more.\n" in flow.stderr
+
+
+def test_streamed_text_is_redacted_as_a_whole_however_it_is_cut():
+    text = "a " + CLIENT_SECRET + " b [redacted] " + CLIENT_SECRET[:9] + " c " + CLIENT_SECRET
+    for first in range(len(text)):
+        for second in range(first, len(text) + 1, 5):
+            err = io.StringIO()
+            console = glean_oauth.Console(io.StringIO(), err)
+            console.secrets = glean_oauth.secret_forms(CLIENT_ID, CLIENT_SECRET)
+            for piece in (text[:first], text[first:second], text[second:]):
+                console.progress(piece)
+            console.end_progress()
+            assert err.getvalue() == text.replace(CLIENT_SECRET, "[redacted]"), (first, second)
+
+
+def test_what_is_held_back_is_only_what_could_begin_a_secret():
+    err = io.StringIO()
+    console = glean_oauth.Console(io.StringIO(), err)
+    console.secrets = glean_oauth.secret_forms(CLIENT_ID, CLIENT_SECRET)
+    console.progress("The executive team is listed ")
+    assert err.getvalue() == "The executive team is listed "  # nothing held: no secret starts so
+    console.progress("here: s3cr")
+    assert err.getvalue() == "The executive team is listed here: "
+
+
+def test_redaction_skips_markers_and_forms_too_short_to_be_secrets():
+    assert glean_oauth.redacted("a [redacted] b", ["redacted] b", "[redacted"]) == "a [redacted] b"
+    assert glean_oauth.redacted("abcdefghij", ["abcdefgh", "cdefghij"]) == "[redacted]ij"  # one pass
+    assert glean_oauth.credential_forms("short") == []
+    assert glean_oauth.secret_forms("id", "abc") == ["aWQ6YWJj"]  # only the Basic credential is long enough
+    assert "[redacted]" not in glean_oauth.redacted("token_type: Bearer", glean_oauth.credential_forms("Bearer"))
+
+
+def test_an_error_answer_never_shows_the_refresh_token_it_was_sent():
+    refresh_token = "rt-" + secrets.token_urlsafe(24)
+    echo = lambda request: _oauth_error(400, "invalid_grant", "bad refresh_token {} for secret {}".format(
+        request.form["refresh_token"][0], request.form["client_secret"][0]))
+    with StandInGlean() as glean:
+        glean.overrides["/oauth/token"] = echo
+        code, out, err = run_cli(good_environ(glean, REFRESH_TOKEN=refresh_token), ["--refresh"])
+    assert code == 1
+    assert err == "token request failed (400): invalid_grant: bad refresh_token [redacted] for secret [redacted]\n"
+    assert refresh_token not in out + err
+
+
+def test_an_error_answer_never_shows_the_code_or_the_access_token_it_was_sent():
+    with StandInGlean() as glean:
+        glean.overrides["/rest/api/v1/chat"] = lambda request: (401, {}, "refused " + request.headers["Authorization"])
+        chat = run_flow(glean)
+        glean.overrides["/oauth/token"] = lambda request: (400, {}, request.body.decode())
+        exchange = run_flow(glean)
+    access_token = json.loads(section(chat.stdout, "Token response"))["access_token"]
+    assert "failed (401): refused Bearer [redacted] (the token may lack" in chat.stderr
+    assert access_token not in chat.stderr  # it is on stdout, in the section printed on purpose
+    code = glean.find("/oauth/token")[-1].form["code"][0]
+    assert "&code=[redacted]&" in exchange.stderr and code not in exchange.stderr
 
 
 def run_flow_losing_folder(glean, folder, args):
@@ -2820,12 +3032,22 @@ def test_a_header_that_cannot_be_sent_is_a_clear_error():
     assert glean.requests == []
 
 
-@parametrize("proxy", ["https://proxy.example:3128", "socks5://127.0.0.1:1080", "http://proxy:port"])
-def test_a_proxy_that_is_no_plain_http_proxy_is_a_usage_error(proxy):
+@parametrize("proxy, shown", [
+    ("https://proxy.example:3128", "https://proxy.example:3128"),
+    ("socks5://127.0.0.1:1080", "socks5://127.0.0.1:1080"),
+    ("http://proxy:port", "http://proxy:port"),
+    # A password holding a raw / ? # or @: no part of the userinfo is shown, whatever it holds.
+    ("http://user:TOP/SECRETPW@proxy.example:3128", "http://proxy.example:3128"),
+    ("http://user:TOP?SECRET#PW@proxy.example:3128", "http://proxy.example:3128"),
+    ("user:TOP/SECRETPW@proxy.example:3128", "proxy.example:3128"),
+])
+def test_a_proxy_that_is_no_plain_http_proxy_is_a_usage_error(proxy, shown):
     proc = run_script(dict(script_env("https://glean.test"), HTTPS_PROXY=proxy))
     assert proc.returncode == 2
     assert proc.stderr.decode() == "HTTPS_PROXY must be http://HOST:PORT (a plain-HTTP proxy that tunnels with " \
-                                   "CONNECT), not {}.\n".format(proxy)
+                                   "CONNECT; percent-encode / ? # @ in its user name or password), " \
+                                   "not {}.\n".format(shown)
+    assert b"TOP" not in proc.stderr and b"SECRET" not in proc.stderr and b"user:" not in proc.stderr
 
 
 def test_a_backend_url_with_a_query_is_a_usage_error():
