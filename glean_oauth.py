@@ -163,9 +163,14 @@ class Console:
         held, self.held = self.held, ""
         self._write(self.err, held, lambda text: printable(text, keep="\n\t"), end="")
 
-    def result(self, value):
-        """The one JSON object of --json, on stdout."""
-        self._write(self.json_out, json_text(self.redact_value(value)))
+    def result(self, value, verbatim=False):
+        """The one JSON object of --json, on stdout; `verbatim`: never redacted (a token
+        printed on purpose, checked by the caller)."""
+        self._write(self.json_out, json_text(value if verbatim else self.redact_value(value)))
+
+    def verbatim(self, text):
+        """One line on stdout exactly as given: a token that `token` prints on purpose."""
+        self._write(self.json_out, text, redact=False)
 
     def redact(self, text):
         return redacted(text, self.secrets)
@@ -173,10 +178,10 @@ class Console:
     def redact_value(self, value):
         return redacted(value, self.secrets)
 
-    def _write(self, stream, text, sanitize=None, end="\n"):
+    def _write(self, stream, text, sanitize=None, end="\n", redact=True):
         # Redacted before and after sanitizing: collapsing white space or blanking a
         # control character could otherwise turn the secret into a form not listed.
-        text = self.redact(text)
+        text = self.redact(text) if redact else text
         if sanitize:
             text = self.redact(sanitize(text))
         text += end
@@ -261,6 +266,8 @@ environment variables (a flag wins over its variable):
   CLIENT_ID               the static OAuth client's id (--client-id)
   CLIENT_SECRET           its secret; never a flag, since flags end up in shell
                           history and ps. Unset on a terminal: asked for, hidden.
+  CLIENT_SECRET_FILE      a file whose first line is the secret, yours alone
+                          (--client-secret-file; for cron jobs and containers)
   GLEAN_BACKEND_URL       e.g. https://acme-be.glean.com (--backend-url)
   REDIRECT_URI            default http://127.0.0.1:9090/oauth/callback (--redirect-uri);
                           must be registered on the client. Port 0: any free port.
@@ -282,7 +289,7 @@ examples:
   python3 glean_oauth.py --refresh --token-file tokens.json
   python3 glean_oauth.py --manual                         on a machine with no browser
   python3 glean_oauth.py --stream --message "What is our PTO policy?"
-  python3 glean_oauth.py --json --no-chat | jq -r .token_response.access_token
+  python3 glean_oauth.py --json --no-chat | jq -r .tokens.access_token
   python3 glean_oauth.py login --scope "chat offline_access"   then, any time:
   python3 glean_oauth.py exec -- python3 my_script.py     GLEAN_API_TOKEN set for it
 
@@ -335,9 +342,13 @@ FLAGS = {
     "--min-valid": dict(metavar="SECONDS", default="60",
                         help="refresh first when the token expires within this many seconds (default: %(default)s)"),
     "--header": dict(action="store_true", help="print 'Authorization: Bearer <token>'"),
+    "--local": dict(action="store_true", help="forget the tokens without revoking them (a corrupt file, no "
+                                              "secret, a server that is down)"),
+    "--client-secret-file": dict(metavar="PATH", help="read the client secret from the first line of this file, "
+                                                      "yours and not writable by others (CLIENT_SECRET_FILE)"),
 }
-SIGN_IN_FLAGS = ["--backend-url", "--client-id", "--redirect-uri", "--auth-method", "--scope", "--no-browser",
-                 "--manual", "--http-timeout", "--callback-timeout"]
+SIGN_IN_FLAGS = ["--backend-url", "--client-id", "--client-secret-file", "--redirect-uri", "--auth-method", "--scope",
+                 "--no-browser", "--manual", "--http-timeout", "--callback-timeout"]
 
 
 def build_parser(command=None):
@@ -373,13 +384,13 @@ def parse_args(command, argv):
     for arg in argv:
         if arg == "--":
             break
-        if re.match(r"--(client[-_])?secret", arg):
+        if re.match(r"--(client[-_])?secret(?![-_]file)", arg):
             raise FlowError("The client secret is taken only from CLIENT_SECRET or the prompt, never from a flag "
                             "(flags end up in shell history and ps).", EXIT_USAGE)
     return build_parser(command).parse_args(argv)
 
 
-def load_config(argv, environ, ask_secret=None, command=None):
+def load_config(argv, environ, ask_secret=None, command=None, console=None):
     """Return the run's settings from `argv`, then `environ`, then the defaults (doc step 1).
 
     `ask_secret(prompt)` is called for the client secret when CLIENT_SECRET is unset and
@@ -393,7 +404,7 @@ def load_config(argv, environ, ask_secret=None, command=None):
 
     config.client_id = setting(config.client_id, "CLIENT_ID")
     config.backend_url = setting(config.backend_url, "GLEAN_BACKEND_URL").rstrip("/")
-    config.client_secret = environ.get("CLIENT_SECRET", "").strip()
+    config.client_secret = client_secret(environ, config.client_secret_file, console)
     needs_secret = config.auth_method != "none"  # a public client has none
     unset = [name for name, value in (("CLIENT_ID", config.client_id), ("CLIENT_SECRET", config.client_secret),
                                       ("GLEAN_BACKEND_URL", config.backend_url))
@@ -416,14 +427,14 @@ def load_config(argv, environ, ask_secret=None, command=None):
     config.refresh_token = environ.get("REFRESH_TOKEN", "").strip()
     config.store = None
     if command is not None:  # login: the token store, where the subcommands find the tokens
-        config.store = TokenStore(token_file_path(config.token_file, environ))
+        config.store = open_store(config.token_file, environ)
     elif config.token_file:
         config.store = TokenStore(config.token_file)
     if getattr(config, "refresh", False) and not (config.token_file or config.refresh_token):
         raise FlowError("--refresh needs a refresh token: give --token-file PATH, or set REFRESH_TOKEN.", EXIT_USAGE)
     if config.store:  # before any traffic: a sign-in whose tokens cannot be kept is wasted
         if getattr(config, "refresh", False) and not config.refresh_token:
-            config.store.check_safe()
+            config.store.read()
         config.store.check_writable()
     if ask:
         config.client_secret = ask_secret("Client secret for {}: ".format(config.client_id)).strip()
@@ -676,17 +687,9 @@ def check_metadata(metadata, auth_method="client_secret_post", backend_url="http
     missing = [key for key in ENDPOINTS[:2] if not isinstance(metadata.get(key), str) or not metadata[key]]
     if missing:
         raise FlowError("The authorization server metadata has no {}.".format(" and no ".join(missing)))
-    https_only = backend_url.startswith("https://")
     for key in ENDPOINTS:
-        if key not in metadata:
-            continue
-        url = metadata[key]
-        if not isinstance(url, str) or any(not c.isprintable() or c.isspace() for c in url):
-            raise FlowError("The metadata's {} is not a clean URL (it holds control, space or bidi "
-                            "characters): {}.".format(key, one_line(json.dumps(url))))
-        check_transport(url, "The metadata's " + key)
-        if https_only and not url.startswith("https://"):
-            raise FlowError("The metadata's {} must be https://, as GLEAN_BACKEND_URL is, not {}.".format(key, url))
+        if key in metadata:
+            check_endpoint(metadata[key], "The metadata's " + key, backend_url)
     for key in METHOD_LISTS:
         value = metadata.get(key)
         if value is not None and not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
@@ -700,6 +703,17 @@ def check_metadata(metadata, auth_method="client_secret_post", backend_url="http
     if offered is not None and auth_method not in offered:
         raise FlowError("The token endpoint does not accept {} (it offers {}); choose one with "
                         "--auth-method.".format(auth_method, ", ".join(offered) or "none"))
+
+
+def check_endpoint(url, name, backend_url):
+    """Refuse an endpoint that is no clean URL, would carry credentials in the clear, or
+    is plain http when the backend is https; `name` says where it came from."""
+    if not isinstance(url, str) or any(not c.isprintable() or c.isspace() for c in url):
+        raise FlowError("{} is not a clean URL (it holds control, space or bidi characters): {}.".format(
+            name, one_line(json.dumps(url))))
+    check_transport(url, name)
+    if backend_url.startswith("https://") and not url.startswith("https://"):
+        raise FlowError("{} must be https://, as GLEAN_BACKEND_URL is, not {}.".format(name, url))
 
 
 def discover(config, console, show=True):
@@ -1329,7 +1343,7 @@ class ChatStream:
             if not self.writing:
                 self.console.progress("\nAnswer: ")
                 self.writing = True
-            self.console.progress(text)
+            self.console.progress(set_off(text))
         else:
             self.end_answer_line()
             self.console.note("  " + one_line(text.replace("**", "")))
@@ -1348,6 +1362,12 @@ class ChatStream:
             if message.get("messageType", "CONTENT") == "CONTENT":
                 message["fragments"] = _joined_text(message["fragments"])
         return dict(self.response, messages=list(self.messages.values()))
+
+
+def set_off(answer):
+    """The chat answer with each of its lines after the first indented, so that no line of
+    it can pass for the tool's own output (a fake "Token response:")."""
+    return re.sub(r"\r\n?|\n", "\n  ", answer)
 
 
 def _joined_text(fragments):
@@ -1423,17 +1443,42 @@ def print_jwt(access_token, console):
 
 class Results:
     """What a run obtained, kept for --json and --token-file even when a later step fails:
-    `sections` by name (metadata, token_response, ...) and the newest `tokens`."""
+    `sections` by name (metadata, token_response, ...), the newest `tokens` and when they
+    came, and the sections whose refresh token a later refresh has spent."""
 
     def __init__(self):
         self.sections = {}
         self.tokens = None
+        self.obtained_at = None
+        self.spent = []  # names of sections whose refresh_token the run's own refresh spent
+        self.saved = False  # the token file was written already (under its lock)
 
-    def got_tokens(self, response, used_refresh_token=None):
-        """Record a token response; one without a refresh token keeps the one used (RFC 6749 §6)."""
-        self.tokens = dict(response)
-        if not response.get("refresh_token") and used_refresh_token:
-            self.tokens["refresh_token"] = used_refresh_token
+    def got_tokens(self, response, previous=None, spent_section=None):
+        """Record a token response; what it leaves out is kept from `previous` (kept_tokens)."""
+        self.tokens = kept_tokens(response, previous or {})
+        self.obtained_at = time.time()
+        if spent_section:
+            self.spent.append(spent_section)
+
+    def json_object(self):
+        """What --json prints: the sections (a spent refresh token marked as such), and
+        `tokens`, the ones the run ends with, so that .tokens.refresh_token is the live one."""
+        value = dict(self.sections)
+        for name in self.spent:
+            value[name] = dict(value[name], refresh_token_spent=True)
+        if self.tokens is not None:
+            value["tokens"] = store_contents(self.tokens, self.obtained_at, {})
+        return value
+
+
+def kept_tokens(response, previous):
+    """A refresh response with what it leaves out kept from the tokens it replaces: an
+    absent refresh_token or scope means unchanged (RFC 6749 §5.1, §6)."""
+    tokens = dict(response)
+    for kept in ("refresh_token", "scope"):
+        if not tokens.get(kept) and previous.get(kept):
+            tokens[kept] = previous[kept]
+    return tokens
 
 
 def deliver(config, results, console):
@@ -1447,24 +1492,33 @@ def deliver(config, results, console):
     unprinted = None
     if config.json:
         try:
-            console.result(results.sections)
+            console.result(results.json_object())
         except OutputError as error:  # the file is still written: the tokens are not lost
             unprinted = error
-    saved = save_tokens(config, results, console) if config.store else True
+    saved = True
+    if config.store and not results.saved:
+        try:
+            with config.store.locked(config.http_timeout + LOCK_MARGIN_SECONDS):
+                saved = save_tokens(config, results, console)
+        except FlowError as error:
+            console.problem(str(error))
+            saved = False
     if unprinted:
         raise unprinted
     return saved
 
 
 def save_tokens(config, results, console):
-    """Write what a refresh needs to the token store; False (and a line) when it cannot."""
+    """Write what a refresh needs to the token store, whose lock the caller holds; False
+    (and a line) when it cannot."""
     metadata = results.sections.get("metadata") or {}
     try:
-        config.store.write(store_contents(results.tokens, time.time(), settings_of(config, metadata)),
+        config.store.write(store_contents(results.tokens, results.obtained_at, settings_of(config, metadata)),
                            console.secrets)
     except FlowError as error:
         console.problem(str(error))
         return False
+    results.saved = True
     console.note("Saved the tokens to {}.".format(config.store.path))
     return True
 
@@ -1492,8 +1546,20 @@ def token_file_path(flag_value, environ):
     if os.name == "nt":
         base = environ.get("APPDATA") or os.path.expanduser("~")
     else:
-        base = environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+        xdg = environ.get("XDG_CONFIG_HOME", "")
+        # The XDG Base Directory spec: a relative path is invalid and must be ignored.
+        base = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".config")
     return os.path.join(base, "glean-oauth", "tokens.json")
+
+
+def open_store(flag_value, environ):
+    """The token store that --token-file, GLEAN_TOKEN_FILE or the default names."""
+    store = TokenStore(token_file_path(flag_value, environ), named_by=None)
+    if (flag_value or "").strip():
+        store.named_by = "--token-file"
+    elif environ.get("GLEAN_TOKEN_FILE", "").strip():
+        store.named_by = "GLEAN_TOKEN_FILE"
+    return store
 
 
 def settings_of(config, metadata):
@@ -1540,22 +1606,43 @@ def parse_iso_time(text):
 
 
 class TokenStore:
-    """The token file at `path` (a ~ the shell left alone is expanded), its checks, its
-    lock, and its atomic write."""
+    """The token file at `path` (a ~ the shell left alone is expanded): its checks, its
+    lock, its refresh journal and its atomic write. Nothing else opens it."""
 
-    def __init__(self, path):
+    def __init__(self, path, named_by="--token-file"):
         self.path = os.path.abspath(os.path.expanduser(path))
         self.lock_path = self.path + ".lock"
+        self.journal_path = self.path + ".refreshing"  # a refresh in flight: its grant was sent
+        self.named_by = named_by  # "--token-file", "GLEAN_TOKEN_FILE" or None (the default place)
+
+    def command(self, subcommand):
+        """The command that runs `subcommand` on this store, as the user must type it."""
+        line = "python3 glean_oauth.py " + subcommand
+        if self.named_by == "--token-file":
+            return line + " --token-file " + _shell_word(self.path)
+        if self.named_by == "GLEAN_TOKEN_FILE":
+            return "GLEAN_TOKEN_FILE=" + _shell_word(self.path) + " " + line
+        return line
 
     def check_writable(self):
-        """FlowError (exit 2) when the file could not be written, before any traffic: a
+        """FlowError (exit 2) when the file could not be replaced, before any traffic: a
         sign-in or a rotated refresh token that cannot be saved is lost for good."""
+        import stat
+
         folder = os.path.dirname(self.path)
         problem = None
-        if os.path.islink(self.path):
+        try:
+            info = os.lstat(self.path)
+        except OSError:
+            info = None
+        if info and stat.S_ISLNK(info.st_mode):
             problem = "it is a symlink, and tokens are never written through one; give the real path"
-        elif os.path.isdir(self.path):
+        elif info and stat.S_ISDIR(info.st_mode):
             problem = "it is a folder"
+        elif info and not stat.S_ISREG(info.st_mode):
+            problem = "it is not a regular file"
+        elif info and os.name == "posix" and info.st_uid != os.getuid():
+            problem = "it belongs to another user, so it cannot be replaced"
         elif not os.path.isdir(folder) and self.path.endswith(os.path.join("glean-oauth", "tokens.json")):
             try:
                 os.makedirs(folder, 0o700)  # the default place: made for the user alone
@@ -1563,61 +1650,65 @@ class TokenStore:
                 problem = "its folder cannot be made ({})".format(error.strerror or error)
         elif not os.path.isdir(folder):
             problem = "its folder {} does not exist".format(folder)
-        if not problem and not os.access(folder, os.W_OK | os.X_OK):
-            problem = "its folder {} is not writable by you".format(folder)
         if problem:
             raise FlowError("Cannot use the token file {}: {}.".format(self.path, problem), EXIT_USAGE)
+        self.check_folder()
+        try:  # the proof: a file can be made, and so renamed, there
+            import tempfile  # here: only a write needs it
 
-    def check_safe(self):
-        """Refuse a file that another user could have planted or changed, as ssh does with
-        a private key; return a warning when others can read it, else None."""
-        import stat
+            fd, probe = tempfile.mkstemp(prefix=".glean-oauth-", suffix=".tmp", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as error:
+            raise FlowError("Cannot use the token file {}: its folder {} is not writable by you ({}).".format(
+                self.path, folder, error.strerror or error), EXIT_USAGE)
 
+    def check_folder(self):
+        """Refuse a folder that another user owns or can write to: they could swap in, plant
+        or delete the store."""
+        folder = os.path.dirname(self.path)
         try:
-            info = os.lstat(self.path)
+            info = os.stat(folder)
         except OSError:
-            return None  # missing: read() says so
+            return  # missing: reading finds no file, and check_writable says so
         problem = None
-        if stat.S_ISLNK(info.st_mode):
-            problem = "it is a symlink; give the real path"
-        elif os.name == "posix" and info.st_uid != os.getuid():
-            problem = "it belongs to another user"
+        if os.name == "posix" and info.st_uid not in (os.getuid(), 0):
+            problem = "its folder {} belongs to another user".format(folder)
         elif os.name == "posix" and info.st_mode & 0o022:
-            problem = "other users can change it (mode {:o}); run chmod 600 {}".format(info.st_mode & 0o777, self.path)
+            problem = "other users can write to its folder {} (mode {:o}); keep it in a folder only you can " \
+                      "write to".format(folder, info.st_mode & 0o7777)
         if problem:
             raise FlowError("Not using the token file {}: {}.".format(self.path, problem), EXIT_USAGE)
-        if os.name == "posix" and info.st_mode & 0o044:
-            return "Other users can read the token file {} (mode {:o}); run chmod 600 {}.".format(
-                self.path, info.st_mode & 0o777, self.path)
-        return None
 
-    def load(self, console=None):
-        """The saved contents after check_safe (its warning to `console`), or None."""
-        warning = self.check_safe()
-        if warning and console:
-            console.problem(warning)
-        return self.read()
-
-    def read(self):
-        """The saved contents (a dict), or None when there is no file."""
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                saved = parse_json(f.read())
-        except FileNotFoundError:
+    def read(self, console=None):
+        """The saved contents (a dict), or None when there is no file. The checks run on the
+        open file, not on its path, so a file swapped in between is never what is read; a
+        warning goes to `console` when others can read it."""
+        self.check_folder()
+        data = read_private_file(self.path, "the token file", [_uid()], console)
+        if data is None:
             return None
-        except (OSError, ValueError) as error:
-            raise FlowError("Cannot read the token file {}: {}.".format(
-                self.path, getattr(error, "strerror", None) or error), EXIT_USAGE)
+        try:
+            saved = parse_json(data.decode("utf-8"))
+        except ValueError as error:  # also UnicodeDecodeError
+            raise self.unusable("it is not JSON ({})".format(error))
         if not isinstance(saved, dict):
-            raise FlowError("The token file {} does not hold a JSON object.".format(self.path), EXIT_USAGE)
+            raise self.unusable("it does not hold a JSON object")
+        for key in TEXT_FIELDS:
+            if saved.get(key) is not None and not isinstance(saved[key], str):
+                raise self.unusable("its {} is not text".format(key))
         return saved
+
+    def unusable(self, problem):
+        """The error for a file that cannot be read as a store, with the way to start over."""
+        return FlowError("The token file {} cannot be used: {}. Start over with: {}, then {}.".format(
+            self.path, problem, self.command("logout --local"), self.command("login")), EXIT_USAGE)
 
     def write(self, contents, secrets=()):
         """Write `contents` as JSON: owner-only from the start (0600), atomically (a
         temporary file in the same folder, flushed, fsynced, renamed), never through a
         symlink, and with each of `secrets` redacted (a server could echo the client
-        secret into a token response). A crash mid-write leaves the
-        old file whole."""
+        secret into a token response). A crash mid-write leaves the old file whole."""
         contents = redacted(contents, secrets)
         if os.path.islink(self.path):
             raise FlowError("Not writing tokens through the symlink {}; give the real path.".format(self.path))
@@ -1654,10 +1745,122 @@ class TokenStore:
         _fsync_folder(os.path.dirname(self.path))
         return True
 
-    def lock(self, timeout):
-        """An exclusive lock on the lock file beside the store, for read -> refresh -> write,
-        so that parallel runs refresh once. FlowError when it cannot be had in `timeout` s."""
-        return _FileLock(self.lock_path, timeout)
+    def locked(self, timeout, console=None):
+        """The store's lock, for every read -> change -> write, so that runs in parallel
+        never spend one refresh token twice or undo each other's write. Once it is held, a
+        refresh that an earlier run left interrupted is reported to `console` and cleaned up.
+        FlowError when it cannot be had in `timeout` s."""
+        return _StoreLock(self, timeout, console)
+
+    def refreshing(self):
+        """Around a refresh grant and the write of its answer: the journal says, while the
+        grant is in flight, that the stored refresh token may be spent (it holds no token)."""
+        return _RefreshJournal(self)
+
+    def interrupted_refresh(self):
+        """When a refresh whose answer was never saved was started (ISO time), or None."""
+        try:
+            with open(self.journal_path, encoding="utf-8") as f:
+                record = parse_json(f.read())
+        except (OSError, ValueError):
+            return None
+        started = record.get("started_at") if isinstance(record, dict) else None
+        return started if isinstance(started, str) else "at an unknown time"
+
+    def recover(self, console=None):
+        """After an interrupted refresh: say what it means, and clear its leftovers."""
+        started = self.interrupted_refresh()
+        if started is None:
+            return
+        if console:
+            console.problem("The last refresh of the tokens at {} was interrupted after it was sent ({}): the "
+                            "server has probably spent that refresh token. If the next refresh is refused, sign in "
+                            "again with: {}".format(self.path, started, self.command("login")))
+        import glob
+
+        for leftover in glob.glob(os.path.join(glob.escape(os.path.dirname(self.path)), ".glean-oauth-*.tmp")):
+            try:
+                os.unlink(leftover)
+            except OSError:
+                pass
+        _remove(self.journal_path)
+
+
+TEXT_FIELDS = STORE_FIELDS + ("access_token", "refresh_token", "token_type", "obtained_at", "expires_at")
+
+
+def _uid():
+    return os.getuid() if os.name == "posix" else None
+
+
+def _shell_word(text):
+    """`text` quoted for a POSIX shell where it needs to be."""
+    if re.match(r"^[A-Za-z0-9_./:@%+=,-]+\Z", text):
+        return text
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def _remove(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+MAX_PRIVATE_FILE_BYTES = 1024 * 1024  # a token store or a secret: a few kilobytes
+
+
+def read_private_file(path, what, owners, console=None):
+    """The bytes of the file at `path`, or None when there is none. The file is opened
+    first, never through a symlink and without blocking (a FIFO cannot hang the read), and
+    checked on the open descriptor: a regular file, owned by one of `owners` (uids), that
+    others cannot change, as ssh checks a private key. A warning to `console` when others
+    can read it; FlowError (exit 2) naming the problem."""
+    import stat
+
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        if not hasattr(os, "O_NOFOLLOW") and os.path.islink(path):
+            raise OSError(errno.ELOOP, "symlink")
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise FlowError("Not using {} {}: it is a symlink; give the real path.".format(what, path), EXIT_USAGE)
+        raise FlowError("Cannot read {} {}: {}.".format(what, path, error.strerror or error), EXIT_USAGE)
+    try:
+        info = os.fstat(fd)
+        mode = info.st_mode & 0o777
+        problem = None
+        if stat.S_ISDIR(info.st_mode):
+            problem = "it is a folder"
+        elif not stat.S_ISREG(info.st_mode):
+            problem = "it is not a regular file"
+        elif os.name == "posix" and info.st_uid not in owners:
+            problem = "it belongs to another user"
+        elif os.name == "posix" and mode & 0o022:
+            problem = "other users can change it (mode {:o}); run chmod 600 {}".format(mode, _shell_word(path))
+        if problem:
+            raise FlowError("Not using {} {}: {}.".format(what, path, problem), EXIT_USAGE)
+        if console and os.name == "posix" and mode & 0o044:
+            console.problem("Other users can read {} {} (mode {:o}); run chmod 600 {}.".format(
+                what, path, mode, _shell_word(path)))
+        chunks, size = [], 0
+        while True:
+            chunk = os.read(fd, 65536)
+            size += len(chunk)
+            if not chunk or size > MAX_PRIVATE_FILE_BYTES:
+                break
+            chunks.append(chunk)
+        if size > MAX_PRIVATE_FILE_BYTES:
+            raise FlowError("Not using {} {}: it is over {} bytes.".format(what, path, MAX_PRIVATE_FILE_BYTES),
+                            EXIT_USAGE)
+        return b"".join(chunks)
+    except OSError as error:
+        raise FlowError("Cannot read {} {}: {}.".format(what, path, error.strerror or error), EXIT_USAGE)
+    finally:
+        os.close(fd)
 
 
 def _fsync_folder(folder):
@@ -1674,6 +1877,59 @@ def _fsync_folder(folder):
         pass  # some file systems cannot fsync a folder; the data itself is already synced
 
 
+class _StoreLock:
+    """TokenStore.locked: the file lock, then recovery from an interrupted refresh."""
+
+    def __init__(self, store, timeout, console):
+        self.store, self.console = store, console
+        self.lock = _FileLock(store.lock_path, timeout)
+
+    def __enter__(self):
+        try:
+            self.lock.__enter__()
+        except OSError as error:  # the folder has gone, or cannot be written
+            raise FlowError("Cannot write the token file {}: {}.".format(self.store.path, error.strerror or error))
+        try:
+            self.store.recover(self.console)
+        except BaseException:
+            self.lock.__exit__()
+            raise
+        return self.store
+
+    def __exit__(self, *exc):
+        self.lock.__exit__()
+
+
+class _RefreshJournal:
+    """TokenStore.refreshing: the journal is written (and synced) before the grant is sent,
+    and removed once its answer is saved, or once the server has answered with an error
+    (nothing was spent). A break with no answer leaves it, for the next run to report."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __enter__(self):
+        record = json.dumps({"started_at": iso_time(time.time()), "pid": os.getpid()})
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(self.store.journal_path, flags, 0o600)
+            try:
+                os.write(fd, record.encode("ascii"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as error:
+            raise FlowError("Cannot write the refresh journal {}: {}.".format(
+                self.store.journal_path, error.strerror or error))
+        _fsync_folder(os.path.dirname(self.store.path))
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        answered = kind is None or isinstance(error, FlowError) and error.status is not None
+        if answered:
+            _remove(self.store.journal_path)
+
+
 class _FileLock:
     """fcntl.flock on POSIX, msvcrt.locking on Windows, on a 0600 file never followed
     through a symlink. Waits by polling, within a bound."""
@@ -1683,10 +1939,7 @@ class _FileLock:
 
     def __enter__(self):
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-        try:
-            self.fd = os.open(self.path, flags, 0o600)
-        except OSError as error:
-            raise FlowError("Cannot open the lock file {}: {}.".format(self.path, error.strerror or error), EXIT_USAGE)
+        self.fd = os.open(self.path, flags, 0o600)  # OSError for the caller to name the store
         deadline = time.monotonic() + self.timeout
         while not self._try():
             if time.monotonic() > deadline:
@@ -1749,7 +2002,7 @@ def main(config, console, results, stdin, environ):
         console.line("\nNo refresh token was returned")
         console.note(OFFLINE_ACCESS_HINT)
         return exit_code
-    refresh(config, console, results, metadata, token_response["refresh_token"])
+    refresh(config, console, results, metadata, token_response, spent_section="token_response")
     return exit_code
 
 
@@ -1802,36 +2055,47 @@ def chat(config, console, results, token_response):
     console.section("Chat response", chat_response)
     answer = chat_answer(chat_response)
     if answer and not config.stream:  # a stream has shown it already, as it came
-        console.note("\nAnswer: " + answer)
+        console.note("\nAnswer: " + set_off(answer))
     return EXIT_OK
 
 
-def refresh(config, console, results, metadata, refresh_token):
-    """Doc step 10: the refresh_token grant, printed and recorded."""
-    refresh_response = results.sections["refresh_response"] = refresh_tokens(metadata, config, refresh_token)
-    results.got_tokens(refresh_response, used_refresh_token=refresh_token)
+def refresh(config, console, results, metadata, tokens, spent_section=None):
+    """Doc step 10: the refresh_token grant with the refresh token of `tokens`, printed and
+    recorded (what the answer leaves out is kept from `tokens`)."""
+    refresh_response = results.sections["refresh_response"] = refresh_tokens(
+        metadata, config, tokens["refresh_token"])
+    results.got_tokens(refresh_response, tokens, spent_section)
     console.section("Refresh response", refresh_response)
 
 
 def refresh_later(config, console, results):
     """--refresh: discover the token endpoint, then refresh REFRESH_TOKEN or the one in
-    the token file; no sign-in."""
-    refresh_token = config.refresh_token or stored_refresh_token(config.store, console)
+    the token file; no sign-in. The file's token is read, spent and replaced under the
+    store's lock, so that no other run spends it too."""
+    if config.refresh_token:
+        metadata = results.sections["metadata"] = discover(config, console)
+        refresh(config, console, results, metadata, {"refresh_token": config.refresh_token})
+        return EXIT_OK
+    stored_tokens(config.store, console)  # its problems before any traffic
     metadata = results.sections["metadata"] = discover(config, console)
-    refresh(config, console, results, metadata, refresh_token)
+    with config.store.locked(config.http_timeout + LOCK_MARGIN_SECONDS, console):
+        saved = stored_tokens(config.store)  # again, under the lock: another run may have rotated it
+        with config.store.refreshing():
+            refresh(config, console, results, metadata, saved)
+            save_tokens(config, results, console)
     return EXIT_OK
 
 
-def stored_refresh_token(store, console):
-    """The refresh token in `store`, after the checks a file of secrets needs."""
-    saved = store.load(console)
+def stored_tokens(store, console=None):
+    """What `store` holds, after the checks a file of secrets needs; FlowError when it
+    holds no refresh token."""
+    saved = store.read(console)
     if saved is None:
         raise FlowError("Cannot read the token file {}: No such file or directory.".format(store.path), EXIT_USAGE)
-    token = saved.get("refresh_token")
-    if not isinstance(token, str) or not token:
+    if not saved.get("refresh_token"):
         raise FlowError("The token file {} has no refresh_token; run the full flow first.".format(store.path),
                         EXIT_USAGE)
-    return token
+    return saved
 
 
 def run_documented_flow(argv, environ, console, stdin):
@@ -1839,7 +2103,7 @@ def run_documented_flow(argv, environ, console, stdin):
     the token file, whatever happened before."""
     results = Results()
     # 1. Configuration: flags, then the environment.
-    config = load_config(argv, environ, ask_secret=_ask_secret if _isatty(stdin) else None)
+    config = load_config(argv, environ, ask_secret=_ask_secret if _isatty(stdin) else None, console=console)
     console.secrets = secret_forms(config.client_id, config.client_secret)
     if config.json:
         console.claim_stdout()
@@ -1861,21 +2125,26 @@ def run_documented_flow(argv, environ, console, stdin):
 # expires within --min-valid seconds; status shows what is stored; logout ends it.
 
 EXIT_SIGN_IN = 3
+EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND = 126, 127  # as shells have them
 LOCK_MARGIN_SECONDS = 10  # a run holding the lock may take the HTTP timeout, and a little more
-BEARER_TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")  # RFC 6750 §2.1 b64token
+BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*\Z")  # RFC 6750 §2.1 b64token, with no line end after it
+# What a child of `exec` never needs: the client's secret and a refresh token.
+EXEC_DROPPED = ("CLIENT_SECRET", "CLIENT_SECRET_FILE", "REFRESH_TOKEN")
 
 
 class SignInNeeded(FlowError):
     """Nothing usable is stored: the user must run `login` (exit code 3)."""
 
-    def __init__(self, message):
-        super().__init__(message + " Sign in with: python3 glean_oauth.py login", EXIT_SIGN_IN)
+    def __init__(self, message, store=None):
+        command = store.command("login") if store else "python3 glean_oauth.py login"
+        super().__init__(message + " Sign in with: " + command, EXIT_SIGN_IN)
 
 
 def login(argv, environ, console, stdin):
     """`login`: sign in as the flow does (doc steps 2 to 7), then save the tokens and say
     who signed in, where the tokens are and until when. Nothing on stdout."""
-    config = load_config(argv, environ, ask_secret=_ask_secret if _isatty(stdin) else None, command="login")
+    config = load_config(argv, environ, ask_secret=_ask_secret if _isatty(stdin) else None, command="login",
+                         console=console)
     console.secrets = secret_forms(config.client_id, config.client_secret)
     console.out = console.err  # the URL is for a person; stdout never carries a token
     metadata = discover(config, console, show=False)
@@ -1883,9 +2152,10 @@ def login(argv, environ, console, stdin):
     code = authorize(config, console, metadata, state, code_challenge, stdin, environ)
     token_response = exchange_code(metadata, config, code, code_verifier)
     contents = store_contents(token_response, time.time(), settings_of(config, metadata))
-    config.store.write(contents, console.secrets)
+    with config.store.locked(config.http_timeout + LOCK_MARGIN_SECONDS):  # not in the middle of a refresh
+        config.store.write(contents, console.secrets)
     console.note("Signed in as {}; saved the tokens to {}; {}.".format(
-        user_of(contents) or "an unknown user", config.store.path, expiry_text(contents, time.time())))
+        one_line(user_of(contents) or "an unknown user"), config.store.path, expiry_text(contents, time.time())))
     if not token_response.get("refresh_token"):
         console.note("No refresh token came back, so `token` can serve this one only until it expires. "
                      + OFFLINE_ACCESS_HINT)
@@ -1893,28 +2163,34 @@ def login(argv, environ, console, stdin):
 
 
 def token(argv, environ, console, stdin):
-    """`token`: print a valid access token and nothing else; never a browser, never a prompt."""
+    """`token`: print a valid access token and nothing else; never a browser, never a prompt.
+    The token is printed as it is: redaction never rewrites it (one that holds the client
+    secret is refused instead)."""
     args = parse_args("token", argv)
     tokens = fresh_tokens_for(args, environ, console)
+    if any(form in tokens["access_token"] for form in console.secrets):
+        raise FlowError("The stored access token holds the client secret; not printing it.")
     if args.json:
-        console.result({key: tokens.get(key) for key in ("access_token", "token_type", "expires_at", "scope")})
+        console.result({key: tokens.get(key) for key in ("access_token", "token_type", "expires_at", "scope")},
+                       verbatim=True)
     else:
-        console.line(("Authorization: Bearer " if args.header else "") + tokens["access_token"])
+        console.verbatim(("Authorization: Bearer " if args.header else "") + tokens["access_token"])
     return EXIT_OK
 
 
 def exec_command(argv, environ, console, stdin):
     """`exec -- CMD [ARGS...]`: run CMD with a valid token as GLEAN_API_TOKEN and the
-    backend as GLEAN_SERVER_URL (the names Glean's SDKs read), in its environment only:
-    never on a command line, where ps would show it. Exits with CMD's exit code."""
+    backend as GLEAN_SERVER_URL, in its environment only: never on a command line, where
+    ps would show it, and without the client secret or a refresh token, which it never
+    needs. Exits with CMD's exit code (126: it cannot be run, 127: not found)."""
     args = parse_args("exec", argv)
     command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-    if not command:
+    if not command or not command[0]:
         raise FlowError("exec needs a command: glean_oauth.py exec -- CMD [ARGS...]", EXIT_USAGE)
     tokens = fresh_tokens_for(args, environ, console)
-    server = tokens.get("backend_url")
-    child_environ = dict(environ, GLEAN_API_TOKEN=tokens["access_token"],
-                         GLEAN_SERVER_URL=server if isinstance(server, str) else environ.get("GLEAN_BACKEND_URL", ""))
+    server = tokens.get("backend_url") or environ.get("GLEAN_BACKEND_URL", "")
+    child_environ = {name: value for name, value in environ.items() if name not in EXEC_DROPPED}
+    child_environ.update(GLEAN_API_TOKEN=tokens["access_token"], GLEAN_SERVER_URL=server)
     try:
         if os.name == "posix":  # CMD takes this process's place: its exit code and signals are its own
             for stream in (sys.stdout, sys.stderr):
@@ -1924,49 +2200,107 @@ def exec_command(argv, environ, console, stdin):
         import subprocess
 
         return subprocess.call(command, env=child_environ)
-    except OSError as error:
-        raise FlowError("Cannot run {}: {}.".format(command[0], error.strerror or error), 127)
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the command or the environment
+        found = not isinstance(error, FileNotFoundError)
+        raise FlowError("Cannot run {}: {}.".format(one_line(command[0]), "not found" if not found else (
+            getattr(error, "strerror", None) or error)), EXIT_CANNOT_EXECUTE if found else EXIT_NOT_FOUND)
 
 
-def status(argv, environ, console, stdin):
-    """`status`: what is stored, never a token."""
+def status_command(argv, environ, console, stdin):
+    """`status`: what is stored, never a token. Exit 0 when the access token is valid or
+    can be renewed, 3 when a sign-in is needed, 1 when the store cannot be read."""
     args = parse_args("status", argv)
-    store = TokenStore(token_file_path(args.token_file, environ))
-    info = status_of(load_store(store, environ, console), store.path, time.time())
+    store = open_store(args.token_file, environ)
+    try:
+        saved = store.read(console)
+    except FlowError as error:
+        console.problem(str(error))
+        return EXIT_FAILURE
+    if saved is None:
+        raise SignInNeeded("No tokens are stored at {}.".format(store.path), store)
+    now = time.time()
+    info = status_of(saved, store.path, now)
+    info["refresh_interrupted"] = store.interrupted_refresh()
+    backend = environ.get("GLEAN_BACKEND_URL", "").strip().rstrip("/")
+    other_backend = bool(backend) and saved.get("backend_url") not in (None, backend)
+    usable = valid_for(saved, 0, now) or bool(saved.get("refresh_token"))
     if args.json:
         console.result(info)
-        return EXIT_OK
-    for label, key in (("Token file", "token_file"), ("Backend", "backend_url"), ("Client", "client_id"),
-                       ("Auth method", "auth_method"), ("Signed in as", "user"), ("Scopes", "scope"),
-                       ("Access token", "expiry"), ("Refresh token", "refresh_token")):
-        console.line("{:<14} {}".format(label + ":", info[key] if info[key] not in (None, "") else "(unknown)"))
+    else:
+        for label, key in (("Token file", "token_file"), ("Backend", "backend_url"), ("Client", "client_id"),
+                           ("Auth method", "auth_method"), ("Signed in as", "user"), ("Scopes", "scope"),
+                           ("Access token", "expiry"), ("Refresh token", "refresh_token")):
+            value = info[key] if info[key] not in (None, "") else "(unknown)"
+            console.line("{:<14} {}".format(label + ":", one_line(str(value))))
+        if info["refresh_interrupted"]:
+            console.line("{:<14} interrupted after it was sent ({}): the refresh token may be spent".format(
+                "Last refresh:", info["refresh_interrupted"]))
+    if other_backend:
+        console.problem("GLEAN_BACKEND_URL names {}, but these tokens are for {}. Sign in there with: {}".format(
+            backend, one_line(str(saved.get("backend_url"))), store.command("login")))
+        return EXIT_SIGN_IN
+    if not usable:
+        console.problem("The access token has expired and there is no refresh token to renew it. Sign in with: "
+                        + store.command("login"))
+        return EXIT_SIGN_IN
     return EXIT_OK
 
 
 def logout(argv, environ, console, stdin):
     """`logout`: revoke the tokens at the metadata's revocation_endpoint when there is one
-    (RFC 7009), then delete them. Without one, say what that means."""
+    (RFC 7009), then delete them, saying what the server did with each. `--local` forgets
+    them without revoking (a corrupt file, no secret, a server that is down)."""
     args = parse_args("logout", argv)
-    store = TokenStore(token_file_path(args.token_file, environ))
-    saved = store.load(console)
-    if saved is None:
-        console.note("Nothing is stored at {}; nothing to do.".format(store.path))
-        return EXIT_OK
-    endpoint = saved.get("revocation_endpoint")
-    if isinstance(endpoint, str) and endpoint:
-        client = stored_client(saved, environ, http_timeout_setting(args, environ))
-        console.secrets = secret_forms(client.client_id, client.client_secret)
-        check_transport(endpoint, "The token file's revocation_endpoint")
-        for kind in ("refresh_token", "access_token"):  # the refresh token first: it is the lasting one
-            if isinstance(saved.get(kind), str) and saved[kind]:
-                revoke_token(endpoint, client, saved[kind], kind)
-        console.note("Revoked the tokens at {}.".format(endpoint))
-    store.delete()
+    store = open_store(args.token_file, environ)
+    with store.locked(http_timeout_setting(args, environ) + LOCK_MARGIN_SECONDS):
+        if args.local:
+            existed = store.delete()
+            console.note("{} {}; nothing was revoked: the refresh token stays valid until it expires or you remove "
+                         "the app in Glean's settings.".format("Deleted" if existed else "Nothing is stored at",
+                                                               store.path))
+            return EXIT_OK
+        try:
+            revoked = revoke_stored(store, args, environ, console)
+        except FlowError as error:
+            raise FlowError("{} To forget the tokens without revoking them: {}".format(
+                error, store.command("logout --local")), error.exit_code)
+        if revoked is None:
+            console.note("Nothing is stored at {}; nothing to do.".format(store.path))
+            return EXIT_OK
+        store.delete()
     console.note("Deleted {}.".format(store.path))
+    return EXIT_OK
+
+
+def revoke_stored(store, args, environ, console):
+    """Revoke what `store` holds, the refresh token first (it is the lasting one), saying
+    per token what the server did; None when nothing is stored. FlowError, the file kept,
+    when the refresh token could not be revoked."""
+    saved = store.read(console)
+    if saved is None:
+        return None
+    endpoint = saved.get("revocation_endpoint")
     if not endpoint:
         console.note("The server advertises no revocation endpoint, so the tokens were not revoked there: the "
                      "refresh token stays valid until it expires or you remove the app in Glean's settings.")
-    return EXIT_OK
+        return []
+    check_endpoint(endpoint, "The token file's revocation_endpoint", saved.get("backend_url") or "")
+    client = stored_client(saved, environ, http_timeout_setting(args, environ), store,
+                           getattr(args, "client_secret_file", None), console)
+    console.secrets = secret_forms(client.client_id, client.client_secret)
+    said = []
+    for kind in ("refresh_token", "access_token"):
+        if saved.get(kind):
+            refusal = revoke_token(endpoint, client, saved[kind], kind)
+            name = kind.replace("_", " ")
+            if refusal is None:
+                said.append(name + " revoked")
+            else:
+                when = expires_at(saved)
+                said.append("the server refused to revoke the {} ({}): it stays valid until {}".format(
+                    name, refusal, time.strftime("%H:%M UTC", time.gmtime(when)) if when else "it expires"))
+    console.note("At {}: {}.".format(endpoint, "; ".join(said) or "nothing to revoke"))
+    return said
 
 
 class TokenProvider:
@@ -1977,28 +2311,55 @@ class TokenProvider:
 
     Each call returns the access token string. Raises SignInNeeded (exit_code 3) when
     `login` must be run first, FlowError for any other failure. A refresh for a
-    confidential client takes CLIENT_SECRET from the environment.
+    confidential client takes CLIENT_SECRET (or CLIENT_SECRET_FILE) from the environment.
+    Threads that call while a refresh runs get its result, or its error: one refresh
+    per expiry, however many wait.
     """
 
     def __init__(self, token_file=None, min_valid=60, environ=None):
         self.environ = os.environ if environ is None else environ
-        self.store = TokenStore(token_file_path(token_file, self.environ))
+        self.store = open_store(token_file, self.environ)
         self.min_valid = min_valid
         self.tokens = None
-        self.lock = threading.Lock()  # one refresh at a time within this process too
+        self.lock = threading.Lock()  # guards tokens and flight
+        self.flight = None  # the refresh in progress: its outcome goes to every caller that waits
 
     def __call__(self):
         with self.lock:
-            if self.tokens is None or not valid_for(self.tokens, self.min_valid, time.time()):
-                self.tokens = fresh_tokens(self.store, self.environ, self.min_valid,
-                                           http_timeout_setting(None, self.environ))
-            return self.tokens["access_token"]
+            if self.tokens is not None and valid_for(self.tokens, self.min_valid, time.time()):
+                return self.tokens["access_token"]
+            flight, leading = self.flight or _Flight(), self.flight is None
+            self.flight = flight
+        if leading:
+            try:
+                flight.tokens = fresh_tokens(self.store, self.environ, self.min_valid,
+                                             http_timeout_setting(None, self.environ))
+            except FlowError as error:
+                flight.error = error
+            finally:
+                with self.lock:
+                    self.flight = None
+                    self.tokens = flight.tokens or self.tokens
+                flight.done.set()
+        flight.done.wait()
+        if flight.error is not None or flight.tokens is None:  # None: the refreshing call was interrupted
+            raise flight.error or FlowError("The refresh this call waited for was interrupted.")
+        return flight.tokens["access_token"]
+
+
+class _Flight:
+    """One TokenProvider refresh: its tokens or its error, once `done` is set."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.tokens, self.error = None, None
 
 
 def fresh_tokens_for(args, environ, console):
     """fresh_tokens with the flags of `token` or `exec`."""
-    return fresh_tokens(TokenStore(token_file_path(args.token_file, environ)), environ,
-                        seconds(args.min_valid, {}, "--min-valid", 60), http_timeout_setting(args, environ), console)
+    return fresh_tokens(open_store(args.token_file, environ), environ,
+                        seconds(args.min_valid, {}, "--min-valid", 60), http_timeout_setting(args, environ), console,
+                        getattr(args, "client_secret_file", None))
 
 
 def http_timeout_setting(args, environ):
@@ -2006,55 +2367,61 @@ def http_timeout_setting(args, environ):
     return seconds(getattr(args, "http_timeout", None), environ, "GLEAN_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS)
 
 
-def fresh_tokens(store, environ, min_valid, http_timeout, console=None):
+def fresh_tokens(store, environ, min_valid, http_timeout, console=None, secret_file=None):
     """The stored tokens, refreshed first when the access token expires within
     `min_valid` seconds. A token still valid is read without the lock (every write is an
     atomic rename); a refresh happens under it, after reading again, so parallel runs
     refresh once."""
     saved = load_store(store, environ, console)
     if not valid_for(saved, min_valid, time.time()):
-        with store.lock(http_timeout + LOCK_MARGIN_SECONDS):
+        with store.locked(http_timeout + LOCK_MARGIN_SECONDS, console):
             saved = load_store(store, environ)
             if not valid_for(saved, min_valid, time.time()):
-                saved = refresh_saved(saved, environ, http_timeout, store)
+                saved = refresh_saved(saved, environ, http_timeout, store, console, secret_file)
     if not isinstance(saved.get("access_token"), str) or not BEARER_TOKEN.match(saved["access_token"]):
-        raise SignInNeeded("The token file {} holds no usable access token.".format(store.path))
+        raise SignInNeeded("The token file {} holds no usable access token.".format(store.path), store)
     return saved
 
 
 def load_store(store, environ, console=None):
     """The stored tokens, after the safety checks; SignInNeeded when nothing is stored for
     the backend GLEAN_BACKEND_URL names (when it names one)."""
-    saved = store.load(console)
+    saved = store.read(console)
     if saved is None:
-        raise SignInNeeded("No tokens are stored at {}.".format(store.path))
+        raise SignInNeeded("No tokens are stored at {}.".format(store.path), store)
     backend = environ.get("GLEAN_BACKEND_URL", "").strip().rstrip("/")
     if backend and saved.get("backend_url") not in (None, backend):
         raise SignInNeeded("The tokens at {} are for {}, not for GLEAN_BACKEND_URL {}.".format(
-            store.path, saved.get("backend_url"), backend))
+            store.path, one_line(saved["backend_url"]), backend), store)
     return saved
 
 
-def refresh_saved(saved, environ, http_timeout, store):
-    """The refresh_token grant with what the store holds (no discovery); the new tokens
-    are saved before they are returned. invalid_grant is SignInNeeded, the file untouched."""
-    if not isinstance(saved.get("refresh_token"), str) or not saved["refresh_token"]:
+def refresh_saved(saved, environ, http_timeout, store, console=None, secret_file=None, again=True):
+    """The refresh_token grant with what the store holds (no discovery), under the store's
+    lock, the journal around it; the new tokens are saved before they are returned.
+    invalid_grant reads the file again: a token another run rotated meanwhile is used
+    (once); else SignInNeeded, the file untouched."""
+    if not saved.get("refresh_token"):
         raise SignInNeeded("The access token at {} has expired and there is no refresh token to renew it "
-                           "(ask for offline_access when you sign in).".format(store.path))
-    client = stored_client(saved, environ, http_timeout)
-    check_transport(saved["token_endpoint"], "The token file's token_endpoint")
+                           "(ask for offline_access when you sign in).".format(store.path), store)
+    client = stored_client(saved, environ, http_timeout, store, secret_file, console)
+    if console:
+        console.secrets = _longest_first(console.secrets + secret_forms(client.client_id, client.client_secret))
+    check_endpoint(saved["token_endpoint"], "The token file's token_endpoint", saved.get("backend_url") or "")
     try:
-        response = refresh_tokens({"token_endpoint": saved["token_endpoint"]}, client, saved["refresh_token"])
+        with store.refreshing():
+            response = refresh_tokens({"token_endpoint": saved["token_endpoint"]}, client, saved["refresh_token"])
+            contents = store_contents(kept_tokens(response, saved), time.time(),
+                                      {key: saved.get(key) for key in STORE_FIELDS})
+            store.write(contents, secret_forms(client.client_id, client.client_secret))
     except FlowError as error:
-        if error.oauth_error == "invalid_grant":
-            raise SignInNeeded("The refresh token was refused ({}).".format(error))
-        raise
-    tokens = dict(response)
-    for kept in ("refresh_token", "scope"):  # RFC 6749 §5.1, §6: absent means unchanged
-        if not tokens.get(kept) and saved.get(kept):
-            tokens[kept] = saved[kept]
-    contents = store_contents(tokens, time.time(), {key: saved.get(key) for key in STORE_FIELDS})
-    store.write(contents, secret_forms(client.client_id, client.client_secret))
+        if error.oauth_error != "invalid_grant":
+            raise
+        current = store.read()
+        if again and current and current.get("refresh_token") not in (None, saved["refresh_token"]):
+            return current if valid_for(current, 0, time.time()) else refresh_saved(
+                current, environ, http_timeout, store, console, secret_file, again=False)
+        raise SignInNeeded("The refresh token was refused ({}).".format(error), store)
     return contents
 
 
@@ -2066,32 +2433,60 @@ class StoredClient:
         self.auth_method, self.http_timeout = auth_method, http_timeout
 
 
-def stored_client(saved, environ, http_timeout):
-    """The client the tokens were issued to, with CLIENT_SECRET from the environment
-    (it is never stored) when its auth method needs one: a usage error when unset."""
-    missing = [key for key in ("client_id", "token_endpoint") if not isinstance(saved.get(key), str) or not saved[key]]
+def stored_client(saved, environ, http_timeout, store, secret_file=None, console=None):
+    """The client the tokens were issued to, with its secret from the environment (it is
+    never stored) when its auth method needs one: a usage error when there is none, or
+    when CLIENT_ID names another client (its secret is not this client's)."""
+    missing = [key for key in ("client_id", "token_endpoint") if not saved.get(key)]
     if missing:
-        raise SignInNeeded("The token file lacks what a refresh needs ({}).".format(", ".join(missing)))
+        raise SignInNeeded("The token file lacks what a refresh needs ({}).".format(", ".join(missing)), store)
     auth_method = saved.get("auth_method") or "client_secret_post"
     if auth_method not in CLIENT_AUTH:
-        raise FlowError("The token file names an unknown auth method {}.".format(auth_method), EXIT_USAGE)
-    secret = environ.get("CLIENT_SECRET", "").strip()
+        raise store.unusable("it names an unknown auth method {}".format(one_line(auth_method)))
+    named = environ.get("CLIENT_ID", "").strip()
+    if named and named != saved["client_id"] and named != PLACEHOLDERS["CLIENT_ID"]:
+        raise FlowError("CLIENT_ID is {}, but the tokens at {} were issued to the client {}: its secret is not "
+                        "this one's. Unset CLIENT_ID, or sign in as {} with: {}".format(
+                            named, store.path, one_line(saved["client_id"]), named, store.command("login")),
+                        EXIT_USAGE)
+    secret = client_secret(environ, secret_file, console)
     if auth_method != "none" and secret in ("", PLACEHOLDERS["CLIENT_SECRET"]):
-        raise FlowError("Set CLIENT_SECRET: the client {} authenticates with {}, and its secret is never "
-                        "stored.".format(saved["client_id"], auth_method), EXIT_USAGE)
+        raise FlowError("Set CLIENT_SECRET or CLIENT_SECRET_FILE: the client {} authenticates with {}, and its "
+                        "secret is never stored.".format(one_line(saved["client_id"]), auth_method), EXIT_USAGE)
     return StoredClient(saved["client_id"], secret, auth_method, http_timeout)
+
+
+def client_secret(environ, flag_path=None, console=None):
+    """The client secret: the first line of --client-secret-file, else CLIENT_SECRET, else
+    the first line of CLIENT_SECRET_FILE (Docker's _FILE convention, for cron jobs and
+    containers). The file gets the token file's checks, but may also be root's."""
+    path = (flag_path or "").strip() or (
+        "" if environ.get("CLIENT_SECRET", "").strip() else environ.get("CLIENT_SECRET_FILE", "").strip())
+    if not path:
+        return environ.get("CLIENT_SECRET", "").strip()
+    path = os.path.abspath(os.path.expanduser(path))
+    data = read_private_file(path, "the client secret file", [_uid(), 0], console)
+    if data is None:
+        raise FlowError("Cannot read the client secret file {}: No such file or directory.".format(path), EXIT_USAGE)
+    return data.decode("utf-8", ENV_ERRORS).split("\n", 1)[0].rstrip("\r").strip()
 
 
 def revoke_token(endpoint, client, value, kind):
     """RFC 7009 §2.1: ask the server to revoke one token, with the client's authentication.
-    A refusal to revoke the access token is only a note (§2.2.1: servers need not)."""
+    Returns None when it did, else the reason it refused. A refusal to revoke the refresh
+    token raises FlowError (the tokens are kept); the access token's is only reported
+    (§2.2.1: servers need not revoke it)."""
     auth_fields, headers = CLIENT_AUTH[client.auth_method](client.client_id, client.client_secret)
     fields = [("token", value), ("token_type_hint", kind)] + auth_fields
     answer = form_post(endpoint, fields, headers, client.http_timeout)
-    if not 200 <= answer.status < 300 and kind == "refresh_token":
+    if 200 <= answer.status < 300:
+        return None
+    redact = _longest_first(secret_forms(client.client_id, client.client_secret) + credential_forms(value))
+    if kind == "refresh_token":
         raise FlowError("Revoking the refresh token failed ({}): {}. The tokens were kept; try again.".format(
-            answer.status, excerpt(answer.body, _longest_first(
-                secret_forms(client.client_id, client.client_secret) + credential_forms(value)))))
+            answer.status, excerpt(answer.body, redact)))
+    code, _ = _oauth_error(answer.body, redact)
+    return one_line(code) if code else str(answer.status)
 
 
 def valid_for(saved, min_valid, now):
@@ -2170,13 +2565,16 @@ COMMANDS = {
     "login": (login, "sign in and save the tokens to the token store (no chat call, no token on stdout)",
               SIGN_IN_FLAGS + ["--token-file"], None),
     "token": (token, "print a valid access token, refreshed first when it expires within --min-valid s",
-              ["--token-file", "--min-valid", "--header", "--json", "--http-timeout"], None),
+              ["--token-file", "--min-valid", "--header", "--json", "--http-timeout", "--client-secret-file"], None),
     "exec": (exec_command, "run a command with GLEAN_API_TOKEN and GLEAN_SERVER_URL in its environment",
-             ["--token-file", "--min-valid", "--http-timeout"], "example: glean_oauth.py exec -- python3 my_script.py"),
-    "status": (status, "show what is stored: backend, client, user, scopes, expiry (never a token)",
-               ["--token-file", "--json"], None),
-    "logout": (logout, "revoke the tokens where the server can, and delete them",
-               ["--token-file", "--http-timeout"], None),
+             ["--token-file", "--min-valid", "--http-timeout", "--client-secret-file"],
+             "example: glean_oauth.py exec -- python3 my_script.py\n(CLIENT_SECRET, CLIENT_SECRET_FILE and "
+             "REFRESH_TOKEN are not passed on to it)"),
+    "status": (status_command, "show what is stored: backend, client, user, scopes, expiry (never a token)",
+               ["--token-file", "--json"], "exit codes: 0 the access token is valid or can be renewed; 1 the store "
+                                           "cannot be read; 3 sign-in needed"),
+    "logout": (logout, "revoke the tokens where the server can, and delete them (--local: only delete them)",
+               ["--token-file", "--http-timeout", "--local", "--client-secret-file"], None),
 }
 
 
@@ -2191,7 +2589,7 @@ def cli(argv=None, environ=None, out=None, err=None, stdin=None):
     command = argv[0] if argv and argv[0] in COMMANDS else None
     try:
         # Known before the flags are read, so that even a usage error cannot show it.
-        console.secrets = secret_forms(environ.get("CLIENT_ID", ""), environ.get("CLIENT_SECRET", "").strip())
+        console.secrets = secret_forms(environ.get("CLIENT_ID", ""), _secret_if_readable(environ))
         if console.out is None and command not in ("exec", "login", "logout"):
             raise FlowError("Standard output is closed, so nothing could be shown; run with it open "
                             "(redirect it to a file to keep it).", EXIT_USAGE)
@@ -2217,6 +2615,15 @@ def cli(argv=None, environ=None, out=None, err=None, stdin=None):
         console.problem("Unexpected error: {}: {} (a bug in glean_oauth.py; please report it)".format(
             type(error).__name__, error))
         return EXIT_FAILURE
+
+
+def _secret_if_readable(environ):
+    """The client secret from the environment, for redaction before any flag is read; ""
+    when the secret file cannot be read yet (the command that needs it says why)."""
+    try:
+        return client_secret(environ)
+    except FlowError:
+        return ""
 
 
 def _output_failed(error, console):

@@ -122,6 +122,7 @@ class StandInGlean:
         self.access_tokens = {}  # access token -> the scope it was granted (None: none asked for)
         self.refresh_scopes = {}  # refresh token -> the scope it carries
         self.revoked = []  # (token_type_hint, token) of each revocation request that checked out
+        self.refuse_access_token_revocation = False  # as oidc-provider does for a JWT: unsupported_token_type
         self.answer = "The executive team is listed on the People page."
         self.chat_delay = 0  # seconds before the chat answer starts
         self.stream_pace = None  # with --stream: stream_pace(line index) runs before each line
@@ -129,6 +130,7 @@ class StandInGlean:
         self.answer_deltas = None  # with --stream: the answer's text deltas (default: a word each)
         self.interim = {}  # path -> the 1xx statuses sent before its answer (102 Processing, 103 Early Hints)
         self.refresh_tokens = set()
+        self.presented_refresh_tokens = []  # every refresh token a refresh grant sent, in order
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_StandInHandler, self))
         self.httpd.daemon_threads = True
@@ -238,6 +240,7 @@ class StandInGlean:
 
     def _grant_refresh(self, f):
         token = f.get("refresh_token", "")
+        self.presented_refresh_tokens.append(token)
         if token not in self.refresh_tokens:
             return _oauth_error(400, "invalid_grant", "unknown refresh token")
         if self.issue_refresh_token:
@@ -266,6 +269,8 @@ class StandInGlean:
         f = {k: v[0] for k, v in request.form.items()}
         if self._authenticate(f, request.headers.get("Authorization", "")) is None:
             return _oauth_error(401, "invalid_client", "client authentication failed")
+        if self.refuse_access_token_revocation and f.get("token") in self.access_tokens:
+            return _oauth_error(400, "unsupported_token_type", "JWT access tokens cannot be revoked")
         with self._lock:
             self.refresh_tokens.discard(f.get("token"))
             self.access_tokens.pop(f.get("token"), None)
@@ -2229,7 +2234,7 @@ def test_json_prints_one_object_on_stdout_and_the_rest_on_stderr():
     assert flow.code == 0, flow.run.output()
     result = json.loads(flow.stdout)
     assert list(result) == ["metadata", "token_response", "chat_response", "jwt_header", "jwt_claims",
-                            "refresh_response"]
+                            "refresh_response", "tokens"]
     assert result["metadata"]["issuer"] == glean.issuer
     assert result["token_response"]["access_token"] in glean.access_tokens
     assert result["jwt_claims"]["sub"] == "demo.user@example.com"
@@ -2278,7 +2283,7 @@ def test_token_file_keeps_the_final_tokens_for_the_owner_only(tmp_path):
     assert saved["access_token"] == refreshed["access_token"]
     assert saved["refresh_token"] == refreshed["refresh_token"]
     assert saved["expires_at"] > saved["obtained_at"] and saved["obtained_at"].endswith("Z")
-    assert os.listdir(str(tmp_path)) == ["tokens.json"]  # no temporary file left
+    assert sorted(os.listdir(str(tmp_path))) == ["tokens.json", "tokens.json.lock"]  # no temporary file left
     assert "Saved the tokens to {}.".format(path) in flow.stderr
 
 
@@ -2353,7 +2358,9 @@ def test_refresh_later_keeps_the_old_refresh_token_when_none_comes_back(tmp_path
 
 @parametrize("contents, message", [
     (None, "Cannot read the token file {}: No such file or directory."),
-    ("not json", "Cannot read the token file {}: Expecting value: line 1 column 1 (char 0)."),
+    ("not json", "The token file {0} cannot be used: it is not JSON (Expecting value: line 1 column 1 (char 0)). "
+                 "Start over with: python3 glean_oauth.py logout --local --token-file {0}, then python3 "
+                 "glean_oauth.py login --token-file {0}."),
     ('{"access_token": "a"}', "The token file {} has no refresh_token; run the full flow first."),
 ])
 def test_refresh_later_needs_a_readable_token_file_with_a_refresh_token(tmp_path, contents, message):
@@ -2753,7 +2760,8 @@ def test_login_token_exec_status_logout(tmp_path):
     assert out.returncode == 0, out.stderr
     assert glean.revoked == [("refresh_token", after["refresh_token"]), ("access_token", after["access_token"])]
     assert not path.exists()
-    assert out.stderr.decode() == "Revoked the tokens at {}/oauth/revoke.\nDeleted {}.\n".format(glean.url, path)
+    assert out.stderr.decode() == "At {}/oauth/revoke: refresh token revoked; access token revoked.\nDeleted " \
+                                  "{}.\n".format(glean.url, path)
 
 
 def test_exec_passes_the_exit_code_and_needs_a_command(tmp_path):
@@ -2815,19 +2823,20 @@ def test_a_refused_refresh_token_means_sign_in_again_and_leaves_the_file(tmp_pat
         proc = run_script(script_env(glean), ["token", "--token-file", str(path)])
     assert proc.returncode == 3
     assert proc.stderr.decode() == "The refresh token was refused (token request failed (400): invalid_grant: " \
-                                   "unknown refresh token). Sign in with: python3 glean_oauth.py login\n"
+                                   "unknown refresh token). Sign in with: python3 glean_oauth.py login " \
+                                   "--token-file {}\n".format(path)
     assert path.read_text() == before and proc.stdout == b""
 
 
 @parametrize("args, env, message", [
-    (["token"], {}, "No tokens are stored at {path}. Sign in with: python3 glean_oauth.py login"),
-    (["status"], {}, "No tokens are stored at {path}. Sign in with: python3 glean_oauth.py login"),
+    (["token"], {}, "No tokens are stored at {path}. Sign in with: python3 glean_oauth.py login --token-file {path}"),
+    (["status"], {}, "No tokens are stored at {path}. Sign in with: python3 glean_oauth.py login --token-file {path}"),
     (["token"], {"stored": True, "GLEAN_BACKEND_URL": "https://other-be.glean.com"},
      "The tokens at {path} are for {url}, not for GLEAN_BACKEND_URL https://other-be.glean.com. Sign in with: "
-     "python3 glean_oauth.py login"),
+     "python3 glean_oauth.py login --token-file {path}"),
     (["token"], {"stored": True, "expired": True, "CLIENT_SECRET": None},
-     "Set CLIENT_SECRET: the client stand-in-client authenticates with client_secret_post, and its secret is never "
-     "stored."),
+     "Set CLIENT_SECRET or CLIENT_SECRET_FILE: the client stand-in-client authenticates with client_secret_post, "
+     "and its secret is never stored."),
 ])
 def test_token_says_what_is_needed(tmp_path, args, env, message):
     path = tmp_path / "tokens.json"
@@ -2884,9 +2893,9 @@ def test_logout_without_a_revocation_endpoint_says_the_token_lives_on(tmp_path):
         proc = run_script(script_env(glean, CLIENT_SECRET=None), ["logout", "--token-file", str(path)])
         again = run_script(script_env(glean), ["logout", "--token-file", str(path)])
     assert proc.returncode == 0 and glean.requests == [] and not path.exists()
-    assert proc.stderr.decode() == "Deleted {}.\nThe server advertises no revocation endpoint, so the tokens were " \
+    assert proc.stderr.decode() == "The server advertises no revocation endpoint, so the tokens were " \
         "not revoked there: the refresh token stays valid until it expires or you remove the app in Glean's " \
-        "settings.\n".format(path)
+        "settings.\nDeleted {}.\n".format(path)
     assert again.stderr.decode() == "Nothing is stored at {}; nothing to do.\n".format(path)
 
 
@@ -2910,6 +2919,413 @@ def test_token_provider_serves_from_the_store_and_refreshes_when_needed(tmp_path
     glean.refresh_tokens.clear()
     with pytest.raises(glean_oauth.SignInNeeded):
         glean_oauth.TokenProvider(str(tmp_path / "none.json"), environ={})()
+
+
+# --- The token store: every path serialized, checked on the open file, honest ----------------
+
+
+def stored(glean, path, scope=None, **fields):
+    """A store as `login` writes it for `glean`'s client, made in this process (no browser)."""
+    settings = {"backend_url": glean.url, "client_id": glean.client_id, "auth_method": "client_secret_post",
+                "issuer": glean.issuer, "token_endpoint": glean.url + "/oauth/token",
+                "revocation_endpoint": glean.metadata().get("revocation_endpoint"), "requested_scope": scope}
+    with glean._lock:
+        tokens = glean._issue(scope)
+    contents = dict(glean_oauth.store_contents(tokens, time.time(), settings), **fields)
+    glean_oauth.TokenStore(str(path)).write({k: v for k, v in contents.items() if v is not None})
+    return contents
+
+
+def held(glean, path):
+    """Make the token endpoint hold each grant until released; returns (entered, release)."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(request):
+        entered.set()
+        release.wait(RUN_TIMEOUT)
+        return glean.token(request)
+    glean.overrides["/oauth/token"] = hold
+    return entered, release
+
+
+def start(glean, args, **env):
+    return subprocess.Popen([sys.executable, SCRIPT] + args, env=script_env(glean, **env), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_logout_waits_for_a_refresh_in_flight_and_revokes_what_it_saved(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        glean.metadata_extra["revocation_endpoint"] = glean.url + "/oauth/revoke"
+        stored(glean, path, expires_at="2000-01-01T00:00:00Z")
+        entered, release = held(glean, path)
+        refreshing = start(glean, ["token", "--token-file", str(path)])
+        assert entered.wait(RUN_TIMEOUT)
+        logout = start(glean, ["logout", "--token-file", str(path)])
+        with pytest.raises(subprocess.TimeoutExpired):
+            logout.wait(0.5)  # it waits on the lock the refresh holds (a wait on what must not happen)
+        release.set()
+        refreshed, _ = refreshing.communicate(timeout=RUN_TIMEOUT)
+        _, said = logout.communicate(timeout=RUN_TIMEOUT)
+    assert (refreshing.returncode, logout.returncode) == (0, 0), said
+    assert not path.exists()
+    assert glean.refresh_tokens == set()  # the rotated one was revoked too: nothing left alive
+    assert ("access_token", refreshed.decode().strip()) in glean.revoked
+
+
+def test_json_says_which_refresh_token_is_live(tmp_path):
+    with StandInGlean() as glean:
+        flow = run_flow(glean, ["--json"])
+    result = json.loads(flow.stdout)
+    assert result["token_response"]["refresh_token_spent"] is True
+    assert result["tokens"]["refresh_token"] == result["refresh_response"]["refresh_token"]
+    assert result["tokens"]["refresh_token"] in glean.refresh_tokens
+    assert result["token_response"]["refresh_token"] not in glean.refresh_tokens
+    assert result["tokens"]["access_token"] == result["refresh_response"]["access_token"]
+    assert set(result["tokens"]) >= {"obtained_at", "expires_at"} and "backend_url" not in result["tokens"]
+
+
+def test_a_file_swapped_in_is_checked_on_what_was_opened(tmp_path, monkeypatch):
+    """The checks look at the descriptor that is read: a file swapped in after a path check
+    (another user's, planted in a folder they can write to) is never what passes them."""
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path)
+    planted = tmp_path / "planted.json"
+    planted.write_text(path.read_text())
+    os.chown(str(planted), 4242, -1)
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda name, *args: real_open(
+        str(planted) if name == str(path) else name, *args))  # the swap, at the moment of the open
+    with pytest.raises(glean_oauth.FlowError, match="it belongs to another user"):
+        glean_oauth.TokenStore(str(path)).read()
+
+
+@parametrize("make, problem", [
+    (lambda folder: folder.chmod(0o777), "other users can write to its folder {folder} (mode 777); keep it in a "
+                                         "folder only you can write to"),
+    (lambda folder: folder.chmod(0o1777), "other users can write to its folder {folder} (mode 1777); keep it in a "
+                                          "folder only you can write to"),
+    (lambda folder: os.chown(str(folder), 4242, -1), "its folder {folder} belongs to another user"),
+])
+def test_a_folder_others_can_use_is_refused(tmp_path, make, problem):
+    folder = tmp_path / "glean-oauth"
+    folder.mkdir(mode=0o700)
+    path = folder / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path)
+        make(folder)
+        code, out, err = run_cli(good_environ(glean), ["token", "--token-file", str(path)])
+        login_code, _, login_err = run_cli(good_environ(glean), ["login", "--token-file", str(path)])
+    assert (code, out) == (2, "")
+    assert err == "Not using the token file {}: {}.\n".format(path, problem.format(folder=folder))
+    assert login_code == 2 and login_err == err and glean.requests == []
+
+
+def test_a_relative_xdg_config_home_is_ignored(tmp_path):
+    home = str(tmp_path)
+    environ = {"HOME": home, "XDG_CONFIG_HOME": "relative/config"}
+    old_home = os.environ.get("HOME")
+    os.environ["HOME"] = home  # expanduser reads the process's HOME
+    try:
+        path = glean_oauth.token_file_path(None, environ)
+    finally:
+        os.environ["HOME"] = old_home
+    assert path == os.path.join(home, ".config", "glean-oauth", "tokens.json")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_is_refused_at_once(tmp_path):
+    path = tmp_path / "tokens.json"
+    os.mkfifo(str(path), 0o600)
+    code, _, err = run_cli({"GLEAN_TOKEN_FILE": str(path)}, ["token"])
+    assert (code, err) == (2, "Not using the token file {}: it is not a regular file.\n".format(path))
+
+
+def test_a_folder_as_the_token_file_gets_no_chmod_advice(tmp_path):
+    code, _, err = run_cli({}, ["token", "--token-file", str(tmp_path)])
+    assert (code, err) == (2, "Not using the token file {}: it is a folder.\n".format(tmp_path))
+
+
+@parametrize("field, value", [("token_endpoint", "http://127.0.0.1:9/oauth/token"),
+                              ("revocation_endpoint", "http://127.0.0.1:9/oauth/revoke")])
+def test_the_stores_endpoints_are_checked_like_the_metadatas(tmp_path, field, value):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path, expires_at="2000-01-01T00:00:00Z", backend_url="https://acme-be.glean.com", **{field: value})
+        args = ["token"] if field == "token_endpoint" else ["logout"]
+        code, out, err = run_cli(good_environ(glean, GLEAN_BACKEND_URL=None), args + ["--token-file", str(path)])
+    assert code == 1 and glean.requests == []
+    assert err.startswith("The token file's {} must be https://, as GLEAN_BACKEND_URL is, not {}.".format(field, value))
+
+
+def test_a_client_id_that_is_not_the_stored_client_is_refused(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path, expires_at="2000-01-01T00:00:00Z")
+        code, _, err = run_cli(good_environ(glean, CLIENT_ID="another-client"), ["token", "--token-file", str(path)])
+    assert code == 2 and glean.requests == []
+    assert err.startswith("CLIENT_ID is another-client, but the tokens at {} were issued to the client "
+                          "stand-in-client".format(path))
+
+
+def test_login_over_a_file_it_cannot_replace_is_refused_before_any_traffic(tmp_path):
+    path = tmp_path / "tokens.json"
+    path.write_text("{}")
+    os.chown(str(path), 4242, -1)
+    with StandInGlean() as glean:
+        code, _, err = run_cli(good_environ(glean), ["login", "--token-file", str(path)])
+    assert (code, err) == (2, "Cannot use the token file {}: it belongs to another user, so it cannot be "
+                              "replaced.\n".format(path))
+    assert glean.requests == []
+
+
+def test_logout_says_what_the_server_did_with_each_token(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        glean.metadata_extra["revocation_endpoint"] = glean.url + "/oauth/revoke"
+        glean.refuse_access_token_revocation = True
+        saved = stored(glean, path)
+        code, _, err = run_cli(good_environ(glean), ["logout", "--token-file", str(path)])
+    until = time.strftime("%H:%M UTC", time.gmtime(glean_oauth.parse_iso_time(saved["expires_at"])))
+    assert code == 0 and not path.exists()
+    assert err == "At {}/oauth/revoke: refresh token revoked; the server refused to revoke the access token " \
+                  "(unsupported_token_type): it stays valid until {}.\nDeleted {}.\n".format(glean.url, until, path)
+
+
+@parametrize("break_it, said", [
+    (lambda glean, path: path.write_text("{not json"), "The token file {path} cannot be used: it is not JSON"),
+    (lambda glean, path: None, "Set CLIENT_SECRET or CLIENT_SECRET_FILE"),
+    (lambda glean, path: glean.overrides.update({"/oauth/revoke": (503, {}, "down")}), "Revoking the refresh token "
+                                                                                      "failed (503)"),
+])
+def test_logout_that_cannot_revoke_names_logout_local_which_forgets(tmp_path, break_it, said):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        glean.metadata_extra["revocation_endpoint"] = glean.url + "/oauth/revoke"
+        stored(glean, path)
+        break_it(glean, path)
+        env = good_environ(glean, CLIENT_SECRET=None) if "CLIENT_SECRET" in said else good_environ(glean)
+        code, _, err = run_cli(env, ["logout", "--token-file", str(path)])
+        assert code in (1, 2) and path.exists()
+        assert err.startswith(said.format(path=path))
+        assert err.endswith("python3 glean_oauth.py logout --local --token-file {}\n".format(path))
+        local = run_cli(env, ["logout", "--local", "--token-file", str(path)])
+    assert local[0] == 0 and not path.exists()
+    assert local[2].startswith("Deleted {}; nothing was revoked".format(path))
+
+
+def test_hints_repeat_the_token_file_variable_in_use(tmp_path):
+    path = tmp_path / "my tokens.json"
+    code, _, err = run_cli({"GLEAN_TOKEN_FILE": str(path)}, ["token"])
+    assert (code, err) == (3, "No tokens are stored at {0}. Sign in with: GLEAN_TOKEN_FILE='{0}' python3 "
+                              "glean_oauth.py login\n".format(path))
+
+
+@parametrize("state, code", [("valid", 0), ("renewable", 0), ("expired", 3), ("none", 3), ("corrupt", 1),
+                              ("other backend", 3)])
+def test_status_exit_codes_say_whether_a_sign_in_is_needed(tmp_path, state, code):
+    path = tmp_path / "tokens.json"
+    env = {}
+    with StandInGlean() as glean:
+        if state != "none":
+            stored(glean, path)
+        if state in ("renewable", "expired"):
+            expire(path)
+        if state == "expired":
+            saved = json.loads(path.read_text())
+            del saved["refresh_token"]
+            path.write_text(json.dumps(saved))
+        if state == "corrupt":
+            path.write_text("[")
+        if state == "other backend":
+            env["GLEAN_BACKEND_URL"] = "https://other-be.glean.com"
+        result = run_cli(env, ["status", "--token-file", str(path)])
+    assert result[0] == code, result
+    if state == "other backend":  # what is stored is still shown
+        assert "Backend:       {}\n".format(glean.url) in result[1]
+        assert result[2].startswith("GLEAN_BACKEND_URL names https://other-be.glean.com, but these tokens are for ")
+
+
+def test_token_prints_the_token_as_it_is_whatever_the_secret(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean(client_secret="e") as glean:  # a secret too short to redact: never shreds the token
+        saved = stored(glean, path)
+        code, out, _ = run_cli(good_environ(glean), ["token", "--token-file", str(path)])
+        json_code, json_out, _ = run_cli(good_environ(glean), ["token", "--json", "--token-file", str(path)])
+    assert (code, out) == (0, saved["access_token"] + "\n")
+    assert json.loads(json_out)["access_token"] == saved["access_token"] and json_code == 0
+
+
+def test_a_stored_token_that_holds_the_secret_is_refused(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path, access_token="abc" + CLIENT_SECRET + "xyz")
+        code, out, err = run_cli(good_environ(glean), ["token", "--token-file", str(path)])
+    assert (code, out, err) == (1, "", "The stored access token holds the client secret; not printing it.\n")
+
+
+def test_a_token_with_a_line_end_is_no_bearer_token(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path, access_token="abc\n")
+        code, out, err = run_cli(good_environ(glean), ["token", "--token-file", str(path)])
+    assert (code, out) == (3, "") and err.startswith("The token file {} holds no usable access token.".format(path))
+
+
+@parametrize("field, value", [("auth_method", ["client_secret_post"]), ("auth_method", {"a": 1}),
+                              ("refresh_token", 7), ("backend_url", []), ("expires_at", 1)])
+def test_any_type_in_any_store_field_is_one_line(tmp_path, field, value):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path, expires_at="2000-01-01T00:00:00Z")
+        saved = json.loads(path.read_text())
+        saved[field] = value
+        path.write_text(json.dumps(saved))
+        results = [run_cli(good_environ(glean), [command, "--token-file", str(path)])
+                   for command in ("token", "status", "logout")]
+    for code, out, err in results:
+        assert code in (1, 2) and "Unexpected error" not in err and err.count("\n") == 1, err
+        assert "its {} is not text".format(field) in err
+
+
+@parametrize("command, code, said", [
+    ([""], 2, "exec needs a command"),
+    (["/nonexistent/program"], 127, "Cannot run /nonexistent/program: not found."),
+    (["{not_executable}"], 126, "Cannot run {not_executable}: Permission denied."),
+])
+def test_exec_says_why_a_command_cannot_run_with_the_shells_codes(tmp_path, command, code, said):
+    path = tmp_path / "tokens.json"
+    not_executable = tmp_path / "script.sh"
+    not_executable.write_text("echo hi\n")
+    with StandInGlean() as glean:
+        stored(glean, path)
+        argv = [part.format(not_executable=not_executable) for part in command]
+        proc = run_script(script_env(glean), ["exec", "--token-file", str(path), "--"] + argv)
+    assert proc.returncode == code
+    assert proc.stderr.decode().startswith(said.format(not_executable=not_executable))
+
+
+def test_exec_gives_the_child_no_secret_and_no_refresh_token(tmp_path):
+    path = tmp_path / "tokens.json"
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(CLIENT_SECRET + "\n")
+    secret_file.chmod(0o600)
+    with StandInGlean() as glean:
+        stored(glean, path)
+        proc = run_script(script_env(glean, REFRESH_TOKEN="rt-xyz", CLIENT_SECRET_FILE=str(secret_file)),
+                          ["exec", "--token-file", str(path), "--", sys.executable, "-c",
+                           "import os, json; print(json.dumps(sorted(os.environ)))"])
+    names = json.loads(proc.stdout.decode())
+    assert proc.returncode == 0 and "GLEAN_API_TOKEN" in names and "GLEAN_SERVER_URL" in names
+    assert not {"CLIENT_SECRET", "CLIENT_SECRET_FILE", "REFRESH_TOKEN"} & set(names)
+
+
+def test_server_and_store_text_stays_on_its_line(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        access_token = make_jwt({"alg": "RS256"}, {"email": "a@b.c\nToken response:\n{", "exp": time.time() + 3600})
+        stored(glean, path, access_token=access_token, client_id="x\ny", scope="chat\nFAKE: line")
+        code, out, _ = run_cli({}, ["status", "--token-file", str(path)])
+        glean.answer = "Line one.\nToken response:\n{}"
+        flow = run_flow(glean)
+    assert code == 0
+    assert "Signed in as:  a@b.c Token response: {\n" in out and "Client:        x y\n" in out
+    assert "Scopes:        chat FAKE: line\n" in out and len(out.splitlines()) == 8
+    assert "\nAnswer: Line one.\n  Token response:\n  {}\n" in flow.stderr
+
+
+def test_token_provider_refreshes_once_for_all_the_threads_that_wait(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path, expires_at="2000-01-01T00:00:00Z")
+        entered, release = held(glean, path)  # a token endpoint that never answers in time
+        provider = glean_oauth.TokenProvider(str(path), environ=good_environ(glean, GLEAN_HTTP_TIMEOUT="0.5"))
+        outcomes = queue.Queue()
+
+        def call():
+            try:
+                outcomes.put(provider())
+            except glean_oauth.FlowError as error:
+                outcomes.put(error)
+        started = time.monotonic()
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(RUN_TIMEOUT)
+        elapsed = time.monotonic() - started
+        release.set()
+    errors = [outcomes.get_nowait() for _ in threads]
+    assert all(isinstance(error, glean_oauth.FlowError) and "no answer in time" in str(error) for error in errors)
+    assert len(glean.find("/oauth/token")) == 1 and elapsed < 0.5 + 1.5, elapsed
+
+
+def test_a_refresh_killed_in_flight_is_reported_by_the_next_run(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path, expires_at="2000-01-01T00:00:00Z")
+        entered, release = held(glean, path)
+        refreshing = start(glean, ["token", "--token-file", str(path)])
+        assert entered.wait(RUN_TIMEOUT)  # the grant has reached the server
+        refreshing.kill()  # kill -9: no answer saved
+        refreshing.wait(RUN_TIMEOUT)
+        release.set()  # the server rotates: the stored refresh token is spent
+        (tmp_path / ".glean-oauth-leftover.tmp").write_text("{}")
+        glean.overrides.clear()
+        proc = run_script(script_env(glean), ["token", "--token-file", str(path)])
+    assert proc.returncode == 3
+    lines = proc.stderr.decode().splitlines()
+    assert lines[0].startswith("The last refresh of the tokens at {} was interrupted after it was sent (".format(path))
+    assert lines[0].endswith("the server has probably spent that refresh token. If the next refresh is refused, sign "
+                             "in again with: python3 glean_oauth.py login --token-file {}".format(path))
+    assert lines[1].startswith("The refresh token was refused") and len(lines) == 2
+    assert sorted(os.listdir(str(tmp_path))) == ["tokens.json", "tokens.json.lock"]  # leftovers cleaned up
+
+
+def test_client_secret_file_serves_unattended_refreshes(tmp_path):
+    path, secret_file = tmp_path / "tokens.json", tmp_path / "secret"
+    secret_file.write_text(CLIENT_SECRET + "\n")
+    secret_file.chmod(0o600)
+    with StandInGlean() as glean:
+        stored(glean, path, expires_at="2000-01-01T00:00:00Z")
+        env = good_environ(glean, CLIENT_SECRET=None, CLIENT_SECRET_FILE=str(secret_file))
+        code, out, _ = run_cli(env, ["token", "--token-file", str(path)])
+        first = json.loads(path.read_text())["access_token"]
+        flag = run_cli(good_environ(glean, CLIENT_SECRET=None), ["token", "--min-valid", "99999", "--client-secret-file",
+                                                                 str(secret_file), "--token-file", str(path)])
+        secret_file.chmod(0o644)
+        warned = run_cli(env, ["token", "--min-valid", "99999", "--token-file", str(path)])
+        secret_file.chmod(0o666)
+        refused = run_cli(env, ["token", "--min-valid", "99999", "--token-file", str(path)])
+    assert code == 0 and out.strip() == first
+    assert flag[0] == 0 and warned[0] == 0
+    assert "Other users can read the client secret file {}".format(secret_file) in warned[2]
+    assert refused[0] == 2 and refused[2].startswith("Not using the client secret file {}: other users can change "
+                                                     "it".format(secret_file))
+    assert CLIENT_SECRET not in path.read_text()
+
+
+def test_parallel_mixed_runs_never_spend_a_refresh_token_twice(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        glean.metadata_extra["revocation_endpoint"] = glean.url + "/oauth/revoke"
+        stored(glean, path, expires_at="2000-01-01T00:00:00Z")
+        mixes = [["token", "--min-valid", "99999"], ["exec", "--min-valid", "99999", "--", "true"],
+                 ["--refresh", "--no-chat"], ["token"], ["logout"]]
+        runs = [start(glean, mixes[i % len(mixes)] + ["--token-file", str(path)]) for i in range(16)]
+        logins = [ScriptRun(script_env(glean), ["login", "--token-file", str(path)]) for _ in range(4)]
+        for run in logins:
+            play_browser(run.authorize_url())
+        codes = [run.wait(RUN_TIMEOUT) for run in runs] + [run.finish() for run in logins]
+        for run in runs:
+            run.communicate()
+    presented = glean.presented_refresh_tokens
+    assert len(presented) == len(set(presented)), "a refresh token was sent twice"
+    assert all(code in (0, 1, 2, 3) for code in codes)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        assert saved["refresh_token"] in glean.refresh_tokens, "the store holds a spent or revoked refresh token"
 
 
 def test_stored_times_are_read_back_as_written():
@@ -2969,11 +3385,14 @@ def test_an_old_or_incomplete_store_means_sign_in_again(tmp_path):
         path.write_text("[1, 2]")
         not_object = run_script(script_env(glean), ["token", "--token-file", str(path)])
     assert (lacking.returncode, lacking.stderr.decode()) == (3, "The token file lacks what a refresh needs "
-                                                             "(token_endpoint). Sign in with: python3 glean_oauth.py login\n")
+                                                             "(token_endpoint). Sign in with: python3 glean_oauth.py "
+                                                             "login --token-file {}\n".format(path))
     assert no_refresh.returncode == 3 and no_refresh.stderr.decode().startswith(
         "The access token at {} has expired and there is no refresh token to renew it".format(path))
     assert (not_object.returncode, not_object.stderr.decode()) == (
-        2, "The token file {} does not hold a JSON object.\n".format(path))
+        2, "The token file {0} cannot be used: it does not hold a JSON object. Start over with: python3 "
+           "glean_oauth.py logout --local --token-file {0}, then python3 glean_oauth.py login --token-file {0}.\n"
+           .format(path))
     assert glean.requests == []
 
 
@@ -2985,12 +3404,12 @@ def test_the_lock_wait_is_bounded(tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX)  # another run, mid-refresh
         started = time.monotonic()
         with pytest.raises(glean_oauth.FlowError) as caught:
-            with store.lock(0.2):
+            with store.locked(0.2):
                 pass
         assert 0.2 <= time.monotonic() - started < 2
     assert str(caught.value) == "Another run has held the lock {} for 0.2 s; try again, or remove it if no run " \
                                 "is going on.".format(store.lock_path)
-    with store.lock(0.2):  # free again
+    with store.locked(0.2):  # free again
         pass
 
 
@@ -3003,7 +3422,8 @@ def test_a_failed_revocation_keeps_the_tokens(tmp_path):
         proc = run_script(script_env(glean), ["logout", "--token-file", str(path)])
     assert proc.returncode == 1 and path.exists()
     assert proc.stderr.decode() == "Revoking the refresh token failed (503): down for maintenance. The tokens were " \
-                                   "kept; try again.\n"
+                                   "kept; try again. To forget the tokens without revoking them: python3 " \
+                                   "glean_oauth.py logout --local --token-file {}\n".format(path)
 
 
 def test_the_chat_call_says_it_is_waiting_on_a_terminal(monkeypatch):
