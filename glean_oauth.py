@@ -1674,7 +1674,7 @@ class TokenStore:
         problem = None
         if os.name == "posix" and info.st_uid not in (os.getuid(), 0):
             problem = "its folder {} belongs to another user".format(folder)
-        elif os.name == "posix" and info.st_mode & 0o022:
+        elif os.name == "posix" and info.st_mode & 0o002:  # group-writable: a user's own group, often
             problem = "other users can write to its folder {} (mode {:o}); keep it in a folder only you can " \
                       "write to".format(folder, info.st_mode & 0o7777)
         if problem:

@@ -2953,6 +2953,11 @@ def start(glean, args, **env):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+# A file or folder of "another user" is made with chown, which only root may do.
+as_root = pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0,
+                             reason="giving a file to another user needs root") if pytest else (lambda test: test)
+
+
 def test_logout_waits_for_a_refresh_in_flight_and_revokes_what_it_saved(tmp_path):
     path = tmp_path / "tokens.json"
     with StandInGlean() as glean:
@@ -2985,6 +2990,7 @@ def test_json_says_which_refresh_token_is_live(tmp_path):
     assert set(result["tokens"]) >= {"obtained_at", "expires_at"} and "backend_url" not in result["tokens"]
 
 
+@as_root
 def test_a_file_swapped_in_is_checked_on_what_was_opened(tmp_path, monkeypatch):
     """The checks look at the descriptor that is read: a file swapped in after a path check
     (another user's, planted in a folder they can write to) is never what passes them."""
@@ -3008,6 +3014,7 @@ def test_a_file_swapped_in_is_checked_on_what_was_opened(tmp_path, monkeypatch):
                                           "folder only you can write to"),
     (lambda folder: os.chown(str(folder), 4242, -1), "its folder {folder} belongs to another user"),
 ])
+@as_root
 def test_a_folder_others_can_use_is_refused(tmp_path, make, problem):
     folder = tmp_path / "glean-oauth"
     folder.mkdir(mode=0o700)
@@ -3069,6 +3076,7 @@ def test_a_client_id_that_is_not_the_stored_client_is_refused(tmp_path):
                           "stand-in-client".format(path))
 
 
+@as_root
 def test_login_over_a_file_it_cannot_replace_is_refused_before_any_traffic(tmp_path):
     path = tmp_path / "tokens.json"
     path.write_text("{}")
