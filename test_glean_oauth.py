@@ -3281,7 +3281,10 @@ def test_a_refresh_killed_in_flight_is_reported_by_the_next_run(tmp_path):
         release.set()  # the server rotates: the stored refresh token is spent
         (tmp_path / ".glean-oauth-leftover.tmp").write_text("{}")
         glean.overrides.clear()
+        shown = run_cli({}, ["status", "--token-file", str(path)])  # reports it, and leaves it for a refresh
         proc = run_script(script_env(glean), ["token", "--token-file", str(path)])
+    assert re.search(r"\nLast refresh:  interrupted after it was sent \(\d{4}-\d\d-\d\dT[\d:]+Z\): the refresh "
+                     r"token may be spent\n", shown[1]), shown
     assert proc.returncode == 3
     lines = proc.stderr.decode().splitlines()
     assert lines[0].startswith("The last refresh of the tokens at {} was interrupted after it was sent (".format(path))
