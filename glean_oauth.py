@@ -1762,8 +1762,10 @@ class TokenStore:
         try:
             with open(self.journal_path, encoding="utf-8") as f:
                 record = parse_json(f.read())
-        except (OSError, ValueError):
+        except OSError:  # none (a folder there is no journal of ours either)
             return None
+        except ValueError:  # cut short by the crash that interrupted the refresh
+            record = None
         started = record.get("started_at") if isinstance(record, dict) else None
         return started if isinstance(started, str) else "at an unknown time"
 

@@ -3294,6 +3294,36 @@ def test_a_refresh_killed_in_flight_is_reported_by_the_next_run(tmp_path):
     assert sorted(os.listdir(str(tmp_path))) == ["tokens.json", "tokens.json.lock"]  # leftovers cleaned up
 
 
+def test_a_journal_cut_short_is_still_reported(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path)
+        (tmp_path / "tokens.json.refreshing").write_text('{"started_at": "2026-')
+        code, _, err = run_cli(good_environ(glean), ["token", "--min-valid", "99999", "--token-file", str(path)])
+    assert code == 0
+    assert err.startswith("The last refresh of the tokens at {} was interrupted after it was sent (at an unknown "
+                          "time)".format(path))
+    assert not (tmp_path / "tokens.json.refreshing").exists()
+
+
+def test_a_journal_that_cannot_be_written_stops_the_refresh_before_it_is_sent(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path, expires_at="2000-01-01T00:00:00Z")
+        (tmp_path / "tokens.json.refreshing").mkdir()
+        code, _, err = run_cli(good_environ(glean), ["token", "--token-file", str(path)])
+    assert code == 1 and glean.requests == []
+    assert err == "Cannot write the refresh journal {}.refreshing: Is a directory.\n".format(path)
+
+
+def test_a_huge_store_is_refused_unread(tmp_path):
+    path = tmp_path / "tokens.json"
+    path.write_text(" " * (glean_oauth.MAX_PRIVATE_FILE_BYTES + 1))
+    path.chmod(0o600)
+    code, _, err = run_cli({}, ["token", "--token-file", str(path)])
+    assert (code, err) == (2, "Not using the token file {}: it is over 1048576 bytes.\n".format(path))
+
+
 def test_client_secret_file_serves_unattended_refreshes(tmp_path):
     path, secret_file = tmp_path / "tokens.json", tmp_path / "secret"
     secret_file.write_text(CLIENT_SECRET + "\n")
