@@ -136,7 +136,7 @@ class Console:
     def section(self, title, value):
         """A blank line, `title:`, then `value` as JSON indented by 2, as the example prints."""
         self.line("\n" + title + ":")
-        self._write(self.out, json_text(self.redact_value(value)))
+        self._write(self.out, json_text(self.redact(value)))
 
     def problem(self, text):
         """One line on stderr. When even stderr cannot be written, there is nowhere left to say it."""
@@ -166,17 +166,16 @@ class Console:
     def result(self, value, verbatim=False):
         """The one JSON object of --json, on stdout; `verbatim`: never redacted (a token
         printed on purpose, checked by the caller)."""
-        self._write(self.json_out, json_text(value if verbatim else self.redact_value(value)))
+        self._write(self.json_out, json_text(value if verbatim else self.redact(value)))
 
     def verbatim(self, text):
         """One line on stdout exactly as given: a token that `token` prints on purpose."""
         self._write(self.json_out, text, redact=False)
 
-    def redact(self, text):
-        return redacted(text, self.secrets)
-
-    def redact_value(self, value):
+    def redact(self, value):
+        """`value` (text, or parsed JSON) without the client secret, in any form."""
         return redacted(value, self.secrets)
+
 
     def _write(self, stream, text, sanitize=None, end="\n", redact=True):
         # Redacted before and after sanitizing: collapsing white space or blanking a
@@ -316,8 +315,8 @@ class _Parser(argparse.ArgumentParser):
         raise FlowError("{}: {} (see --help)".format(self.prog, message), EXIT_USAGE)
 
 
-# The flags, one row each: name -> (argparse keywords). Each command takes the rows it
-# names in COMMAND_FLAGS, after its own name.
+# The flags, one row each: name -> (argparse keywords). The bare command takes SIGN_IN_FLAGS
+# and its own; each subcommand takes the rows its line in COMMANDS names.
 FLAGS = {
     "--backend-url": dict(metavar="URL", help="the Glean backend (GLEAN_BACKEND_URL)"),
     "--client-id": dict(metavar="ID", help="the static client's id (CLIENT_ID)"),
@@ -391,56 +390,107 @@ def parse_args(command, argv):
 
 
 def load_config(argv, environ, ask_secret=None, command=None, console=None):
-    """Return the run's settings from `argv`, then `environ`, then the defaults (doc step 1).
-
-    `ask_secret(prompt)` is called for the client secret when CLIENT_SECRET is unset and
-    the auth method needs one. Raises FlowError (exit 2) naming what to fix.
-    """
-    config = parse_args(command, argv)
-
-    def setting(flag_value, name, default=""):
-        value = (environ.get(name, "") if flag_value is None else flag_value).strip()
-        return value or default
-
-    config.client_id = setting(config.client_id, "CLIENT_ID")
-    config.backend_url = setting(config.backend_url, "GLEAN_BACKEND_URL").rstrip("/")
-    config.client_secret = client_secret(environ, config.client_secret_file, console)
-    needs_secret = config.auth_method != "none"  # a public client has none
-    unset = [name for name, value in (("CLIENT_ID", config.client_id), ("CLIENT_SECRET", config.client_secret),
-                                      ("GLEAN_BACKEND_URL", config.backend_url))
-             if value in ("", PLACEHOLDERS[name]) and (needs_secret or name != "CLIENT_SECRET")]
-    # The secret alone can be asked for, once all else is known to be right.
-    ask = unset == ["CLIENT_SECRET"] and ask_secret
-    if unset and not ask:
-        raise FlowError("Set {} before you run this script (see --help).".format(", ".join(unset)), EXIT_USAGE)
+    """Doc step 1: the run's Settings, from the flags in `argv`, then `environ`, then the
+    defaults. `ask_secret(prompt)` is called for the client secret when CLIENT_SECRET is
+    unset, the auth method needs one, and all else is right. Raises FlowError (exit 2)
+    naming what to fix, before any traffic."""
+    flags = parse_args(command, argv)
+    config = Settings(
+        client_id=_setting(flags.client_id, environ, "CLIENT_ID"),
+        client_secret=client_secret(environ, flags.client_secret_file, console),
+        backend_url=_setting(flags.backend_url, environ, "GLEAN_BACKEND_URL").rstrip("/"),
+        redirect_uri=_setting(flags.redirect_uri, environ, "REDIRECT_URI", DEFAULT_REDIRECT_URI),
+        auth_method=flags.auth_method,
+    )
+    ask = check_required(config, ask_secret)  # a value still equal to the doc's placeholder counts as unset
     check_backend_url(config.backend_url)
-    config.redirect_uri = setting(config.redirect_uri, "REDIRECT_URI", DEFAULT_REDIRECT_URI)
     check_redirect_uri(config.redirect_uri)
-    config.scope = " ".join(setting(config.scope, "GLEAN_SCOPES").split())
-    config.http_timeout = seconds(config.http_timeout, environ, "GLEAN_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS)
-    config.callback_timeout = seconds(config.callback_timeout, environ, "GLEAN_CALLBACK_TIMEOUT",
-                                      CALLBACK_TIMEOUT_SECONDS)
-    config.chat_timeout = seconds(getattr(config, "chat_timeout", None), environ, "GLEAN_CHAT_TIMEOUT",
-                                  CHAT_TIMEOUT_SECONDS)
-    if getattr(config, "stream", None) is None:
-        config.stream = environ.get("GLEAN_CHAT_STREAM", "").strip().lower() in ("1", "true", "yes")
-    config.refresh_token = environ.get("REFRESH_TOKEN", "").strip()
-    config.store = None
-    if command is not None:  # login: the token store, where the subcommands find the tokens
-        config.store = open_store(config.token_file, environ)
-    elif config.token_file:
-        config.store = TokenStore(config.token_file)
-    if getattr(config, "refresh", False) and not (config.token_file or config.refresh_token):
-        raise FlowError("--refresh needs a refresh token: give --token-file PATH, or set REFRESH_TOKEN.", EXIT_USAGE)
-    if config.store:  # before any traffic: a sign-in whose tokens cannot be kept is wasted
-        if getattr(config, "refresh", False) and not config.refresh_token:
-            config.store.read()
-        config.store.check_writable()
+    read_more_settings(config, flags, environ, command)  # scopes, timeouts, streaming, the token file
     if ask:
         config.client_secret = ask_secret("Client secret for {}: ".format(config.client_id)).strip()
         if not config.client_secret:
             raise FlowError("Set CLIENT_SECRET before you run this script (see --help).", EXIT_USAGE)
     return config
+
+
+class Settings:
+    """What load_config reads: one attribute a setting, each set in one place."""
+
+    __slots__ = ("client_id", "client_secret", "backend_url", "redirect_uri", "auth_method", "scope",
+                 "http_timeout", "callback_timeout", "chat_timeout", "open_browser", "manual", "message", "chat",
+                 "stream", "json", "refresh", "refresh_token", "token_file", "store")
+
+    def __init__(self, **values):
+        for name in self.__slots__:
+            setattr(self, name, values.get(name))
+
+    @property
+    def client(self):
+        """The client, as every request to the token endpoint authenticates it."""
+        return Client(self.client_id, self.client_secret, self.auth_method, self.http_timeout)
+
+
+class Client:
+    """The static OAuth client at the token endpoint: the one value that the code exchange,
+    the refresh and the revocation all authenticate with."""
+
+    def __init__(self, client_id, client_secret, auth_method="client_secret_post", http_timeout=HTTP_TIMEOUT_SECONDS):
+        self.client_id, self.client_secret = client_id, client_secret
+        self.auth_method, self.http_timeout = auth_method, http_timeout
+
+    def authentication(self):
+        """The form fields and headers that authenticate this client (CLIENT_AUTH)."""
+        return CLIENT_AUTH[self.auth_method](self.client_id, self.client_secret)
+
+    def secret_forms(self):
+        return secret_forms(self.client_id, self.client_secret)
+
+
+def _setting(flag_value, environ, name, default=""):
+    """The flag's value, else `environ[name]`, stripped; `default` when that is empty."""
+    value = (environ.get(name, "") if flag_value is None else flag_value).strip()
+    return value or default
+
+
+def check_required(config, ask_secret):
+    """FlowError (exit 2) naming what to set; True when only the secret is missing and
+    can be asked for."""
+    needs_secret = config.auth_method != "none"  # a public client has none
+    unset = [name for name, value in (("CLIENT_ID", config.client_id), ("CLIENT_SECRET", config.client_secret),
+                                      ("GLEAN_BACKEND_URL", config.backend_url))
+             if value in ("", PLACEHOLDERS[name]) and (needs_secret or name != "CLIENT_SECRET")]
+    if unset == ["CLIENT_SECRET"] and ask_secret:  # the secret alone, once all else is known to be right
+        return True
+    if unset:
+        raise FlowError("Set {} before you run this script (see --help).".format(", ".join(unset)), EXIT_USAGE)
+    return False
+
+
+def read_more_settings(config, flags, environ, command):
+    """The settings beyond the doc's four variables; the token file is checked before any
+    traffic, since a sign-in whose tokens cannot be kept is wasted."""
+    config.scope = " ".join(_setting(flags.scope, environ, "GLEAN_SCOPES").split())
+    config.http_timeout = seconds(flags.http_timeout, environ, "GLEAN_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS)
+    config.callback_timeout = seconds(flags.callback_timeout, environ, "GLEAN_CALLBACK_TIMEOUT",
+                                      CALLBACK_TIMEOUT_SECONDS)
+    config.chat_timeout = seconds(getattr(flags, "chat_timeout", None), environ, "GLEAN_CHAT_TIMEOUT",
+                                  CHAT_TIMEOUT_SECONDS)
+    config.stream = getattr(flags, "stream", None)
+    if config.stream is None:
+        config.stream = environ.get("GLEAN_CHAT_STREAM", "").strip().lower() in ("1", "true", "yes")
+    for name in ("open_browser", "manual", "message", "chat", "json", "refresh", "token_file"):
+        setattr(config, name, getattr(flags, name, None))
+    config.refresh_token = environ.get("REFRESH_TOKEN", "").strip()
+    if command is not None:  # login: the token store, where the subcommands find the tokens
+        config.store = open_store(config.token_file, environ)
+    elif config.token_file:
+        config.store = TokenStore(config.token_file)
+    if config.refresh and not (config.token_file or config.refresh_token):
+        raise FlowError("--refresh needs a refresh token: give --token-file PATH, or set REFRESH_TOKEN.", EXIT_USAGE)
+    if config.store:
+        if config.refresh and not config.refresh_token:
+            config.store.read()
+        config.store.check_writable()
 
 
 MAX_SECONDS = 7 * 24 * 3600  # a week: beyond any wait here, within what select and sockets take
@@ -1182,27 +1232,28 @@ CLIENT_AUTH = {
 }
 
 
-def _grant(metadata, config, grant_fields, after_auth=()):
-    """POST a grant to the token endpoint, authenticated as --auth-method says. The
-    client's fields go between `grant_fields` and `after_auth`, where the doc puts them."""
-    auth_fields, headers = CLIENT_AUTH[config.auth_method](config.client_id, config.client_secret)
+def exchange_code(token_endpoint, client, code, code_verifier, redirect_uri):
+    """Trade the authorization code for tokens (doc step 7); return the token response.
+    `redirect_uri` is the one the authorization request named (RFC 6749 §4.1.3)."""
+    grant = [("grant_type", "authorization_code"), ("code", code), ("redirect_uri", redirect_uri)]
+    return grant_request(token_endpoint, client, grant, [("code_verifier", code_verifier)])
+
+
+def grant_request(token_endpoint, client, grant_fields, after_auth=()):
+    """POST a grant to the token endpoint, authenticated as the client's auth method says.
+    The client's fields go between `grant_fields` and `after_auth`, where the doc puts them."""
+    auth_fields, headers = client.authentication()
     fields = list(grant_fields) + auth_fields + list(after_auth)
     # An error answer may echo what was sent: the secret, and the code or token spent.
     in_flight = [value for name, value in fields if name in ("code", "code_verifier", "refresh_token")]
-    return token_request(metadata["token_endpoint"], fields, headers, config.http_timeout,
-                         redact=_longest_first(secret_forms(config.client_id, config.client_secret)
+    return token_request(token_endpoint, fields, headers, client.http_timeout,
+                         redact=_longest_first(client.secret_forms()
                                                + [form for value in in_flight for form in credential_forms(value)]))
 
 
-def exchange_code(metadata, config, code, code_verifier):
-    """Trade the authorization code for tokens (doc step 7)."""
-    grant = [("grant_type", "authorization_code"), ("code", code), ("redirect_uri", config.redirect_uri)]
-    return _grant(metadata, config, grant, [("code_verifier", code_verifier)])
-
-
-def refresh_tokens(metadata, config, refresh_token):
-    """Use the refresh_token grant (RFC 6749 §6; doc step 10)."""
-    return _grant(metadata, config, [("grant_type", "refresh_token"), ("refresh_token", refresh_token)])
+def refresh_tokens(token_endpoint, client, refresh_token):
+    """Use the refresh_token grant (RFC 6749 §6; doc step 10); return the refresh response."""
+    return grant_request(token_endpoint, client, [("grant_type", "refresh_token"), ("refresh_token", refresh_token)])
 
 
 # --- Step 8: the Chat API ---------------------------------------------------------------
@@ -1972,53 +2023,67 @@ class _FileLock:
 # --- The flow ---------------------------------------------------------------------------
 
 
-def main(config, console, results, stdin, environ):
-    """The documented flow, step by step. Returns the exit code; raises FlowError.
+def main(argv, environ, console, stdin):
+    """The documented flow, step by step: the bare command. Returns the exit code; raises
+    FlowError. What it obtains goes into `results` as it comes, and --json and
+    --token-file deliver it even when a later step fails."""
+    # 1. Configuration: CLIENT_ID, CLIENT_SECRET, GLEAN_BACKEND_URL, REDIRECT_URI (a flag wins).
+    config = load_config(argv, environ, ask_secret=_ask_secret if _isatty(stdin) else None, console=console)
+    results = Results()
+    with Delivery(config, results, console):
+        if config.refresh:  # --refresh: only step 10, with a refresh token kept from an earlier run
+            return refresh_later(config, console, results)
 
-    What it obtains goes into `results` as it comes, so it outlives a later failure.
-    """
-    # 2. Discover the authorization server's metadata (RFC 8414).
-    metadata = results.sections["metadata"] = discover(config, console)
+        # 2. Discover the authorization server's metadata (RFC 8414).
+        metadata = results.sections["metadata"] = discover(config, console)
 
+        # 3.-7. PKCE and state, the listener, the authorization URL, the callback, the code for tokens.
+        token_response = results.sections["token_response"] = sign_in(config, console, metadata, stdin, environ)
+        results.got_tokens(token_response)
+        console.section("Token response", token_response)
+
+        # 8. Call the Chat API with the access token.
+        exit_code = chat_step(config, console, results, token_response) if config.chat else EXIT_OK
+
+        # 9. Decode the access token locally.
+        results.sections["jwt_header"], results.sections["jwt_claims"] = print_jwt(
+            token_response["access_token"], console)
+
+        # 10. Use the refresh token.
+        if not token_response.get("refresh_token"):
+            console.line("\nNo refresh token was returned")
+            console.note(OFFLINE_ACCESS_HINT)
+            return exit_code
+        refresh_step(config, console, results, metadata, token_response, spent_section="token_response")
+        return exit_code
+
+
+def sign_in(config, console, metadata, stdin, environ):
+    """Doc steps 3 to 7, for the flow and for `login`: PKCE and state, the listener, the
+    authorization URL, the callback's code, and the code traded for tokens. Returns the
+    token response."""
     # 3. PKCE (RFC 7636) and state.
     state, code_verifier, code_challenge = make_pkce()
 
     # 4.-6. Listen, show the authorization URL, and take the callback.
-    code = authorize(config, console, metadata, state, code_challenge, stdin, environ)
+    code, redirect_uri = authorize(config, console, metadata, state, code_challenge, stdin, environ)
     console.line("\nCaptured auth code prefix: " + code[:CODE_PREFIX_LENGTH])
 
     # 7. Exchange the code for tokens (client_secret_post unless --auth-method says otherwise).
-    token_response = results.sections["token_response"] = exchange_code(metadata, config, code, code_verifier)
-    results.got_tokens(token_response)
-    console.section("Token response", token_response)
-
-    # 8. Call the Chat API with the access token.
-    exit_code = chat(config, console, results, token_response) if config.chat else EXIT_OK
-
-    # 9. Decode the access token locally.
-    results.sections["jwt_header"], results.sections["jwt_claims"] = print_jwt(
-        token_response["access_token"], console)
-
-    # 10. Use the refresh token.
-    if not token_response.get("refresh_token"):
-        console.line("\nNo refresh token was returned")
-        console.note(OFFLINE_ACCESS_HINT)
-        return exit_code
-    refresh(config, console, results, metadata, token_response, spent_section="token_response")
-    return exit_code
+    return exchange_code(metadata["token_endpoint"], config.client, code, code_verifier, redirect_uri)
 
 
 def authorize(config, console, metadata, state, code_challenge, stdin, environ):
     """Doc steps 4 to 6: listen (before the URL is shown, so a fast browser cannot
     arrive first), show and open the authorization URL, and return the code of the one
-    callback that carries this run's state."""
+    callback that carries this run's state, with the redirect URI the listener really
+    has (with port 0, the system picked its port)."""
     with open_receiver(config, console, stdin) as receiver:
-        config.redirect_uri = receiver.redirect_uri  # with port 0, the port it really has
         console.line("\n" + receiver.announcement)
 
         # 5. The authorization URL.
         authorize_url = build_authorization_url(
-            metadata["authorization_endpoint"], config.client_id, config.redirect_uri,
+            metadata["authorization_endpoint"], config.client_id, receiver.redirect_uri,
             state, code_challenge, config.scope,
         )
         console.line("\nOpen this URL in your browser:\n")
@@ -2030,16 +2095,17 @@ def authorize(config, console, metadata, state, code_challenge, stdin, environ):
 
         # 6. The callback: state, then issuer, error and code checks.
         iss_required = metadata.get("authorization_response_iss_parameter_supported") is True
-        return receiver.wait(
+        code = receiver.wait(
             lambda query: parse_callback(query, state, metadata.get("issuer"), iss_required),
             config.callback_timeout, on_stray=console.problem,
         )
+        return code, receiver.redirect_uri
 
 
 OFFLINE_ACCESS_HINT = "Glean issues a refresh token when the offline_access scope is requested (--scope)."
 
 
-def chat(config, console, results, token_response):
+def chat_step(config, console, results, token_response):
     """Doc step 8. A failure (401/403 without the CHAT scope is common) is reported and
     the run goes on, so the tokens already obtained are still decoded and refreshed.
     Returns the exit code this step calls for."""
@@ -2061,11 +2127,11 @@ def chat(config, console, results, token_response):
     return EXIT_OK
 
 
-def refresh(config, console, results, metadata, tokens, spent_section=None):
+def refresh_step(config, console, results, metadata, tokens, spent_section=None):
     """Doc step 10: the refresh_token grant with the refresh token of `tokens`, printed and
     recorded (what the answer leaves out is kept from `tokens`)."""
     refresh_response = results.sections["refresh_response"] = refresh_tokens(
-        metadata, config, tokens["refresh_token"])
+        metadata["token_endpoint"], config.client, tokens["refresh_token"])
     results.got_tokens(refresh_response, tokens, spent_section)
     console.section("Refresh response", refresh_response)
 
@@ -2076,14 +2142,14 @@ def refresh_later(config, console, results):
     store's lock, so that no other run spends it too."""
     if config.refresh_token:
         metadata = results.sections["metadata"] = discover(config, console)
-        refresh(config, console, results, metadata, {"refresh_token": config.refresh_token})
+        refresh_step(config, console, results, metadata, {"refresh_token": config.refresh_token})
         return EXIT_OK
     stored_tokens(config.store, console)  # its problems before any traffic
     metadata = results.sections["metadata"] = discover(config, console)
     with config.store.locked(config.http_timeout + LOCK_MARGIN_SECONDS, console):
         saved = stored_tokens(config.store)  # again, under the lock: another run may have rotated it
         with config.store.refreshing():
-            refresh(config, console, results, metadata, saved)
+            refresh_step(config, console, results, metadata, saved)
             save_tokens(config, results, console)
     return EXIT_OK
 
@@ -2100,24 +2166,30 @@ def stored_tokens(store, console=None):
     return saved
 
 
-def run_documented_flow(argv, environ, console, stdin):
-    """The bare command: doc step 1, then main() or --refresh, then the --json object and
-    the token file, whatever happened before."""
-    results = Results()
-    # 1. Configuration: flags, then the environment.
-    config = load_config(argv, environ, ask_secret=_ask_secret if _isatty(stdin) else None, console=console)
-    console.secrets = secret_forms(config.client_id, config.client_secret)
-    if config.json:
-        console.claim_stdout()
-    delivered = False
-    try:
-        if config.refresh:
-            exit_code = refresh_later(config, console, results)
-        else:
-            exit_code = main(config, console, results, stdin, environ)
-    finally:
-        delivered = deliver(config, results, console)  # even when a later step failed
-    return exit_code if delivered else EXIT_FAILURE
+class Delivery:
+    """Around the flow: the secret's forms known to the console and stdout kept for --json
+    on the way in; on the way out, whatever happened, the --json object and the token
+    file. A delivery that failed (and said so) when the flow did not makes the run fail."""
+
+    def __init__(self, config, results, console):
+        self.config, self.results, self.console = config, results, console
+
+    def __enter__(self):
+        self.console.secrets = secret_forms(self.config.client_id, self.config.client_secret)
+        if self.config.json:
+            self.console.claim_stdout()
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if not deliver(self.config, self.results, self.console) and kind is None:
+            raise Reported()
+
+
+class Reported(FlowError):
+    """A failure already told to the user: exit 1, no further line."""
+
+    def __init__(self):
+        super().__init__("")
 
 
 # --- After the flow: tokens that stay usable ----------------------------------------------
@@ -2142,7 +2214,7 @@ class SignInNeeded(FlowError):
         super().__init__(message + " Sign in with: " + command, EXIT_SIGN_IN)
 
 
-def login(argv, environ, console, stdin):
+def login_command(argv, environ, console, stdin):
     """`login`: sign in as the flow does (doc steps 2 to 7), then save the tokens and say
     who signed in, where the tokens are and until when. Nothing on stdout."""
     config = load_config(argv, environ, ask_secret=_ask_secret if _isatty(stdin) else None, command="login",
@@ -2150,9 +2222,7 @@ def login(argv, environ, console, stdin):
     console.secrets = secret_forms(config.client_id, config.client_secret)
     console.out = console.err  # the URL is for a person; stdout never carries a token
     metadata = discover(config, console, show=False)
-    state, code_verifier, code_challenge = make_pkce()
-    code = authorize(config, console, metadata, state, code_challenge, stdin, environ)
-    token_response = exchange_code(metadata, config, code, code_verifier)
+    token_response = sign_in(config, console, metadata, stdin, environ)
     contents = store_contents(token_response, time.time(), settings_of(config, metadata))
     with config.store.locked(config.http_timeout + LOCK_MARGIN_SECONDS):  # not in the middle of a refresh
         config.store.write(contents, console.secrets)
@@ -2164,7 +2234,7 @@ def login(argv, environ, console, stdin):
     return EXIT_OK
 
 
-def token(argv, environ, console, stdin):
+def token_command(argv, environ, console, stdin):
     """`token`: print a valid access token and nothing else; never a browser, never a prompt.
     The token is printed as it is: redaction never rewrites it (one that holds the client
     secret is refused instead)."""
@@ -2248,7 +2318,7 @@ def status_command(argv, environ, console, stdin):
     return EXIT_OK
 
 
-def logout(argv, environ, console, stdin):
+def logout_command(argv, environ, console, stdin):
     """`logout`: revoke the tokens at the metadata's revocation_endpoint when there is one
     (RFC 7009), then delete them, saying what the server did with each. `--local` forgets
     them without revoking (a corrupt file, no secret, a server that is down)."""
@@ -2289,7 +2359,7 @@ def revoke_stored(store, args, environ, console):
     check_endpoint(endpoint, "The token file's revocation_endpoint", saved.get("backend_url") or "")
     client = stored_client(saved, environ, http_timeout_setting(args, environ), store,
                            getattr(args, "client_secret_file", None), console)
-    console.secrets = secret_forms(client.client_id, client.client_secret)
+    console.secrets = client.secret_forms()
     said = []
     for kind in ("refresh_token", "access_token"):
         if saved.get(kind):
@@ -2408,14 +2478,14 @@ def refresh_saved(saved, environ, http_timeout, store, console=None, secret_file
                            "(ask for offline_access when you sign in).".format(store.path), store)
     client = stored_client(saved, environ, http_timeout, store, secret_file, console)
     if console:
-        console.secrets = _longest_first(console.secrets + secret_forms(client.client_id, client.client_secret))
+        console.secrets = _longest_first(console.secrets + client.secret_forms())
     check_endpoint(saved["token_endpoint"], "The token file's token_endpoint", saved.get("backend_url") or "")
     try:
         with store.refreshing():
-            response = refresh_tokens({"token_endpoint": saved["token_endpoint"]}, client, saved["refresh_token"])
+            response = refresh_tokens(saved["token_endpoint"], client, saved["refresh_token"])
             contents = store_contents(kept_tokens(response, saved), time.time(),
                                       {key: saved.get(key) for key in STORE_FIELDS})
-            store.write(contents, secret_forms(client.client_id, client.client_secret))
+            store.write(contents, client.secret_forms())
     except FlowError as error:
         if error.oauth_error != "invalid_grant":
             raise
@@ -2425,14 +2495,6 @@ def refresh_saved(saved, environ, http_timeout, store, console=None, secret_file
                 current, environ, http_timeout, store, console, secret_file, again=False)
         raise SignInNeeded("The refresh token was refused ({}).".format(error), store)
     return contents
-
-
-class StoredClient:
-    """The client settings a refresh or a revocation needs, as _grant takes them."""
-
-    def __init__(self, client_id, client_secret, auth_method, http_timeout):
-        self.client_id, self.client_secret = client_id, client_secret
-        self.auth_method, self.http_timeout = auth_method, http_timeout
 
 
 def stored_client(saved, environ, http_timeout, store, secret_file=None, console=None):
@@ -2455,7 +2517,7 @@ def stored_client(saved, environ, http_timeout, store, secret_file=None, console
     if auth_method != "none" and secret in ("", PLACEHOLDERS["CLIENT_SECRET"]):
         raise FlowError("Set CLIENT_SECRET or CLIENT_SECRET_FILE: the client {} authenticates with {}, and its "
                         "secret is never stored.".format(one_line(saved["client_id"]), auth_method), EXIT_USAGE)
-    return StoredClient(saved["client_id"], secret, auth_method, http_timeout)
+    return Client(saved["client_id"], secret, auth_method, http_timeout)
 
 
 def client_secret(environ, flag_path=None, console=None):
@@ -2478,12 +2540,12 @@ def revoke_token(endpoint, client, value, kind):
     Returns None when it did, else the reason it refused. A refusal to revoke the refresh
     token raises FlowError (the tokens are kept); the access token's is only reported
     (§2.2.1: servers need not revoke it)."""
-    auth_fields, headers = CLIENT_AUTH[client.auth_method](client.client_id, client.client_secret)
+    auth_fields, headers = client.authentication()
     fields = [("token", value), ("token_type_hint", kind)] + auth_fields
     answer = form_post(endpoint, fields, headers, client.http_timeout)
     if 200 <= answer.status < 300:
         return None
-    redact = _longest_first(secret_forms(client.client_id, client.client_secret) + credential_forms(value))
+    redact = _longest_first(client.secret_forms() + credential_forms(value))
     if kind == "refresh_token":
         raise FlowError("Revoking the refresh token failed ({}): {}. The tokens were kept; try again.".format(
             answer.status, excerpt(answer.body, redact)))
@@ -2564,9 +2626,9 @@ def status_of(saved, path, now):
 
 # Subcommands, one row each: name -> (function, what it does, its flags, its epilog).
 COMMANDS = {
-    "login": (login, "sign in and save the tokens to the token store (no chat call, no token on stdout)",
+    "login": (login_command, "sign in and save the tokens to the token store (no chat call, no token on stdout)",
               SIGN_IN_FLAGS + ["--token-file"], None),
-    "token": (token, "print a valid access token, refreshed first when it expires within --min-valid s",
+    "token": (token_command, "print a valid access token, refreshed first when it expires within --min-valid s",
               ["--token-file", "--min-valid", "--header", "--json", "--http-timeout", "--client-secret-file"], None),
     "exec": (exec_command, "run a command with GLEAN_API_TOKEN and GLEAN_SERVER_URL in its environment",
              ["--token-file", "--min-valid", "--http-timeout", "--client-secret-file"],
@@ -2575,7 +2637,7 @@ COMMANDS = {
     "status": (status_command, "show what is stored: backend, client, user, scopes, expiry (never a token)",
                ["--token-file", "--json"], "exit codes: 0 the access token is valid or can be renewed; 1 the store "
                                            "cannot be read; 3 sign-in needed"),
-    "logout": (logout, "revoke the tokens where the server can, and delete them (--local: only delete them)",
+    "logout": (logout_command, "revoke the tokens where the server can, and delete them (--local: only delete them)",
                ["--token-file", "--http-timeout", "--local", "--client-secret-file"], None),
 }
 
@@ -2596,8 +2658,10 @@ def cli(argv=None, environ=None, out=None, err=None, stdin=None):
             raise FlowError("Standard output is closed, so nothing could be shown; run with it open "
                             "(redirect it to a file to keep it).", EXIT_USAGE)
         if command is None:
-            return run_documented_flow(argv, environ, console, stdin)
+            return main(argv, environ, console, stdin)
         return COMMANDS[command][0](argv[1:], environ, console, stdin)
+    except Reported as error:
+        return error.exit_code
     except FlowError as error:
         console.problem(str(error))
         return error.exit_code
