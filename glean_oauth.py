@@ -7,6 +7,25 @@ the authorization code flow with PKCE, a loopback redirect URI and client_secret
 printing every step, then a Chat API call with the access token, a local look at the
 token's claims, and the refresh_token grant.
 
+The flow at a glance: main() runs the doc's ten steps, and below it each step is one
+function, in this order:
+
+     1. configuration from the environment ............ load_config()
+     2. RFC 8414 metadata discovery ................... discover()
+     3. PKCE S256 and state ........................... make_pkce()
+     4. a loopback listener for the browser's redirect  open_receiver()
+     5. the authorization URL ......................... build_authorization_url()
+     6. the callback: state, error and code checks .... parse_callback()
+     7. the code for tokens, with client_secret_post .. exchange_code()
+     8. POST /rest/api/v1/chat with the bearer token .. call_chat_api()
+     9. the access token's JWT claims, decoded ........ print_jwt()
+    10. the refresh_token grant ....................... refresh_tokens()
+
+Everything else sits below the line that says "beyond the documented flow": what a run
+keeps (--json, --token-file), the token store and the login, token, exec, status and
+logout subcommands, the command line, the checks, the output and its redaction, and the
+listener's and HTTP's machinery.
+
 Standard library only; runs on CPython 3.6 and newer. Copy this one file anywhere.
 
     CLIENT_ID=... CLIENT_SECRET=... GLEAN_BACKEND_URL=https://acme-be.glean.com \\
@@ -53,19 +72,11 @@ CODE_VERIFIER_BYTES = 64  # 86 base64url characters: inside RFC 7636 §4.1's 43.
 HTTP_TIMEOUT_SECONDS = 30
 CHAT_TIMEOUT_SECONDS = 300  # agent answers can take minutes (glean-cli allows 10 for a stream)
 CALLBACK_TIMEOUT_SECONDS = 300
-MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # far above any token or chat answer
-MAX_LINE_BYTES = 1024 * 1024  # one line of a streamed answer
-MAX_STREAM_BYTES = 64 * 1024 * 1024  # a whole streamed answer: deltas repeat their envelope
-MAX_JSON_DEPTH = 64  # Glean's answers nest a few levels; deeper is an attack
-MAX_CALLBACK_REQUEST_BYTES = 16 * 1024  # a browser's GET is a few hundred bytes
-MAX_PENDING_CONNECTIONS = 64  # idle ones beyond this are dropped, oldest first (select's limits)
 # Python 3.6 in a C locale reads the bytes of a non-ASCII variable as surrogates; encoding
 # them back with this sends the bytes the user set, instead of failing.
 ENV_ERRORS = "surrogateescape"
-EXCERPT_CHARACTERS = 300  # how much of an unexpected body an error message shows
-USER_AGENT = "glean-oauth/{} Python/{}.{}".format(__version__, *sys.version_info[:2])
-
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+OFFLINE_ACCESS_HINT = "Glean issues a refresh token when the offline_access scope is requested (--scope)."
 
 
 class FlowError(Exception):
@@ -81,312 +92,60 @@ class FlowError(Exception):
         self.oauth_error = oauth_error  # the RFC 6749 §5.2 error code, e.g. invalid_grant
 
 
-def printable(text, keep=""):
-    """`text` with control and other unprintable characters (but those in `keep`) made spaces.
-
-    Text from a server or a browser goes through here before it reaches a terminal, so
-    it cannot move the cursor, recolour, or hide what follows (escape injection).
-    """
-    return "".join(c if c.isprintable() or c in keep else " " for c in text)
+# --- The flow -----------------------------------------------------------------------------
 
 
-def one_line(text):
-    """`text` made printable, on one line."""
-    return " ".join(printable(text).split())
+def main(argv, environ, console, stdin):
+    """The documented flow, step by step: the bare command. Returns the exit code; raises
+    FlowError. What it obtains goes into `results` as it comes, and --json and
+    --token-file deliver it even when a later step fails."""
+    # 1. Configuration: CLIENT_ID, CLIENT_SECRET, GLEAN_BACKEND_URL, REDIRECT_URI (a flag wins).
+    config = load_config(argv, environ, ask_secret=_ask_secret if _isatty(stdin) else None, console=console)
+    results = Results()
+    with Delivery(config, results, console):
+        if config.refresh:  # --refresh: only step 10, with a refresh token kept from an earlier run
+            return refresh_later(config, console, results)
+
+        # 2. Discover the authorization server's metadata (RFC 8414).
+        metadata = results.sections["metadata"] = discover(config, console)
+
+        # 3.-7. PKCE and state, the listener, the authorization URL, the callback, the code for tokens.
+        token_response = results.sections["token_response"] = sign_in(config, console, metadata, stdin, environ)
+        results.got_tokens(token_response)
+        console.section("Token response", token_response)
+
+        # 8. Call the Chat API with the access token.
+        exit_code = chat_step(config, console, results, token_response) if config.chat else EXIT_OK
+
+        # 9. Decode the access token locally.
+        results.sections["jwt_header"], results.sections["jwt_claims"] = print_jwt(
+            token_response["access_token"], console)
+
+        # 10. Use the refresh token.
+        if not token_response.get("refresh_token"):
+            console.line("\nNo refresh token was returned")
+            console.note(OFFLINE_ACCESS_HINT)
+            return exit_code
+        refresh_step(config, console, results, metadata, token_response, spent_section="token_response")
+        return exit_code
 
 
-def json_text(value):
-    """`value` as JSON indented by 2, as the example prints it, with every unprintable
-    character escaped (json.dumps leaves C1 controls and bidi overrides raw)."""
-    text = json.dumps(value, indent=2, ensure_ascii=False)
-    return "".join(c if c.isprintable() or c == "\n" else json.dumps(c)[1:-1] for c in text)
+def sign_in(config, console, metadata, stdin, environ):
+    """Doc steps 3 to 7, for the flow and for `login`: PKCE and state, the listener, the
+    authorization URL, the callback's code, and the code traded for tokens. Returns the
+    token response."""
+    # 3. PKCE (RFC 7636) and state.
+    state, code_verifier, code_challenge = make_pkce()
+
+    # 4.-6. Listen, show the authorization URL, and take the callback.
+    code, redirect_uri = authorize(config, console, metadata, state, code_challenge, stdin, environ)
+    console.line("\nCaptured auth code prefix: " + code[:CODE_PREFIX_LENGTH])
+
+    # 7. Exchange the code for tokens (client_secret_post unless --auth-method says otherwise).
+    return exchange_code(metadata["token_endpoint"], config.client, code, code_verifier, redirect_uri)
 
 
-# --- Output -----------------------------------------------------------------------------
-
-
-class Console:
-    """Where the run's text goes: sections to `out`, problems to `err`.
-
-    Every line passes through here, so this is the last guard that keeps the client
-    secret (in every form in `secrets`) out of what is printed, whatever a server
-    echoes back.
-    """
-
-    def __init__(self, out, err, real_stdout=False):
-        self.out, self.err = out, err
-        self.secrets = []  # every form of the client secret that a server could echo back
-        self.json_out = out  # where --json's object goes, when `out` is moved to stderr
-        self.real_stdout = real_stdout  # `out` is the process's own stdout (fd 1)
-        self.held = ""  # the end of the streamed text so far that could begin a secret
-
-    def claim_stdout(self):
-        """--json: keep stdout for the one JSON object. The sections go to stderr, and so
-        does whatever else writes to fd 1 from now on (a browser started from here)."""
-        self.out = self.err
-        if self.real_stdout:
-            sys.stdout.flush()
-            json_fd = os.dup(1)
-            os.dup2(2, 1)
-            self.json_out = _FdWriter(json_fd, sys.stdout.encoding)
-
-    def line(self, text=""):
-        self._write(self.out, text, lambda text: printable(text, keep="\n"))
-
-    def section(self, title, value):
-        """A blank line, `title:`, then `value` as JSON indented by 2, as the example prints."""
-        self.line("\n" + title + ":")
-        self._write(self.out, json_text(self.redact(value)))
-
-    def problem(self, text):
-        """One line on stderr. When even stderr cannot be written, there is nowhere left to say it."""
-        try:
-            self._write(self.err, text, one_line)
-        except OutputError:
-            pass
-
-    def note(self, text):
-        """Extra text for a person (a hint, the chat answer) on stderr, keeping its lines."""
-        self._write(self.err, text, lambda text: printable(text, keep="\n\t"))
-
-    def progress(self, text):
-        """Text on stderr as it comes, with no line end added (a streamed answer). The text
-        is redacted as a whole, however it was cut: its end that could be the start of a
-        secret is held back until the next piece, or end_progress(), shows what follows."""
-        text = redacted(self.held + text, self.secrets)
-        cut = len(text) - _secret_start_length(text, self.secrets)
-        self.held = text[cut:]
-        self._write(self.err, text[:cut], lambda text: printable(text, keep="\n\t"), end="")
-
-    def end_progress(self):
-        """Show what progress() held back: the streamed text has ended."""
-        held, self.held = self.held, ""
-        self._write(self.err, held, lambda text: printable(text, keep="\n\t"), end="")
-
-    def result(self, value, verbatim=False):
-        """The one JSON object of --json, on stdout; `verbatim`: never redacted (a token
-        printed on purpose, checked by the caller)."""
-        self._write(self.json_out, json_text(value if verbatim else self.redact(value)))
-
-    def verbatim(self, text):
-        """One line on stdout exactly as given: a token that `token` prints on purpose."""
-        self._write(self.json_out, text, redact=False)
-
-    def redact(self, value):
-        """`value` (text, or parsed JSON) without the client secret, in any form."""
-        return redacted(value, self.secrets)
-
-
-    def _write(self, stream, text, sanitize=None, end="\n", redact=True):
-        # Redacted before and after sanitizing: collapsing white space or blanking a
-        # control character could otherwise turn the secret into a form not listed.
-        text = self.redact(text) if redact else text
-        if sanitize:
-            text = self.redact(sanitize(text))
-        text += end
-        try:
-            try:
-                stream.write(text)
-            except UnicodeEncodeError:  # a C locale on an old Python: keep going, escape
-                encoding = stream.encoding or "ascii"
-                stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
-            stream.flush()  # piped output must show each step as it happens
-        except (OSError, ValueError) as error:  # a full disk, a reader gone, a closed stream
-            raise OutputError(error)
-
-
-REDACTED = "[redacted]"
-
-
-def redacted(value, secrets):
-    """`value` (text, or parsed JSON) with each of `secrets` in every string replaced by
-    [redacted]. JSON is redacted before it is serialized, since serializing escapes the
-    secret's forms into yet other forms. One pass, longest secret first, and never inside
-    a marker already there, so that redacting twice changes nothing."""
-    if isinstance(value, str):
-        if not secrets:
-            return value
-        pattern = _secrets_pattern(tuple(secrets))
-        return REDACTED.join(pattern.sub(REDACTED, piece) for piece in value.split(REDACTED))
-    if isinstance(value, list):
-        return [redacted(item, secrets) for item in value]
-    if isinstance(value, dict):
-        return {redacted(key, secrets): redacted(item, secrets) for key, item in value.items()}
-    return value
-
-
-def _secret_start_length(text, secrets):
-    """The length of the longest end of `text` that is the start of one of `secrets`
-    (shorter than it): what a stream must hold back until it sees what follows."""
-    longest = 0
-    for secret in secrets:
-        for length in range(min(len(secret) - 1, len(text)), longest, -1):
-            if secret.startswith(text[-length:]):
-                longest = length
-                break
-    return longest
-
-
-@functools.lru_cache(maxsize=8)
-def _secrets_pattern(secrets):
-    return re.compile("|".join(re.escape(secret) for secret in sorted(secrets, key=len, reverse=True)))
-
-
-class _FdWriter:
-    """A text stream straight onto a file descriptor, with no buffer of its own, so a
-    failed write leaves nothing behind for Python to fail on again at exit."""
-
-    def __init__(self, fd, encoding):
-        self.fd, self.encoding = fd, encoding or "utf-8"
-
-    def write(self, text):
-        data = text.encode(self.encoding)
-        while data:
-            data = data[os.write(self.fd, data):]
-
-    def flush(self):
-        pass
-
-
-class OutputError(Exception):
-    """Writing to stdout or stderr failed: `error` is the OSError (or ValueError of a
-    closed stream). A broken pipe (the reader has gone) ends the run quietly."""
-
-    def __init__(self, error):
-        super().__init__(str(error))
-        self.error = error
-
-
-# --- Step 1: configuration --------------------------------------------------------------
-
-
-HELP_EPILOG = """\
-environment variables (a flag wins over its variable):
-  CLIENT_ID               the static OAuth client's id (--client-id)
-  CLIENT_SECRET           its secret; never a flag, since flags end up in shell
-                          history and ps. Unset on a terminal: asked for, hidden.
-  CLIENT_SECRET_FILE      a file whose first line is the secret, yours alone
-                          (--client-secret-file; for cron jobs and containers)
-  GLEAN_BACKEND_URL       e.g. https://acme-be.glean.com (--backend-url)
-  REDIRECT_URI            default http://127.0.0.1:9090/oauth/callback (--redirect-uri);
-                          must be registered on the client. Port 0: any free port.
-  GLEAN_SCOPES            scopes to ask for, space-separated (--scope)
-  GLEAN_HTTP_TIMEOUT      seconds one HTTP request may take, all of it, default 30
-  GLEAN_CHAT_TIMEOUT      seconds the chat call may take, default 300
-  GLEAN_CHAT_STREAM       1: stream the chat answer (--stream)
-  GLEAN_CALLBACK_TIMEOUT  seconds to wait for the browser (or the paste), default 300
-  REFRESH_TOKEN           the refresh token for --refresh (wins over --token-file's)
-  GLEAN_TOKEN_FILE        the subcommands' token store, default
-                          $XDG_CONFIG_HOME/glean-oauth/tokens.json (~/.config/...)
-  HTTPS_PROXY, NO_PROXY   the proxy for https:// requests, and where not to use it
-  SSL_CERT_FILE           a CA bundle to trust (a corporate CA), also SSL_CERT_DIR
-  BROWSER                 the browser to open the URL with
-
-examples:
-  python3 glean_oauth.py                                  the documented flow
-  python3 glean_oauth.py --scope "chat search offline_access" --token-file tokens.json
-  python3 glean_oauth.py --refresh --token-file tokens.json
-  python3 glean_oauth.py --manual                         on a machine with no browser
-  python3 glean_oauth.py --stream --message "What is our PTO policy?"
-  python3 glean_oauth.py --json --no-chat | jq -r .tokens.access_token
-  python3 glean_oauth.py login --scope "chat offline_access"   then, any time:
-  python3 glean_oauth.py exec -- python3 my_script.py     GLEAN_API_TOKEN set for it
-
-exit codes: 0 done; 1 the flow failed (a request, the callback, the chat call);
-2 bad configuration or usage; 3 sign-in needed (run login); 130 interrupted (Ctrl-C).
-"""
-
-SUBCOMMAND_EPILOG = """\
-The token store is --token-file, else GLEAN_TOKEN_FILE, else
-$XDG_CONFIG_HOME/glean-oauth/tokens.json (~/.config/glean-oauth/tokens.json;
-%APPDATA%\\glean-oauth\\tokens.json on Windows). It never holds the client secret:
-a refresh for a confidential client takes CLIENT_SECRET from the environment.
-
-exit codes: 0 done; 1 a request failed; 2 bad configuration or usage;
-3 sign-in needed (nothing stored, or the refresh token was refused: run login);
-130 interrupted (Ctrl-C).
-"""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """One line and exit code 2, like every other configuration error, through the
-        same redacting writer as everything else."""
-        raise FlowError("{}: {} (see --help)".format(self.prog, message), EXIT_USAGE)
-
-
-# The flags, one row each: name -> (argparse keywords). The bare command takes SIGN_IN_FLAGS
-# and its own; each subcommand takes the rows its line in COMMANDS names.
-FLAGS = {
-    "--backend-url": dict(metavar="URL", help="the Glean backend (GLEAN_BACKEND_URL)"),
-    "--client-id": dict(metavar="ID", help="the static client's id (CLIENT_ID)"),
-    "--redirect-uri": dict(metavar="URI", help="the registered loopback redirect URI (REDIRECT_URI)"),
-    "--auth-method": dict(default="client_secret_post",
-                          help="how the client authenticates at the token endpoint (default: %(default)s, the doc's)"),
-    "--scope": dict(metavar="SCOPES", help='scopes to ask for, e.g. "chat search offline_access" (GLEAN_SCOPES)'),
-    "--no-browser": dict(dest="open_browser", action="store_false", help="only print the URL; do not open a browser"),
-    "--manual": dict(action="store_true", help="no listener: open the URL anywhere, then paste the address the "
-                                               "browser was redirected to (waits GLEAN_CALLBACK_TIMEOUT, but on Windows)"),
-    "--message": dict(metavar="TEXT", default=CHAT_QUESTION, help="the question for the Chat API"),
-    "--no-chat": dict(dest="chat", action="store_false", help="skip the Chat API call"),
-    "--stream": dict(action="store_true", default=None,
-                     help="stream the chat answer as it is written, on stderr (GLEAN_CHAT_STREAM=1)"),
-    "--json": dict(action="store_true", help="print one JSON object on stdout; everything else goes to stderr"),
-    "--token-file": dict(metavar="PATH", help="the token file: JSON, readable by you only (0600), written atomically"),
-    "--refresh": dict(action="store_true",
-                      help="skip sign-in: refresh the token in --token-file (or REFRESH_TOKEN) and save the result"),
-    "--http-timeout": dict(metavar="SECONDS", help="seconds each HTTP request may take (GLEAN_HTTP_TIMEOUT)"),
-    "--chat-timeout": dict(metavar="SECONDS", help="seconds the chat call may take (GLEAN_CHAT_TIMEOUT)"),
-    "--callback-timeout": dict(metavar="SECONDS", help="seconds to wait for the browser (GLEAN_CALLBACK_TIMEOUT)"),
-    "--min-valid": dict(metavar="SECONDS", default="60",
-                        help="refresh first when the token expires within this many seconds (default: %(default)s)"),
-    "--header": dict(action="store_true", help="print 'Authorization: Bearer <token>'"),
-    "--local": dict(action="store_true", help="forget the tokens without revoking them (a corrupt file, no "
-                                              "secret, a server that is down)"),
-    "--client-secret-file": dict(metavar="PATH", help="read the client secret from the first line of this file, "
-                                                      "yours and not writable by others (CLIENT_SECRET_FILE)"),
-}
-SIGN_IN_FLAGS = ["--backend-url", "--client-id", "--client-secret-file", "--redirect-uri", "--auth-method", "--scope",
-                 "--no-browser", "--manual", "--http-timeout", "--callback-timeout"]
-
-
-def build_parser(command=None):
-    """The parser of the bare command (the documented flow) or of one subcommand."""
-    if command is None:
-        parser = _Parser(
-            prog="glean_oauth.py", epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-            description="Get tokens from the Glean OAuth Authorization Server with a static OAuth\n"
-                        "client, printing every step, then call the Chat API with the access token.\n\n"
-                        "subcommands (each has --help):\n" + "".join(
-                            "  {:<8} {}\n".format(name, row[1]) for name, row in COMMANDS.items()),
-        )
-        parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
-        flags = SIGN_IN_FLAGS + ["--message", "--no-chat", "--stream", "--chat-timeout", "--json", "--token-file",
-                                 "--refresh"]
-    else:
-        _, description, flags, epilog = COMMANDS[command]
-        parser = _Parser(prog="glean_oauth.py " + command, description=description,
-                         epilog=(epilog + "\n\n" if epilog else "") + SUBCOMMAND_EPILOG,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    for flag in flags:
-        options = dict(FLAGS[flag], **({"choices": list(CLIENT_AUTH)} if flag == "--auth-method" else {}))
-        parser.add_argument(flag, **options)
-    if command == "exec":
-        parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]",
-                            help="the command to run (put -- before it when it starts with -)")
-    return parser
-
-
-def parse_args(command, argv):
-    """The flags of `command` (None: the bare command). The client secret is never a
-    flag: one given as such is refused without being echoed."""
-    for arg in argv:
-        if arg == "--":
-            break
-        if re.match(r"--(client[-_])?secret(?![-_]file)", arg):
-            raise FlowError("The client secret is taken only from CLIENT_SECRET or the prompt, never from a flag "
-                            "(flags end up in shell history and ps).", EXIT_USAGE)
-    return build_parser(command).parse_args(argv)
+# --- Step 1: configuration ----------------------------------------------------------------
 
 
 def load_config(argv, environ, ask_secret=None, command=None, console=None):
@@ -446,261 +205,16 @@ class Client:
         return secret_forms(self.client_id, self.client_secret)
 
 
-def _setting(flag_value, environ, name, default=""):
-    """The flag's value, else `environ[name]`, stripped; `default` when that is empty."""
-    value = (environ.get(name, "") if flag_value is None else flag_value).strip()
-    return value or default
+# --- Step 2: discovery --------------------------------------------------------------------
 
 
-def check_required(config, ask_secret):
-    """FlowError (exit 2) naming what to set; True when only the secret is missing and
-    can be asked for."""
-    needs_secret = config.auth_method != "none"  # a public client has none
-    unset = [name for name, value in (("CLIENT_ID", config.client_id), ("CLIENT_SECRET", config.client_secret),
-                                      ("GLEAN_BACKEND_URL", config.backend_url))
-             if value in ("", PLACEHOLDERS[name]) and (needs_secret or name != "CLIENT_SECRET")]
-    if unset == ["CLIENT_SECRET"] and ask_secret:  # the secret alone, once all else is known to be right
-        return True
-    if unset:
-        raise FlowError("Set {} before you run this script (see --help).".format(", ".join(unset)), EXIT_USAGE)
-    return False
-
-
-def read_more_settings(config, flags, environ, command):
-    """The settings beyond the doc's four variables; the token file is checked before any
-    traffic, since a sign-in whose tokens cannot be kept is wasted."""
-    config.scope = " ".join(_setting(flags.scope, environ, "GLEAN_SCOPES").split())
-    config.http_timeout = seconds(flags.http_timeout, environ, "GLEAN_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS)
-    config.callback_timeout = seconds(flags.callback_timeout, environ, "GLEAN_CALLBACK_TIMEOUT",
-                                      CALLBACK_TIMEOUT_SECONDS)
-    config.chat_timeout = seconds(getattr(flags, "chat_timeout", None), environ, "GLEAN_CHAT_TIMEOUT",
-                                  CHAT_TIMEOUT_SECONDS)
-    config.stream = getattr(flags, "stream", None)
-    if config.stream is None:
-        config.stream = environ.get("GLEAN_CHAT_STREAM", "").strip().lower() in ("1", "true", "yes")
-    for name in ("open_browser", "manual", "message", "chat", "json", "refresh", "token_file"):
-        setattr(config, name, getattr(flags, name, None))
-    config.refresh_token = environ.get("REFRESH_TOKEN", "").strip()
-    if command is not None:  # login: the token store, where the subcommands find the tokens
-        config.store = open_store(config.token_file, environ)
-    elif config.token_file:
-        config.store = TokenStore(config.token_file)
-    if config.refresh and not (config.token_file or config.refresh_token):
-        raise FlowError("--refresh needs a refresh token: give --token-file PATH, or set REFRESH_TOKEN.", EXIT_USAGE)
-    if config.store:
-        if config.refresh and not config.refresh_token:
-            config.store.read()
-        config.store.check_writable()
-
-
-MAX_SECONDS = 7 * 24 * 3600  # a week: beyond any wait here, within what select and sockets take
-
-
-def seconds(flag_value, environ, name, default):
-    """The positive number of seconds in the flag, else `environ[name]`, else `default`."""
-    text = (environ.get(name, "") if flag_value is None else flag_value).strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0
-    if not 0 < value <= MAX_SECONDS:
-        raise FlowError("{} must be a positive number of seconds, at most {}, not {!r}.".format(
-            name, MAX_SECONDS, text), EXIT_USAGE)
-    return value
-
-
-def is_loopback(host):
-    """True for `localhost` and loopback addresses (127.0.0.0/8, ::1)."""
-    if not host:
-        return False
-    if host.lower() == "localhost":
-        return True
-    import ipaddress  # here: a token still valid needs no address checked
-
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def split_url(url, name, exit_code=EXIT_FAILURE):
-    """`url` split, with its port checked; FlowError naming `name` for a URL that cannot
-    be one (an unclosed [IPv6 address, a port that is not a number). The error never
-    shows a password the URL holds."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # raises for a port that is not a number from 0 to 65535
-    except ValueError as error:
-        raise FlowError("{} is not a usable URL ({}): {}.".format(name, error, _without_userinfo(url)), exit_code)
-    return parts
-
-
-def check_transport(url, name, exit_code=EXIT_FAILURE):
-    """Refuse a URL that credentials must not be sent to (RFC 6749 §1.6, §3.1, §3.2).
-
-    Secrets, codes and tokens go only over TLS, or over plain HTTP that never leaves
-    this machine.
-    """
-    parts = split_url(url, name, exit_code)
-    if parts.hostname and (parts.scheme == "https" or parts.scheme == "http" and is_loopback(parts.hostname)):
-        return parts
-    raise FlowError(
-        "{} must be an https:// URL (http:// only for 127.0.0.1, [::1] or localhost), "
-        "not {}.".format(name, _without_userinfo(url)),
-        exit_code,
-    )
-
-
-def check_backend_url(url):
-    """GLEAN_BACKEND_URL: https (or loopback http), no user:password@, no query or fragment."""
-    parts = check_transport(url, "GLEAN_BACKEND_URL", EXIT_USAGE)
-    if "@" in parts.netloc:
-        raise FlowError("GLEAN_BACKEND_URL must not hold a user name or password: {}.".format(
-            _without_userinfo(url)), EXIT_USAGE)
-    if parts.query or parts.fragment:
-        raise FlowError("GLEAN_BACKEND_URL must be the backend's address alone, without ?query or #fragment: "
-                        "{}.".format(url), EXIT_USAGE)
-
-
-def check_redirect_uri(redirect_uri):
-    """Refuse a redirect URI this script cannot safely listen on (RFC 8252 §7.3, §8.3)."""
-    try:
-        parts = urllib.parse.urlsplit(redirect_uri)
-    except ValueError:  # an unclosed [IPv6 address
-        parts = None
-    try:
-        port_ok = parts is not None and (parts.port is None or parts.port >= 0)
-    except ValueError:  # urllib raises for a port that is no number from 0 to 65535
-        port_ok = False
-    problem = None
-    if parts is None:
-        problem = "it is not a URL"
-    elif parts.scheme != "http":
-        problem = "it must start with http:// (the listener is plain HTTP on this machine)"
-    elif not is_loopback(parts.hostname):
-        problem = "its host must be 127.0.0.1, [::1] or localhost, so that only this machine can receive the code"
-    elif not port_ok:
-        problem = "its port is not a number from 0 to 65535"
-    elif parts.fragment:
-        problem = "it must not have a #fragment (RFC 6749 §3.1.2)"
-    elif "@" in parts.netloc:
-        problem = "it must not hold a user name or password"
-    if problem:
-        raise FlowError("REDIRECT_URI {} is refused: {}.".format(_without_userinfo(redirect_uri), problem),
-                        EXIT_USAGE)
-
-
-# --- Answers: what a server says, parsed with care -------------------------------------
-
-
-def parse_json(text):
-    """JSON as RFC 8259 has it. ValueError for what Python's json takes but no JSON
-    parser need (NaN, Infinity, numbers too large for a float, which --json could not
-    print back as JSON) and for nesting deeper than MAX_JSON_DEPTH (which would crash
-    the printing)."""
-    try:
-        value = json.loads(text, parse_constant=_not_json, parse_float=_finite)
-    except RecursionError:
-        raise ValueError("nested too deeply")
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            if depth > MAX_JSON_DEPTH:
-                raise ValueError("nested deeper than {} levels".format(MAX_JSON_DEPTH))
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return value
-
-
-def _not_json(name):
-    raise ValueError("{} is not JSON".format(name))
-
-
-def _finite(text):
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError("{} is too large a number".format(text))
-    return value
-
-
-def excerpt(body, redact=()):
-    """The start of a response body, on one line, for an error message; each of `redact`
-    is replaced first, since a secret cut in two by the excerpt could not be."""
-    text = one_line(redacted(body.decode("utf-8", "replace"), redact))
-    return text if len(text) <= EXCERPT_CHARACTERS else text[:EXCERPT_CHARACTERS] + "..."
-
-
-def json_object(url, response, redact=()):
-    """The Response's body parsed as a JSON object; FlowError (showing it less `redact`)
-    when it is anything else."""
-    try:
-        value = parse_json(response.body.decode("utf-8"))
-    except ValueError:  # also UnicodeDecodeError
-        value = None
-    if not isinstance(value, dict):
-        raise FlowError("Response from {} ({}) is not a JSON object: {}".format(
-            url, response.status, excerpt(response.body, redact)), status=response.status)
-    return value
-
-
-def fetch_json(url, data=None, headers=None, deadline=None):
-    """Send one request and return its JSON object answer.
-
-    A status other than 2xx raises FlowError `Request to <url> failed (<status>): <body>`,
-    as the example's fetchJson does.
-    """
-    response = http_request(url, data, headers, deadline)
-    if not 200 <= response.status < 300:
-        raise FlowError("Request to {} failed ({}): {}".format(url, response.status, excerpt(response.body)),
-                        status=response.status)
-    return json_object(url, response)
-
-
-def token_request(token_endpoint, fields, headers=None, timeout=HTTP_TIMEOUT_SECONDS, redact=()):
-    """POST `fields` to the token endpoint as a form; return the token response.
-
-    An RFC 6749 §5.2 error answer becomes `token request failed (400): invalid_grant:
-    <error_description>`. An answer without an access token is an error too. Error
-    messages show the answer with each of `redact` (the secret's forms) blanked out.
-    """
-    answer = form_post(token_endpoint, fields, headers, timeout)
-    if not 200 <= answer.status < 300:
-        code, error = _oauth_error(answer.body, redact)
-        if error:
-            raise FlowError("token request failed ({}): {}".format(answer.status, error), status=answer.status,
-                            oauth_error=code)
-        raise FlowError("Request to {} failed ({}): {}".format(
-            token_endpoint, answer.status, excerpt(answer.body, redact)), status=answer.status)
-    response = json_object(token_endpoint, answer, redact)
-    if not isinstance(response.get("access_token"), str) or not response["access_token"]:
-        raise FlowError("The token response from {} has no access_token: {}".format(
-            token_endpoint, excerpt(answer.body, redact)))
-    return response
-
-
-def form_post(url, fields, headers=None, timeout=HTTP_TIMEOUT_SECONDS):
-    """POST `fields` as an application/x-www-form-urlencoded form; return the Response."""
-    body = urllib.parse.urlencode(fields, errors=ENV_ERRORS).encode("ascii")
-    headers = dict(headers or {}, **{"Content-Type": "application/x-www-form-urlencoded"})
-    return http_request(url, body, headers, Deadline(timeout))
-
-
-def _oauth_error(body, redact=()):
-    """`(error, "error: error_description")` from an RFC 6749 §5.2 error body, or (None, None)."""
-    try:
-        value = parse_json(body.decode("utf-8"))
-    except ValueError:
-        return None, None
-    if not isinstance(value, dict) or not isinstance(value.get("error"), str):
-        return None, None
-    description = value.get("error_description")
-    text = value["error"] + (": " + str(description) if description else "")
-    return value["error"], excerpt(text.encode("utf-8"), redact)
-
-
-# --- Step 2: discovery ------------------------------------------------------------------
+def discover(config, console, show=True):
+    """Doc step 2: fetch, print (unless not `show`) and check the metadata; return it."""
+    metadata = discover_metadata(config, console)
+    if show:
+        print_metadata(metadata, console)
+    check_metadata(metadata, config.auth_method, config.backend_url)
+    return metadata
 
 
 def discover_metadata(config, console):
@@ -724,57 +238,6 @@ def discover_metadata(config, console):
     return metadata
 
 
-ENDPOINTS = ("authorization_endpoint", "token_endpoint", "revocation_endpoint")
-METHOD_LISTS = ("code_challenge_methods_supported", "token_endpoint_auth_methods_supported")
-
-
-def check_metadata(metadata, auth_method="client_secret_post", backend_url="https://"):
-    """Refuse metadata this flow cannot use: no endpoints, an endpoint that is no clean
-    URL or would carry credentials in the clear (or over http when the backend is https),
-    lists that are not lists of strings, no PKCE S256, or a list of token endpoint auth
-    methods without `auth_method`. Glean's issuer may differ from the backend URL (it
-    can be `{backend}/oauth`), so it is shown, not compared."""
-    missing = [key for key in ENDPOINTS[:2] if not isinstance(metadata.get(key), str) or not metadata[key]]
-    if missing:
-        raise FlowError("The authorization server metadata has no {}.".format(" and no ".join(missing)))
-    for key in ENDPOINTS:
-        if key in metadata:
-            check_endpoint(metadata[key], "The metadata's " + key, backend_url)
-    for key in METHOD_LISTS:
-        value = metadata.get(key)
-        if value is not None and not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
-            raise FlowError("The metadata's {} is not a list of names: {}.".format(key, excerpt(
-                json.dumps(value).encode("utf-8"))))
-    methods = metadata.get("code_challenge_methods_supported")
-    if methods is not None and "S256" not in methods:
-        raise FlowError("The authorization server does not offer PKCE S256 (its "
-                        "code_challenge_methods_supported is {}); this flow needs it.".format(json.dumps(methods)))
-    offered = metadata.get("token_endpoint_auth_methods_supported")
-    if offered is not None and auth_method not in offered:
-        raise FlowError("The token endpoint does not accept {} (it offers {}); choose one with "
-                        "--auth-method.".format(auth_method, ", ".join(offered) or "none"))
-
-
-def check_endpoint(url, name, backend_url):
-    """Refuse an endpoint that is no clean URL, would carry credentials in the clear, or
-    is plain http when the backend is https; `name` says where it came from."""
-    if not isinstance(url, str) or any(not c.isprintable() or c.isspace() for c in url):
-        raise FlowError("{} is not a clean URL (it holds control, space or bidi characters): {}.".format(
-            name, one_line(json.dumps(url))))
-    check_transport(url, name)
-    if backend_url.startswith("https://") and not url.startswith("https://"):
-        raise FlowError("{} must be https://, as GLEAN_BACKEND_URL is, not {}.".format(name, url))
-
-
-def discover(config, console, show=True):
-    """Doc step 2: fetch, print (unless not `show`) and check the metadata; return it."""
-    metadata = discover_metadata(config, console)
-    if show:
-        print_metadata(metadata, console)
-    check_metadata(metadata, config.auth_method, config.backend_url)
-    return metadata
-
-
 def print_metadata(metadata, console):
     """Print the metadata lines the example prints, one listed method a line."""
     for key in ("issuer", "authorization_endpoint", "token_endpoint"):
@@ -789,7 +252,7 @@ def print_metadata(metadata, console):
             console.line(one_line(str(method)))
 
 
-# --- Step 3: PKCE and state -------------------------------------------------------------
+# --- Step 3: PKCE and state ---------------------------------------------------------------
 
 
 def base64url(data):
@@ -813,261 +276,36 @@ def make_pkce():
     return state, code_verifier, code_challenge_for(code_verifier)
 
 
-# --- Step 4: the loopback listener ------------------------------------------------------
+# --- Step 4: the loopback listener --------------------------------------------------------
 
 
-class CallbackListener:
-    """Receives the browser's redirect on the host and port of the redirect URI (doc step 4).
+def authorize(config, console, metadata, state, code_challenge, stdin, environ):
+    """Doc steps 4 to 6: listen (before the URL is shown, so a fast browser cannot
+    arrive first), show and open the authorization URL, and return the code of the one
+    callback that carries this run's state, with the redirect URI the listener really
+    has (with port 0, the system picked its port)."""
+    with open_receiver(config, console, stdin) as receiver:
+        console.line("\n" + receiver.announcement)
 
-    It listens on loopback only (RFC 8252 §8.3), so no other machine can send it a code.
-    One thread and `select`: a connection that opens and sends nothing (a browser's
-    pre-connect) just sits there, so it can never hold up the real callback.
-    """
-
-    def __init__(self, redirect_uri):
-        parts = urllib.parse.urlsplit(redirect_uri)
-        self.path = parts.path or "/"
-        port = 80 if parts.port is None else parts.port  # 0: the system picks one
-        # Browsers may resolve localhost to either address, so listen on both.
-        hosts = ["127.0.0.1", "::1"] if parts.hostname.lower() == "localhost" else [parts.hostname]
-        self.sockets = [_listen(hosts[0], port)]
-        port = self.sockets[0].getsockname()[1]
-        try:
-            for host in hosts[1:]:
-                sock = _listen(host, port, optional=True)
-                if sock:
-                    self.sockets.append(sock)
-        except FlowError:
-            self.close()
-            raise
-        # With port 0 the system picked one: the redirect URI must name it.
-        self.redirect_uri = urllib.parse.urlunsplit(
-            parts._replace(netloc="{}:{}".format(_bracketed(parts.hostname), port))
+        # 5. The authorization URL.
+        authorize_url = build_authorization_url(
+            metadata["authorization_endpoint"], config.client_id, receiver.redirect_uri,
+            state, code_challenge, config.scope,
         )
-        self.announcement = "Listening for callback at " + self.redirect_uri
+        console.line("\nOpen this URL in your browser:\n")
+        console.line(authorize_url)
+        if config.open_browser and not config.manual:
+            opened = open_browser(authorize_url, environ)
+            if opened is not None:
+                console.note(opened)
 
-    def close(self):
-        for sock in self.sockets:
-            sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def wait(self, check, timeout=CALLBACK_TIMEOUT_SECONDS, on_stray=None):
-        """Serve until a request to the callback path arrives; return `check(query)`.
-
-        `check` turns the callback's query string into the authorization code or raises
-        FlowError. Either way the browser gets its answer before this returns. A
-        StrayCallback gets a 400 page and `on_stray(message)`, and the wait goes on.
-        """
-        import select  # here: only a sign-in listens
-
-        deadline = time.monotonic() + timeout
-        pending = {}  # connection -> the bytes of its request head so far
-        try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise FlowError(
-                        "No callback reached {} within {:g} s. Check that this redirect URI "
-                        "is registered on your static client and that sign-in finished in "
-                        "the browser (GLEAN_CALLBACK_TIMEOUT sets the limit in seconds)."
-                        .format(self.redirect_uri, timeout)
-                    )
-                readable, _, _ = select.select(self.sockets + list(pending), [], [], remaining)
-                for sock in readable:
-                    if sock in self.sockets:
-                        try:
-                            conn, _ = sock.accept()
-                        except OSError:  # the peer gave up before we took it
-                            continue
-                        conn.setblocking(False)
-                        if len(pending) >= MAX_PENDING_CONNECTIONS:
-                            oldest = next(iter(pending))  # dicts keep insertion order
-                            del pending[oldest]
-                            oldest.close()
-                        pending[conn] = b""
-                        continue
-                    if sock not in pending:  # dropped above, in this same pass, to make room
-                        continue
-                    head = _read_head(sock, pending)
-                    if head is not None:
-                        code = self._answer(sock, head, check, on_stray)
-                        if code is not None:
-                            return code
-        finally:
-            for conn in pending:
-                conn.close()
-
-    def _answer(self, conn, head, check, on_stray):
-        """Answer one request; return the code when it was the callback, else None."""
-        if b"\r\n\r\n" not in head:
-            _respond(conn, "431 Request Header Fields Too Large", "Request too large\n")
-            return None
-        method, path, query = _parse_request_head(head)
-        if path != self.path:
-            _respond(conn, "404 Not Found", "Not found\n")
-            return None
-        if method != "GET":
-            _respond(conn, "405 Method Not Allowed", "Method not allowed\n", "Allow: GET\r\n")
-            return None
-        try:
-            code = check(query)
-        except StrayCallback as error:
-            _respond(conn, "400 Bad Request", CALLBACK_FAILED_PAGE)
-            if on_stray:
-                on_stray("Ignored a callback that is not the answer to this run's request ({}); still "
-                         "waiting.".format(str(error).split(":", 1)[0]))
-            return None
-        except FlowError:
-            _respond(conn, "400 Bad Request", CALLBACK_FAILED_PAGE)
-            raise
-        _respond(conn, "200 OK", CALLBACK_DONE_PAGE)
-        return code
-
-
-CALLBACK_DONE_PAGE = "OAuth callback captured. You can return to the terminal.\n"
-CALLBACK_FAILED_PAGE = "OAuth callback failed. Check the terminal for details.\n"
-
-
-def _listen(host, port, optional=False):
-    """A listening socket on `host`:`port`.
-
-    FlowError when the port is taken; with `optional`, None when this machine has no
-    such address (no IPv6), since the other address is enough.
-    """
-    import socket  # here: only a sign-in listens
-
-    address = "{}:{}".format(_bracketed(host), port)
-    try:
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    except OSError:
-        if optional:
-            return None
-        raise FlowError("Cannot listen on {}: this machine has no such address.".format(address))
-    try:
-        if os.name == "posix":  # elsewhere SO_REUSEADDR lets another process share the port
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(socket.SOMAXCONN)
-        return sock
-    except OSError as error:
-        sock.close()
-        if error.errno == errno.EADDRINUSE:
-            raise FlowError(
-                "Port {} on {} is already in use (another run of this script?). Stop what "
-                "holds it, or register another loopback redirect URI on your client and set "
-                "REDIRECT_URI to it.".format(port, _bracketed(host)), EXIT_USAGE)
-        if optional and error.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-            return None
-        raise FlowError("Cannot listen on {}: {}.".format(address, error.strerror or error))
-
-
-def _bracketed(host):
-    return "[{}]".format(host) if ":" in host else host
-
-
-def _read_head(conn, pending):
-    """Add what `conn` sent to `pending`; return its request head once complete, else None."""
-    try:
-        chunk = conn.recv(4096)
-    except OSError:
-        chunk = b""
-    if not chunk:  # the peer went away without a whole request
-        del pending[conn]
-        conn.close()
-        return None
-    pending[conn] += chunk
-    head = pending[conn]
-    if b"\r\n\r\n" not in head and len(head) <= MAX_CALLBACK_REQUEST_BYTES:
-        return None
-    del pending[conn]
-    return head
-
-
-def _parse_request_head(head):
-    """Return `(method, path, query)` from an HTTP request head (bytes)."""
-    request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-    parts = request_line.split(" ")
-    target = parts[1] if len(parts) == 3 else ""
-    path, _, query = target.partition("?")
-    return parts[0], path, query
-
-
-def _respond(conn, status, text, extra_headers=""):
-    """Send a small fixed text/plain page and close `conn`.
-
-    The page never echoes the request, is not cached (it follows a URL holding the
-    code), and sends no Referer onward.
-    """
-    body = text.encode("utf-8")
-    head = (
-        "HTTP/1.1 {}\r\n"
-        "Content-Type: text/plain; charset=utf-8\r\n"
-        "Content-Length: {}\r\n"
-        "Cache-Control: no-store\r\n"
-        "Referrer-Policy: no-referrer\r\n"
-        "X-Content-Type-Options: nosniff\r\n"
-        "{}"
-        "Connection: close\r\n\r\n".format(status, len(body), extra_headers)
-    )
-    try:
-        conn.setblocking(True)
-        conn.settimeout(5)
-        conn.sendall(head.encode("ascii") + body)
-    except OSError:
-        pass  # the browser left; what matters is in the terminal
-    finally:
-        conn.close()
-
-
-class PastedRedirect:
-    """--manual: no listener. The user signs in on any machine and pastes the address the
-    browser was sent to (it fails to load, which is expected); the same checks apply."""
-
-    def __init__(self, redirect_uri, stdin, console):
-        self.redirect_uri, self.stdin, self.console = redirect_uri, stdin, console
-        self.announcement = "No listener (--manual): the redirect is read from this terminal."
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def wait(self, check, timeout=CALLBACK_TIMEOUT_SECONDS, on_stray=None):
-        """Read one pasted address within `timeout` s; return `check(its query)`."""
-        self.console.note("\nPaste the address your browser was redirected to (the page will not load; "
-                          "that is expected), then press Enter:")
-        pasted = self._read_line(timeout).strip().strip("'\"<>").strip()
-        if not pasted:
-            raise FlowError("No address was pasted.")
-        parts = urllib.parse.urlsplit(pasted)
-        expected = urllib.parse.urlsplit(self.redirect_uri)
-        params = urllib.parse.parse_qs(parts.query)
-        if parts.path != (expected.path or "/") or not ("state" in params or "error" in params):
-            raise FlowError("That is not the address the browser was redirected to. Paste the whole address "
-                            "from the browser's address bar after sign-in: it starts with {}?".format(
-                                self.redirect_uri))
-        return check(parts.query)
-
-    def _read_line(self, timeout):
-        """A line from stdin, waiting at most `timeout` s where stdin can be waited on
-        (a terminal or pipe on POSIX; elsewhere the wait is unbounded, Ctrl-C ends it)."""
-        try:
-            fileno = self.stdin.fileno()
-        except (AttributeError, ValueError, io.UnsupportedOperation):
-            fileno = None
-        if fileno is not None and os.name == "posix":
-            import select  # here: only --manual waits on stdin
-
-            if not select.select([fileno], [], [], timeout)[0]:
-                raise FlowError("No address was pasted within {:g} s (GLEAN_CALLBACK_TIMEOUT sets the limit "
-                                "in seconds).".format(timeout))
-        return self.stdin.readline()
+        # 6. The callback: state, then issuer, error and code checks.
+        iss_required = metadata.get("authorization_response_iss_parameter_supported") is True
+        code = receiver.wait(
+            lambda query: parse_callback(query, state, metadata.get("issuer"), iss_required),
+            config.callback_timeout, on_stray=console.problem,
+        )
+        return code, receiver.redirect_uri
 
 
 def open_receiver(config, console, stdin):
@@ -1077,7 +315,7 @@ def open_receiver(config, console, stdin):
     return CallbackListener(config.redirect_uri)
 
 
-# --- Step 5: the authorization URL ------------------------------------------------------
+# --- Step 5: the authorization URL --------------------------------------------------------
 
 
 def build_authorization_url(authorization_endpoint, client_id, redirect_uri, state, code_challenge, scope=""):
@@ -1100,41 +338,7 @@ def build_authorization_url(authorization_endpoint, client_id, redirect_uri, sta
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept + params, errors=ENV_ERRORS)))
 
 
-BROWSER_WAIT_SECONDS = 2  # long enough for a BROWSER command that fails at once to say so
-
-
-def open_browser(url, environ):
-    """Open `url` in the user's browser where there is a graphical one, or BROWSER says
-    which; never a text browser in this terminal. Returns the note to show: that it was
-    opened, or that the browser command failed; None when no browser was tried."""
-    import webbrowser  # here: it is slow to import and only this step needs it
-
-    try:
-        browser = webbrowser.get()
-    except webbrowser.Error:
-        return None
-    if isinstance(browser, webbrowser.GenericBrowser) and not environ.get("BROWSER"):
-        return None  # lynx, w3m and the like: they would take over the terminal
-    # Some browsers (and BROWSER commands) only return when closed: wait a moment for a
-    # verdict, not for them.
-    outcome = []
-    opener = threading.Thread(target=lambda: outcome.append(_open_quietly(browser, url)), daemon=True)
-    opener.start()
-    opener.join(BROWSER_WAIT_SECONDS)
-    if outcome == [False]:
-        return "(Could not open a browser{}; open the URL above yourself.)".format(
-            " with BROWSER=" + environ["BROWSER"] if environ.get("BROWSER") else "")
-    return "(Opened it in your browser.)"
-
-
-def _open_quietly(browser, url):
-    try:
-        return browser.open(url)
-    except Exception:  # a browser that cannot start is only a missed convenience
-        return False
-
-
-# --- Step 6: the callback ---------------------------------------------------------------
+# --- Step 6: the callback -----------------------------------------------------------------
 
 
 class StrayCallback(FlowError):
@@ -1172,64 +376,7 @@ def parse_callback(query, expected_state, issuer=None, iss_required=False):
     return first("code")
 
 
-# --- Steps 7 and 10: the token endpoint -------------------------------------------------
-
-
-def _client_secret_post(client_id, client_secret):
-    """The doc's method: id and secret in the form body (RFC 6749 §2.3.1)."""
-    return [("client_id", client_id), ("client_secret", client_secret)], {}
-
-
-def _client_secret_basic(client_id, client_secret):
-    """HTTP Basic, each part form-urlencoded first, as RFC 6749 §2.3.1 requires."""
-    pair = "{}:{}".format(urllib.parse.quote_plus(client_id, errors=ENV_ERRORS),
-                          urllib.parse.quote_plus(client_secret, errors=ENV_ERRORS))
-    return [], {"Authorization": "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")}
-
-
-def _no_client_auth(client_id, client_secret):
-    """A public client: it only names itself (RFC 6749 §3.2.1)."""
-    return [("client_id", client_id)], {}
-
-
-MIN_SECRET_CHARACTERS = 8  # shorter forms are not redacted: they would shred unrelated text
-
-
-def secret_forms(client_id, client_secret):
-    """The client secret in every form a server could echo it back in (credential_forms),
-    and inside the Basic credential. What must never be printed, longest first."""
-    if not client_secret:
-        return []
-    basic = _client_secret_basic(client_id, client_secret)[1]["Authorization"].split(" ", 1)[1]
-    return _longest_first(credential_forms(client_secret) + [basic])
-
-
-def credential_forms(value):
-    """`value` (a secret, a token, a code) in every form a server could echo it back in:
-    as typed, as it goes on the wire (form-encoded), JSON-escaped, as repr writes it,
-    with its white space collapsed; longest first, none under MIN_SECRET_CHARACTERS."""
-    forms = set()
-    # The value as a server decodes it: the bytes the user set, where Python 3.6 in a C
-    # locale read them as surrogates.
-    for secret in {value, value.encode("utf-8", ENV_ERRORS).decode("utf-8", "replace")} if value else ():
-        encoded = {urllib.parse.quote_plus(secret, errors=ENV_ERRORS),
-                   urllib.parse.quote(secret, safe="", errors=ENV_ERRORS)}
-        forms |= {secret, printable(secret), one_line(secret), repr(secret)[1:-1], json.dumps(secret)[1:-1],
-                  json_text(secret)[1:-1]}
-        forms |= encoded | {re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), form) for form in encoded}
-    return _longest_first(forms)
-
-
-def _longest_first(forms):
-    return sorted({form for form in forms if len(form) >= MIN_SECRET_CHARACTERS}, key=len, reverse=True)
-
-
-# Token endpoint authentication, one row a method (RFC 7591 §2 names them).
-CLIENT_AUTH = {
-    "client_secret_post": _client_secret_post,
-    "client_secret_basic": _client_secret_basic,
-    "none": _no_client_auth,
-}
+# --- Step 7: the code for tokens ----------------------------------------------------------
 
 
 def exchange_code(token_endpoint, client, code, code_verifier, redirect_uri):
@@ -1251,21 +398,54 @@ def grant_request(token_endpoint, client, grant_fields, after_auth=()):
                                                + [form for value in in_flight for form in credential_forms(value)]))
 
 
-def refresh_tokens(token_endpoint, client, refresh_token):
-    """Use the refresh_token grant (RFC 6749 §6; doc step 10); return the refresh response."""
-    return grant_request(token_endpoint, client, [("grant_type", "refresh_token"), ("refresh_token", refresh_token)])
+def _client_secret_post(client_id, client_secret):
+    """The doc's method: id and secret in the form body (RFC 6749 §2.3.1)."""
+    return [("client_id", client_id), ("client_secret", client_secret)], {}
 
 
-# --- Step 8: the Chat API ---------------------------------------------------------------
+def _client_secret_basic(client_id, client_secret):
+    """HTTP Basic, each part form-urlencoded first, as RFC 6749 §2.3.1 requires."""
+    pair = "{}:{}".format(urllib.parse.quote_plus(client_id, errors=ENV_ERRORS),
+                          urllib.parse.quote_plus(client_secret, errors=ENV_ERRORS))
+    return [], {"Authorization": "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")}
 
 
-def chat_request_body(question=CHAT_QUESTION, stream=False):
-    """The example's request body, serialized as JSON.stringify does (no spaces);
-    `"stream": true` is added only for --stream."""
-    body = {"messages": [{"fragments": [{"text": question}]}]}
-    if stream:
-        body["stream"] = True
-    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+def _no_client_auth(client_id, client_secret):
+    """A public client: it only names itself (RFC 6749 §3.2.1)."""
+    return [("client_id", client_id)], {}
+
+
+# Token endpoint authentication, one row a method (RFC 7591 §2 names them).
+CLIENT_AUTH = {
+    "client_secret_post": _client_secret_post,
+    "client_secret_basic": _client_secret_basic,
+    "none": _no_client_auth,
+}
+
+
+# --- Step 8: the Chat API -----------------------------------------------------------------
+
+
+def chat_step(config, console, results, token_response):
+    """Doc step 8. A failure (401/403 without the CHAT scope is common) is reported and
+    the run goes on, so the tokens already obtained are still decoded and refreshed.
+    Returns the exit code this step calls for."""
+    granted = chat_scope_missing(token_response)
+    if granted is not None:
+        console.note('The token was not granted the chat scope (granted: {}); the Chat API will likely refuse '
+                     'it. Ask for it with --scope "{}".'.format(granted, " ".join(
+                         _scope_union(config.scope.split() + ["chat", "offline_access"]))))
+    try:
+        chat_response = results.sections["chat_response"] = call_chat_api(
+            config, token_response["access_token"], console)
+    except FlowError as error:
+        console.problem("Chat API call failed: {}".format(error))
+        return EXIT_FAILURE
+    console.section("Chat response", chat_response)
+    answer = chat_answer(chat_response)
+    if answer and not config.stream:  # a stream has shown it already, as it came
+        console.note("\nAnswer: " + set_off(answer))
+    return EXIT_OK
 
 
 def call_chat_api(config, access_token, console):
@@ -1303,134 +483,13 @@ def call_chat_api(config, access_token, console):
     return stream.finish() if stream else json_object(url, response)
 
 
-WAITING_NOTE_SECONDS = 2
-CHAT_SCOPE_HINT = " (the token may lack the CHAT scope: check the scopes of your static client)"
-
-
-def scope_hint(response, config):
-    """For a 401 or 403: the scope the answer's WWW-Authenticate asks for, and the command
-    that asks for it; else the general hint; "" for other statuses."""
-    if response.status not in (401, 403):
-        return ""
-    challenge = response.headers.get("WWW-Authenticate") or ""
-    wanted = re.search(r'\bscope="([^"]*)"', challenge)
-    if not wanted or not wanted.group(1).split():
-        return CHAT_SCOPE_HINT
-    scopes = [one_line(scope) for scope in wanted.group(1).split()]
-    ask = _scope_union(config.scope.split() + scopes + ["offline_access"])
-    return ' (the token lacks the scope {}: sign in again with --scope "{}")'.format(" ".join(scopes), " ".join(ask))
-
-
-def _scope_union(scopes):
-    """`scopes` without repeats, compared case-insensitively (Glean writes CHAT, sends chat)."""
-    seen, union = set(), []
-    for scope in scopes:
-        if scope.lower() not in seen:
-            seen.add(scope.lower())
-            union.append(scope)
-    return union
-
-
-def chat_scope_missing(token_response):
-    """The scopes granted when they visibly lack chat (compared case-insensitively), else None."""
-    granted = granted_scope(token_response)
-    if granted is None or "chat" in granted.lower().split():
-        return None
-    return granted
-
-
-class ChatStream:
-    """--stream: Glean's NDJSON answer, one ChatResponse a line. Shows the stages (UPDATE
-    messages) as short lines and the answer (CONTENT deltas) as it grows, on stderr, and
-    merges the lines into one ChatResponse: messages in arrival order, one per
-    messageId, each CONTENT message's text fragments joined into one."""
-
-    def __init__(self, console, silence, redact=()):
-        self.console, self.silence, self.redact = console, silence, redact
-        self.count = 0  # lines so far
-        self.response = {}  # the fields of the lines but messages, the last one winning
-        self.messages = {}  # messageId (or the arrival number) -> merged message
-        self.end = None  # the whole call's deadline
-        self.writing = False  # an answer line on stderr is still open
-
-    def add(self, raw, deadline):
-        """Take one line of the stream (http_request's on_line)."""
-        self.count += 1
-        if self.end is None:
-            self.end = deadline.at
-        # Once the first line has come, GLEAN_HTTP_TIMEOUT bounds the silence before the next.
-        deadline.at = min(self.end, time.monotonic() + self.silence)
-        deadline.setting = "GLEAN_HTTP_TIMEOUT" if deadline.at < self.end else "GLEAN_CHAT_TIMEOUT"
-        text = raw.decode("utf-8", "replace").strip()
-        if not text:
-            return
-        try:
-            value = parse_json(text)
-        except ValueError:
-            value = None
-        if not isinstance(value, dict):
-            raise FlowError("Line {} of the chat stream is not a JSON object: {}".format(
-                self.count, excerpt(raw, self.redact)))
-        for key, field in value.items():
-            if key != "messages":
-                self.response[key] = field
-        messages = value.get("messages")
-        for message in messages if isinstance(messages, list) else []:
-            if isinstance(message, dict):
-                self._merge(message)
-
-    def _merge(self, message):
-        key = message.get("messageId")
-        key = key if isinstance(key, str) and key else len(self.messages)  # a server's value may be anything
-        fragments = [f for f in message.get("fragments") or [] if isinstance(f, dict)] \
-            if isinstance(message.get("fragments"), list) else []
-        merged = self.messages.setdefault(key, dict(message, fragments=[]))
-        merged.update((k, v) for k, v in message.items() if k != "fragments")
-        merged["fragments"].extend(fragments)
-        text = "".join(f["text"] for f in fragments if isinstance(f.get("text"), str))
-        if message.get("author") == "USER" or not text:
-            return
-        if message.get("messageType", "CONTENT") == "CONTENT":
-            if not self.writing:
-                self.console.progress("\nAnswer: ")
-                self.writing = True
-            self.console.progress(set_off(text))
-        else:
-            self.end_answer_line()
-            self.console.note("  " + one_line(text.replace("**", "")))
-
-    def end_answer_line(self):
-        """End the answer's line on stderr, if one is open, with what was held back."""
-        if self.writing:
-            self.console.progress("\n")
-            self.console.end_progress()
-            self.writing = False
-
-    def finish(self):
-        """The merged ChatResponse, once the stream has ended."""
-        self.end_answer_line()
-        for message in self.messages.values():
-            if message.get("messageType", "CONTENT") == "CONTENT":
-                message["fragments"] = _joined_text(message["fragments"])
-        return dict(self.response, messages=list(self.messages.values()))
-
-
-def set_off(answer):
-    """The chat answer with each of its lines after the first indented, so that no line of
-    it can pass for the tool's own output (a fake "Token response:")."""
-    return re.sub(r"\r\n?|\n", "\n  ", answer)
-
-
-def _joined_text(fragments):
-    """`fragments` with each run of text-only fragments joined into one."""
-    joined = []
-    for fragment in fragments:
-        if set(fragment) == {"text"} and isinstance(fragment["text"], str) and joined \
-                and set(joined[-1]) == {"text"}:
-            joined[-1] = {"text": joined[-1]["text"] + fragment["text"]}
-        else:
-            joined.append(dict(fragment))
-    return joined
+def chat_request_body(question=CHAT_QUESTION, stream=False):
+    """The example's request body, serialized as JSON.stringify does (no spaces);
+    `"stream": true` is added only for --stream."""
+    body = {"messages": [{"fragments": [{"text": question}]}]}
+    if stream:
+        body["stream"] = True
+    return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
 
 def chat_answer(chat_response):
@@ -1448,7 +507,7 @@ def chat_answer(chat_response):
     return ""
 
 
-# --- Step 9: the access token's claims --------------------------------------------------
+# --- Step 9: the access token's claims ----------------------------------------------------
 
 
 JWT_SEGMENT = re.compile(r"^[A-Za-z0-9_-]+$")  # base64url, no padding (RFC 7515 §2)
@@ -1489,7 +548,30 @@ def print_jwt(access_token, console):
     return header, claims
 
 
-# --- Keeping the tokens -----------------------------------------------------------------
+# --- Step 10: the refresh token -----------------------------------------------------------
+
+
+def refresh_step(config, console, results, metadata, tokens, spent_section=None):
+    """Doc step 10: the refresh_token grant with the refresh token of `tokens`, printed and
+    recorded (what the answer leaves out is kept from `tokens`)."""
+    refresh_response = results.sections["refresh_response"] = refresh_tokens(
+        metadata["token_endpoint"], config.client, tokens["refresh_token"])
+    results.got_tokens(refresh_response, tokens, spent_section)
+    console.section("Refresh response", refresh_response)
+
+
+def refresh_tokens(token_endpoint, client, refresh_token):
+    """Use the refresh_token grant (RFC 6749 §6; doc step 10); return the refresh response."""
+    return grant_request(token_endpoint, client, [("grant_type", "refresh_token"), ("refresh_token", refresh_token)])
+
+
+# ==========================================================================================
+# Beyond the documented flow: everything below serves the steps above, and nothing below
+# calls back into their order. New features go here.
+# ==========================================================================================
+
+
+# --- Keeping what a run obtained: --json, --token-file and --refresh ----------------------
 
 
 class Results:
@@ -1530,6 +612,32 @@ def kept_tokens(response, previous):
         if not tokens.get(kept) and previous.get(kept):
             tokens[kept] = previous[kept]
     return tokens
+
+
+class Delivery:
+    """Around the flow: the secret's forms known to the console and stdout kept for --json
+    on the way in; on the way out, whatever happened, the --json object and the token
+    file. A delivery that failed (and said so) when the flow did not makes the run fail."""
+
+    def __init__(self, config, results, console):
+        self.config, self.results, self.console = config, results, console
+
+    def __enter__(self):
+        self.console.secrets = secret_forms(self.config.client_id, self.config.client_secret)
+        if self.config.json:
+            self.console.claim_stdout()
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if not deliver(self.config, self.results, self.console) and kind is None:
+            raise Reported()
+
+
+class Reported(FlowError):
+    """A failure already told to the user: exit 1, no further line."""
+
+    def __init__(self):
+        super().__init__("")
 
 
 def deliver(config, results, console):
@@ -1574,14 +682,45 @@ def save_tokens(config, results, console):
     return True
 
 
-# --- The token store ---------------------------------------------------------------------
-#
+def refresh_later(config, console, results):
+    """--refresh: discover the token endpoint, then refresh REFRESH_TOKEN or the one in
+    the token file; no sign-in. The file's token is read, spent and replaced under the
+    store's lock, so that no other run spends it too."""
+    if config.refresh_token:
+        metadata = results.sections["metadata"] = discover(config, console)
+        refresh_step(config, console, results, metadata, {"refresh_token": config.refresh_token})
+        return EXIT_OK
+    stored_tokens(config.store, console)  # its problems before any traffic
+    metadata = results.sections["metadata"] = discover(config, console)
+    with config.store.locked(config.http_timeout + LOCK_MARGIN_SECONDS, console):
+        saved = stored_tokens(config.store)  # again, under the lock: another run may have rotated it
+        with config.store.refreshing():
+            refresh_step(config, console, results, metadata, saved)
+            save_tokens(config, results, console)
+    return EXIT_OK
+
+
+def stored_tokens(store, console=None):
+    """What `store` holds, after the checks a file of secrets needs; FlowError when it
+    holds no refresh token."""
+    saved = store.read(console)
+    if saved is None:
+        raise FlowError("Cannot read the token file {}: No such file or directory.".format(store.path), EXIT_USAGE)
+    if not saved.get("refresh_token"):
+        raise FlowError("The token file {} has no refresh_token; run the full flow first.".format(store.path),
+                        EXIT_USAGE)
+    return saved
+
+
+# --- The token store ----------------------------------------------------------------------
+
+
 # One JSON file, shared by --token-file and the subcommands; this section alone opens it.
 # It holds the token response, when it was obtained and expires, and what a refresh needs
 # without discovery. Never the client secret.
-
 STORE_FIELDS = ("backend_url", "client_id", "auth_method", "issuer", "token_endpoint", "revocation_endpoint",
                 "requested_scope")
+
 ISO_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 MAX_EXPIRES_IN = 10 * 365 * 24 * 3600  # beyond this an expires_in is nonsense: treated as absent
 LOCK_POLL_SECONDS = 0.02
@@ -2020,188 +1159,18 @@ class _FileLock:
         os.close(self.fd)  # closing releases the lock
 
 
-# --- The flow ---------------------------------------------------------------------------
+# --- The subcommands: tokens that stay usable ---------------------------------------------
 
 
-def main(argv, environ, console, stdin):
-    """The documented flow, step by step: the bare command. Returns the exit code; raises
-    FlowError. What it obtains goes into `results` as it comes, and --json and
-    --token-file deliver it even when a later step fails."""
-    # 1. Configuration: CLIENT_ID, CLIENT_SECRET, GLEAN_BACKEND_URL, REDIRECT_URI (a flag wins).
-    config = load_config(argv, environ, ask_secret=_ask_secret if _isatty(stdin) else None, console=console)
-    results = Results()
-    with Delivery(config, results, console):
-        if config.refresh:  # --refresh: only step 10, with a refresh token kept from an earlier run
-            return refresh_later(config, console, results)
-
-        # 2. Discover the authorization server's metadata (RFC 8414).
-        metadata = results.sections["metadata"] = discover(config, console)
-
-        # 3.-7. PKCE and state, the listener, the authorization URL, the callback, the code for tokens.
-        token_response = results.sections["token_response"] = sign_in(config, console, metadata, stdin, environ)
-        results.got_tokens(token_response)
-        console.section("Token response", token_response)
-
-        # 8. Call the Chat API with the access token.
-        exit_code = chat_step(config, console, results, token_response) if config.chat else EXIT_OK
-
-        # 9. Decode the access token locally.
-        results.sections["jwt_header"], results.sections["jwt_claims"] = print_jwt(
-            token_response["access_token"], console)
-
-        # 10. Use the refresh token.
-        if not token_response.get("refresh_token"):
-            console.line("\nNo refresh token was returned")
-            console.note(OFFLINE_ACCESS_HINT)
-            return exit_code
-        refresh_step(config, console, results, metadata, token_response, spent_section="token_response")
-        return exit_code
-
-
-def sign_in(config, console, metadata, stdin, environ):
-    """Doc steps 3 to 7, for the flow and for `login`: PKCE and state, the listener, the
-    authorization URL, the callback's code, and the code traded for tokens. Returns the
-    token response."""
-    # 3. PKCE (RFC 7636) and state.
-    state, code_verifier, code_challenge = make_pkce()
-
-    # 4.-6. Listen, show the authorization URL, and take the callback.
-    code, redirect_uri = authorize(config, console, metadata, state, code_challenge, stdin, environ)
-    console.line("\nCaptured auth code prefix: " + code[:CODE_PREFIX_LENGTH])
-
-    # 7. Exchange the code for tokens (client_secret_post unless --auth-method says otherwise).
-    return exchange_code(metadata["token_endpoint"], config.client, code, code_verifier, redirect_uri)
-
-
-def authorize(config, console, metadata, state, code_challenge, stdin, environ):
-    """Doc steps 4 to 6: listen (before the URL is shown, so a fast browser cannot
-    arrive first), show and open the authorization URL, and return the code of the one
-    callback that carries this run's state, with the redirect URI the listener really
-    has (with port 0, the system picked its port)."""
-    with open_receiver(config, console, stdin) as receiver:
-        console.line("\n" + receiver.announcement)
-
-        # 5. The authorization URL.
-        authorize_url = build_authorization_url(
-            metadata["authorization_endpoint"], config.client_id, receiver.redirect_uri,
-            state, code_challenge, config.scope,
-        )
-        console.line("\nOpen this URL in your browser:\n")
-        console.line(authorize_url)
-        if config.open_browser and not config.manual:
-            opened = open_browser(authorize_url, environ)
-            if opened is not None:
-                console.note(opened)
-
-        # 6. The callback: state, then issuer, error and code checks.
-        iss_required = metadata.get("authorization_response_iss_parameter_supported") is True
-        code = receiver.wait(
-            lambda query: parse_callback(query, state, metadata.get("issuer"), iss_required),
-            config.callback_timeout, on_stray=console.problem,
-        )
-        return code, receiver.redirect_uri
-
-
-OFFLINE_ACCESS_HINT = "Glean issues a refresh token when the offline_access scope is requested (--scope)."
-
-
-def chat_step(config, console, results, token_response):
-    """Doc step 8. A failure (401/403 without the CHAT scope is common) is reported and
-    the run goes on, so the tokens already obtained are still decoded and refreshed.
-    Returns the exit code this step calls for."""
-    granted = chat_scope_missing(token_response)
-    if granted is not None:
-        console.note('The token was not granted the chat scope (granted: {}); the Chat API will likely refuse '
-                     'it. Ask for it with --scope "{}".'.format(granted, " ".join(
-                         _scope_union(config.scope.split() + ["chat", "offline_access"]))))
-    try:
-        chat_response = results.sections["chat_response"] = call_chat_api(
-            config, token_response["access_token"], console)
-    except FlowError as error:
-        console.problem("Chat API call failed: {}".format(error))
-        return EXIT_FAILURE
-    console.section("Chat response", chat_response)
-    answer = chat_answer(chat_response)
-    if answer and not config.stream:  # a stream has shown it already, as it came
-        console.note("\nAnswer: " + set_off(answer))
-    return EXIT_OK
-
-
-def refresh_step(config, console, results, metadata, tokens, spent_section=None):
-    """Doc step 10: the refresh_token grant with the refresh token of `tokens`, printed and
-    recorded (what the answer leaves out is kept from `tokens`)."""
-    refresh_response = results.sections["refresh_response"] = refresh_tokens(
-        metadata["token_endpoint"], config.client, tokens["refresh_token"])
-    results.got_tokens(refresh_response, tokens, spent_section)
-    console.section("Refresh response", refresh_response)
-
-
-def refresh_later(config, console, results):
-    """--refresh: discover the token endpoint, then refresh REFRESH_TOKEN or the one in
-    the token file; no sign-in. The file's token is read, spent and replaced under the
-    store's lock, so that no other run spends it too."""
-    if config.refresh_token:
-        metadata = results.sections["metadata"] = discover(config, console)
-        refresh_step(config, console, results, metadata, {"refresh_token": config.refresh_token})
-        return EXIT_OK
-    stored_tokens(config.store, console)  # its problems before any traffic
-    metadata = results.sections["metadata"] = discover(config, console)
-    with config.store.locked(config.http_timeout + LOCK_MARGIN_SECONDS, console):
-        saved = stored_tokens(config.store)  # again, under the lock: another run may have rotated it
-        with config.store.refreshing():
-            refresh_step(config, console, results, metadata, saved)
-            save_tokens(config, results, console)
-    return EXIT_OK
-
-
-def stored_tokens(store, console=None):
-    """What `store` holds, after the checks a file of secrets needs; FlowError when it
-    holds no refresh token."""
-    saved = store.read(console)
-    if saved is None:
-        raise FlowError("Cannot read the token file {}: No such file or directory.".format(store.path), EXIT_USAGE)
-    if not saved.get("refresh_token"):
-        raise FlowError("The token file {} has no refresh_token; run the full flow first.".format(store.path),
-                        EXIT_USAGE)
-    return saved
-
-
-class Delivery:
-    """Around the flow: the secret's forms known to the console and stdout kept for --json
-    on the way in; on the way out, whatever happened, the --json object and the token
-    file. A delivery that failed (and said so) when the flow did not makes the run fail."""
-
-    def __init__(self, config, results, console):
-        self.config, self.results, self.console = config, results, console
-
-    def __enter__(self):
-        self.console.secrets = secret_forms(self.config.client_id, self.config.client_secret)
-        if self.config.json:
-            self.console.claim_stdout()
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if not deliver(self.config, self.results, self.console) and kind is None:
-            raise Reported()
-
-
-class Reported(FlowError):
-    """A failure already told to the user: exit 1, no further line."""
-
-    def __init__(self):
-        super().__init__("")
-
-
-# --- After the flow: tokens that stay usable ----------------------------------------------
-#
 # login signs in once; token, exec and TokenProvider then serve a valid access token from
 # the token store, refreshing it (under a lock, so parallel runs refresh once) when it
 # expires within --min-valid seconds; status shows what is stored; logout ends it.
-
 EXIT_SIGN_IN = 3
+
 EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND = 126, 127  # as shells have them
 LOCK_MARGIN_SECONDS = 10  # a run holding the lock may take the HTTP timeout, and a little more
 BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*\Z")  # RFC 6750 §2.1 b64token, with no line end after it
+
 # What a child of `exec` never needs: the client's secret and a refresh token.
 EXEC_DROPPED = ("CLIENT_SECRET", "CLIENT_SECRET_FILE", "REFRESH_TOKEN")
 
@@ -2624,6 +1593,99 @@ def status_of(saved, path, now):
     }
 
 
+# --- The command line ---------------------------------------------------------------------
+
+
+HELP_EPILOG = """\
+environment variables (a flag wins over its variable):
+  CLIENT_ID               the static OAuth client's id (--client-id)
+  CLIENT_SECRET           its secret; never a flag, since flags end up in shell
+                          history and ps. Unset on a terminal: asked for, hidden.
+  CLIENT_SECRET_FILE      a file whose first line is the secret, yours alone
+                          (--client-secret-file; for cron jobs and containers)
+  GLEAN_BACKEND_URL       e.g. https://acme-be.glean.com (--backend-url)
+  REDIRECT_URI            default http://127.0.0.1:9090/oauth/callback (--redirect-uri);
+                          must be registered on the client. Port 0: any free port.
+  GLEAN_SCOPES            scopes to ask for, space-separated (--scope)
+  GLEAN_HTTP_TIMEOUT      seconds one HTTP request may take, all of it, default 30
+  GLEAN_CHAT_TIMEOUT      seconds the chat call may take, default 300
+  GLEAN_CHAT_STREAM       1: stream the chat answer (--stream)
+  GLEAN_CALLBACK_TIMEOUT  seconds to wait for the browser (or the paste), default 300
+  REFRESH_TOKEN           the refresh token for --refresh (wins over --token-file's)
+  GLEAN_TOKEN_FILE        the subcommands' token store, default
+                          $XDG_CONFIG_HOME/glean-oauth/tokens.json (~/.config/...)
+  HTTPS_PROXY, NO_PROXY   the proxy for https:// requests, and where not to use it
+  SSL_CERT_FILE           a CA bundle to trust (a corporate CA), also SSL_CERT_DIR
+  BROWSER                 the browser to open the URL with
+
+examples:
+  python3 glean_oauth.py                                  the documented flow
+  python3 glean_oauth.py --scope "chat search offline_access" --token-file tokens.json
+  python3 glean_oauth.py --refresh --token-file tokens.json
+  python3 glean_oauth.py --manual                         on a machine with no browser
+  python3 glean_oauth.py --stream --message "What is our PTO policy?"
+  python3 glean_oauth.py --json --no-chat | jq -r .tokens.access_token
+  python3 glean_oauth.py login --scope "chat offline_access"   then, any time:
+  python3 glean_oauth.py exec -- python3 my_script.py     GLEAN_API_TOKEN set for it
+
+exit codes: 0 done; 1 the flow failed (a request, the callback, the chat call);
+2 bad configuration or usage; 3 sign-in needed (run login); 130 interrupted (Ctrl-C).
+"""
+
+SUBCOMMAND_EPILOG = """\
+The token store is --token-file, else GLEAN_TOKEN_FILE, else
+$XDG_CONFIG_HOME/glean-oauth/tokens.json (~/.config/glean-oauth/tokens.json;
+%APPDATA%\\glean-oauth\\tokens.json on Windows). It never holds the client secret:
+a refresh for a confidential client takes CLIENT_SECRET from the environment.
+
+exit codes: 0 done; 1 a request failed; 2 bad configuration or usage;
+3 sign-in needed (nothing stored, or the refresh token was refused: run login);
+130 interrupted (Ctrl-C).
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line and exit code 2, like every other configuration error, through the
+        same redacting writer as everything else."""
+        raise FlowError("{}: {} (see --help)".format(self.prog, message), EXIT_USAGE)
+
+
+# The flags, one row each: name -> (argparse keywords). The bare command takes SIGN_IN_FLAGS
+# and its own; each subcommand takes the rows its line in COMMANDS names.
+FLAGS = {
+    "--backend-url": dict(metavar="URL", help="the Glean backend (GLEAN_BACKEND_URL)"),
+    "--client-id": dict(metavar="ID", help="the static client's id (CLIENT_ID)"),
+    "--redirect-uri": dict(metavar="URI", help="the registered loopback redirect URI (REDIRECT_URI)"),
+    "--auth-method": dict(default="client_secret_post",
+                          help="how the client authenticates at the token endpoint (default: %(default)s, the doc's)"),
+    "--scope": dict(metavar="SCOPES", help='scopes to ask for, e.g. "chat search offline_access" (GLEAN_SCOPES)'),
+    "--no-browser": dict(dest="open_browser", action="store_false", help="only print the URL; do not open a browser"),
+    "--manual": dict(action="store_true", help="no listener: open the URL anywhere, then paste the address the "
+                                               "browser was redirected to (waits GLEAN_CALLBACK_TIMEOUT, but on Windows)"),
+    "--message": dict(metavar="TEXT", default=CHAT_QUESTION, help="the question for the Chat API"),
+    "--no-chat": dict(dest="chat", action="store_false", help="skip the Chat API call"),
+    "--stream": dict(action="store_true", default=None,
+                     help="stream the chat answer as it is written, on stderr (GLEAN_CHAT_STREAM=1)"),
+    "--json": dict(action="store_true", help="print one JSON object on stdout; everything else goes to stderr"),
+    "--token-file": dict(metavar="PATH", help="the token file: JSON, readable by you only (0600), written atomically"),
+    "--refresh": dict(action="store_true",
+                      help="skip sign-in: refresh the token in --token-file (or REFRESH_TOKEN) and save the result"),
+    "--http-timeout": dict(metavar="SECONDS", help="seconds each HTTP request may take (GLEAN_HTTP_TIMEOUT)"),
+    "--chat-timeout": dict(metavar="SECONDS", help="seconds the chat call may take (GLEAN_CHAT_TIMEOUT)"),
+    "--callback-timeout": dict(metavar="SECONDS", help="seconds to wait for the browser (GLEAN_CALLBACK_TIMEOUT)"),
+    "--min-valid": dict(metavar="SECONDS", default="60",
+                        help="refresh first when the token expires within this many seconds (default: %(default)s)"),
+    "--header": dict(action="store_true", help="print 'Authorization: Bearer <token>'"),
+    "--local": dict(action="store_true", help="forget the tokens without revoking them (a corrupt file, no "
+                                              "secret, a server that is down)"),
+    "--client-secret-file": dict(metavar="PATH", help="read the client secret from the first line of this file, "
+                                                      "yours and not writable by others (CLIENT_SECRET_FILE)"),
+}
+
+SIGN_IN_FLAGS = ["--backend-url", "--client-id", "--client-secret-file", "--redirect-uri", "--auth-method", "--scope",
+                 "--no-browser", "--manual", "--http-timeout", "--callback-timeout"]
+
 # Subcommands, one row each: name -> (function, what it does, its flags, its epilog).
 COMMANDS = {
     "login": (login_command, "sign in and save the tokens to the token store (no chat call, no token on stdout)",
@@ -2640,6 +1702,45 @@ COMMANDS = {
     "logout": (logout_command, "revoke the tokens where the server can, and delete them (--local: only delete them)",
                ["--token-file", "--http-timeout", "--local", "--client-secret-file"], None),
 }
+
+
+def build_parser(command=None):
+    """The parser of the bare command (the documented flow) or of one subcommand."""
+    if command is None:
+        parser = _Parser(
+            prog="glean_oauth.py", epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+            description="Get tokens from the Glean OAuth Authorization Server with a static OAuth\n"
+                        "client, printing every step, then call the Chat API with the access token.\n\n"
+                        "subcommands (each has --help):\n" + "".join(
+                            "  {:<8} {}\n".format(name, row[1]) for name, row in COMMANDS.items()),
+        )
+        parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+        flags = SIGN_IN_FLAGS + ["--message", "--no-chat", "--stream", "--chat-timeout", "--json", "--token-file",
+                                 "--refresh"]
+    else:
+        _, description, flags, epilog = COMMANDS[command]
+        parser = _Parser(prog="glean_oauth.py " + command, description=description,
+                         epilog=(epilog + "\n\n" if epilog else "") + SUBCOMMAND_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag in flags:
+        options = dict(FLAGS[flag], **({"choices": list(CLIENT_AUTH)} if flag == "--auth-method" else {}))
+        parser.add_argument(flag, **options)
+    if command == "exec":
+        parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]",
+                            help="the command to run (put -- before it when it starts with -)")
+    return parser
+
+
+def parse_args(command, argv):
+    """The flags of `command` (None: the bare command). The client secret is never a
+    flag: one given as such is refused without being echoed."""
+    for arg in argv:
+        if arg == "--":
+            break
+        if re.match(r"--(client[-_])?secret(?![-_]file)", arg):
+            raise FlowError("The client secret is taken only from CLIENT_SECRET or the prompt, never from a flag "
+                            "(flags end up in shell history and ps).", EXIT_USAGE)
+    return build_parser(command).parse_args(argv)
 
 
 def cli(argv=None, environ=None, out=None, err=None, stdin=None):
@@ -2719,17 +1820,961 @@ def _ask_secret(prompt):
     return getpass.getpass(prompt)
 
 
+# --- Checks: settings, URLs and metadata --------------------------------------------------
+
+
+def _setting(flag_value, environ, name, default=""):
+    """The flag's value, else `environ[name]`, stripped; `default` when that is empty."""
+    value = (environ.get(name, "") if flag_value is None else flag_value).strip()
+    return value or default
+
+
+def check_required(config, ask_secret):
+    """FlowError (exit 2) naming what to set; True when only the secret is missing and
+    can be asked for."""
+    needs_secret = config.auth_method != "none"  # a public client has none
+    unset = [name for name, value in (("CLIENT_ID", config.client_id), ("CLIENT_SECRET", config.client_secret),
+                                      ("GLEAN_BACKEND_URL", config.backend_url))
+             if value in ("", PLACEHOLDERS[name]) and (needs_secret or name != "CLIENT_SECRET")]
+    if unset == ["CLIENT_SECRET"] and ask_secret:  # the secret alone, once all else is known to be right
+        return True
+    if unset:
+        raise FlowError("Set {} before you run this script (see --help).".format(", ".join(unset)), EXIT_USAGE)
+    return False
+
+
+def read_more_settings(config, flags, environ, command):
+    """The settings beyond the doc's four variables; the token file is checked before any
+    traffic, since a sign-in whose tokens cannot be kept is wasted."""
+    config.scope = " ".join(_setting(flags.scope, environ, "GLEAN_SCOPES").split())
+    config.http_timeout = seconds(flags.http_timeout, environ, "GLEAN_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS)
+    config.callback_timeout = seconds(flags.callback_timeout, environ, "GLEAN_CALLBACK_TIMEOUT",
+                                      CALLBACK_TIMEOUT_SECONDS)
+    config.chat_timeout = seconds(getattr(flags, "chat_timeout", None), environ, "GLEAN_CHAT_TIMEOUT",
+                                  CHAT_TIMEOUT_SECONDS)
+    config.stream = getattr(flags, "stream", None)
+    if config.stream is None:
+        config.stream = environ.get("GLEAN_CHAT_STREAM", "").strip().lower() in ("1", "true", "yes")
+    for name in ("open_browser", "manual", "message", "chat", "json", "refresh", "token_file"):
+        setattr(config, name, getattr(flags, name, None))
+    config.refresh_token = environ.get("REFRESH_TOKEN", "").strip()
+    if command is not None:  # login: the token store, where the subcommands find the tokens
+        config.store = open_store(config.token_file, environ)
+    elif config.token_file:
+        config.store = TokenStore(config.token_file)
+    if config.refresh and not (config.token_file or config.refresh_token):
+        raise FlowError("--refresh needs a refresh token: give --token-file PATH, or set REFRESH_TOKEN.", EXIT_USAGE)
+    if config.store:
+        if config.refresh and not config.refresh_token:
+            config.store.read()
+        config.store.check_writable()
+
+
+MAX_SECONDS = 7 * 24 * 3600  # a week: beyond any wait here, within what select and sockets take
+
+
+def seconds(flag_value, environ, name, default):
+    """The positive number of seconds in the flag, else `environ[name]`, else `default`."""
+    text = (environ.get(name, "") if flag_value is None else flag_value).strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not 0 < value <= MAX_SECONDS:
+        raise FlowError("{} must be a positive number of seconds, at most {}, not {!r}.".format(
+            name, MAX_SECONDS, text), EXIT_USAGE)
+    return value
+
+
+def is_loopback(host):
+    """True for `localhost` and loopback addresses (127.0.0.0/8, ::1)."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    import ipaddress  # here: a token still valid needs no address checked
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def split_url(url, name, exit_code=EXIT_FAILURE):
+    """`url` split, with its port checked; FlowError naming `name` for a URL that cannot
+    be one (an unclosed [IPv6 address, a port that is not a number). The error never
+    shows a password the URL holds."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # raises for a port that is not a number from 0 to 65535
+    except ValueError as error:
+        raise FlowError("{} is not a usable URL ({}): {}.".format(name, error, _without_userinfo(url)), exit_code)
+    return parts
+
+
+def check_transport(url, name, exit_code=EXIT_FAILURE):
+    """Refuse a URL that credentials must not be sent to (RFC 6749 §1.6, §3.1, §3.2).
+
+    Secrets, codes and tokens go only over TLS, or over plain HTTP that never leaves
+    this machine.
+    """
+    parts = split_url(url, name, exit_code)
+    if parts.hostname and (parts.scheme == "https" or parts.scheme == "http" and is_loopback(parts.hostname)):
+        return parts
+    raise FlowError(
+        "{} must be an https:// URL (http:// only for 127.0.0.1, [::1] or localhost), "
+        "not {}.".format(name, _without_userinfo(url)),
+        exit_code,
+    )
+
+
+def check_backend_url(url):
+    """GLEAN_BACKEND_URL: https (or loopback http), no user:password@, no query or fragment."""
+    parts = check_transport(url, "GLEAN_BACKEND_URL", EXIT_USAGE)
+    if "@" in parts.netloc:
+        raise FlowError("GLEAN_BACKEND_URL must not hold a user name or password: {}.".format(
+            _without_userinfo(url)), EXIT_USAGE)
+    if parts.query or parts.fragment:
+        raise FlowError("GLEAN_BACKEND_URL must be the backend's address alone, without ?query or #fragment: "
+                        "{}.".format(url), EXIT_USAGE)
+
+
+def check_redirect_uri(redirect_uri):
+    """Refuse a redirect URI this script cannot safely listen on (RFC 8252 §7.3, §8.3)."""
+    try:
+        parts = urllib.parse.urlsplit(redirect_uri)
+    except ValueError:  # an unclosed [IPv6 address
+        parts = None
+    try:
+        port_ok = parts is not None and (parts.port is None or parts.port >= 0)
+    except ValueError:  # urllib raises for a port that is no number from 0 to 65535
+        port_ok = False
+    problem = None
+    if parts is None:
+        problem = "it is not a URL"
+    elif parts.scheme != "http":
+        problem = "it must start with http:// (the listener is plain HTTP on this machine)"
+    elif not is_loopback(parts.hostname):
+        problem = "its host must be 127.0.0.1, [::1] or localhost, so that only this machine can receive the code"
+    elif not port_ok:
+        problem = "its port is not a number from 0 to 65535"
+    elif parts.fragment:
+        problem = "it must not have a #fragment (RFC 6749 §3.1.2)"
+    elif "@" in parts.netloc:
+        problem = "it must not hold a user name or password"
+    if problem:
+        raise FlowError("REDIRECT_URI {} is refused: {}.".format(_without_userinfo(redirect_uri), problem),
+                        EXIT_USAGE)
+
+
+ENDPOINTS = ("authorization_endpoint", "token_endpoint", "revocation_endpoint")
+METHOD_LISTS = ("code_challenge_methods_supported", "token_endpoint_auth_methods_supported")
+
+
+def check_metadata(metadata, auth_method="client_secret_post", backend_url="https://"):
+    """Refuse metadata this flow cannot use: no endpoints, an endpoint that is no clean
+    URL or would carry credentials in the clear (or over http when the backend is https),
+    lists that are not lists of strings, no PKCE S256, or a list of token endpoint auth
+    methods without `auth_method`. Glean's issuer may differ from the backend URL (it
+    can be `{backend}/oauth`), so it is shown, not compared."""
+    missing = [key for key in ENDPOINTS[:2] if not isinstance(metadata.get(key), str) or not metadata[key]]
+    if missing:
+        raise FlowError("The authorization server metadata has no {}.".format(" and no ".join(missing)))
+    for key in ENDPOINTS:
+        if key in metadata:
+            check_endpoint(metadata[key], "The metadata's " + key, backend_url)
+    for key in METHOD_LISTS:
+        value = metadata.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+            raise FlowError("The metadata's {} is not a list of names: {}.".format(key, excerpt(
+                json.dumps(value).encode("utf-8"))))
+    methods = metadata.get("code_challenge_methods_supported")
+    if methods is not None and "S256" not in methods:
+        raise FlowError("The authorization server does not offer PKCE S256 (its "
+                        "code_challenge_methods_supported is {}); this flow needs it.".format(json.dumps(methods)))
+    offered = metadata.get("token_endpoint_auth_methods_supported")
+    if offered is not None and auth_method not in offered:
+        raise FlowError("The token endpoint does not accept {} (it offers {}); choose one with "
+                        "--auth-method.".format(auth_method, ", ".join(offered) or "none"))
+
+
+def check_endpoint(url, name, backend_url):
+    """Refuse an endpoint that is no clean URL, would carry credentials in the clear, or
+    is plain http when the backend is https; `name` says where it came from."""
+    if not isinstance(url, str) or any(not c.isprintable() or c.isspace() for c in url):
+        raise FlowError("{} is not a clean URL (it holds control, space or bidi characters): {}.".format(
+            name, one_line(json.dumps(url))))
+    check_transport(url, name)
+    if backend_url.startswith("https://") and not url.startswith("https://"):
+        raise FlowError("{} must be https://, as GLEAN_BACKEND_URL is, not {}.".format(name, url))
+
+
+# --- Answers: what a server says, parsed with care ----------------------------------------
+
+
+MAX_JSON_DEPTH = 64  # Glean's answers nest a few levels; deeper is an attack
+EXCERPT_CHARACTERS = 300  # how much of an unexpected body an error message shows
+
+
+def parse_json(text):
+    """JSON as RFC 8259 has it. ValueError for what Python's json takes but no JSON
+    parser need (NaN, Infinity, numbers too large for a float, which --json could not
+    print back as JSON) and for nesting deeper than MAX_JSON_DEPTH (which would crash
+    the printing)."""
+    try:
+        value = json.loads(text, parse_constant=_not_json, parse_float=_finite)
+    except RecursionError:
+        raise ValueError("nested too deeply")
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError("nested deeper than {} levels".format(MAX_JSON_DEPTH))
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return value
+
+
+def _not_json(name):
+    raise ValueError("{} is not JSON".format(name))
+
+
+def _finite(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("{} is too large a number".format(text))
+    return value
+
+
+def excerpt(body, redact=()):
+    """The start of a response body, on one line, for an error message; each of `redact`
+    is replaced first, since a secret cut in two by the excerpt could not be."""
+    text = one_line(redacted(body.decode("utf-8", "replace"), redact))
+    return text if len(text) <= EXCERPT_CHARACTERS else text[:EXCERPT_CHARACTERS] + "..."
+
+
+def json_object(url, response, redact=()):
+    """The Response's body parsed as a JSON object; FlowError (showing it less `redact`)
+    when it is anything else."""
+    try:
+        value = parse_json(response.body.decode("utf-8"))
+    except ValueError:  # also UnicodeDecodeError
+        value = None
+    if not isinstance(value, dict):
+        raise FlowError("Response from {} ({}) is not a JSON object: {}".format(
+            url, response.status, excerpt(response.body, redact)), status=response.status)
+    return value
+
+
+def fetch_json(url, data=None, headers=None, deadline=None):
+    """Send one request and return its JSON object answer.
+
+    A status other than 2xx raises FlowError `Request to <url> failed (<status>): <body>`,
+    as the example's fetchJson does.
+    """
+    response = http_request(url, data, headers, deadline)
+    if not 200 <= response.status < 300:
+        raise FlowError("Request to {} failed ({}): {}".format(url, response.status, excerpt(response.body)),
+                        status=response.status)
+    return json_object(url, response)
+
+
+def token_request(token_endpoint, fields, headers=None, timeout=HTTP_TIMEOUT_SECONDS, redact=()):
+    """POST `fields` to the token endpoint as a form; return the token response.
+
+    An RFC 6749 §5.2 error answer becomes `token request failed (400): invalid_grant:
+    <error_description>`. An answer without an access token is an error too. Error
+    messages show the answer with each of `redact` (the secret's forms) blanked out.
+    """
+    answer = form_post(token_endpoint, fields, headers, timeout)
+    if not 200 <= answer.status < 300:
+        code, error = _oauth_error(answer.body, redact)
+        if error:
+            raise FlowError("token request failed ({}): {}".format(answer.status, error), status=answer.status,
+                            oauth_error=code)
+        raise FlowError("Request to {} failed ({}): {}".format(
+            token_endpoint, answer.status, excerpt(answer.body, redact)), status=answer.status)
+    response = json_object(token_endpoint, answer, redact)
+    if not isinstance(response.get("access_token"), str) or not response["access_token"]:
+        raise FlowError("The token response from {} has no access_token: {}".format(
+            token_endpoint, excerpt(answer.body, redact)))
+    return response
+
+
+def form_post(url, fields, headers=None, timeout=HTTP_TIMEOUT_SECONDS):
+    """POST `fields` as an application/x-www-form-urlencoded form; return the Response."""
+    body = urllib.parse.urlencode(fields, errors=ENV_ERRORS).encode("ascii")
+    headers = dict(headers or {}, **{"Content-Type": "application/x-www-form-urlencoded"})
+    return http_request(url, body, headers, Deadline(timeout))
+
+
+def _oauth_error(body, redact=()):
+    """`(error, "error: error_description")` from an RFC 6749 §5.2 error body, or (None, None)."""
+    try:
+        value = parse_json(body.decode("utf-8"))
+    except ValueError:
+        return None, None
+    if not isinstance(value, dict) or not isinstance(value.get("error"), str):
+        return None, None
+    description = value.get("error_description")
+    text = value["error"] + (": " + str(description) if description else "")
+    return value["error"], excerpt(text.encode("utf-8"), redact)
+
+
+# --- The chat step's details: scopes and streaming ----------------------------------------
+
+
+WAITING_NOTE_SECONDS = 2
+CHAT_SCOPE_HINT = " (the token may lack the CHAT scope: check the scopes of your static client)"
+
+
+def scope_hint(response, config):
+    """For a 401 or 403: the scope the answer's WWW-Authenticate asks for, and the command
+    that asks for it; else the general hint; "" for other statuses."""
+    if response.status not in (401, 403):
+        return ""
+    challenge = response.headers.get("WWW-Authenticate") or ""
+    wanted = re.search(r'\bscope="([^"]*)"', challenge)
+    if not wanted or not wanted.group(1).split():
+        return CHAT_SCOPE_HINT
+    scopes = [one_line(scope) for scope in wanted.group(1).split()]
+    ask = _scope_union(config.scope.split() + scopes + ["offline_access"])
+    return ' (the token lacks the scope {}: sign in again with --scope "{}")'.format(" ".join(scopes), " ".join(ask))
+
+
+def _scope_union(scopes):
+    """`scopes` without repeats, compared case-insensitively (Glean writes CHAT, sends chat)."""
+    seen, union = set(), []
+    for scope in scopes:
+        if scope.lower() not in seen:
+            seen.add(scope.lower())
+            union.append(scope)
+    return union
+
+
+def chat_scope_missing(token_response):
+    """The scopes granted when they visibly lack chat (compared case-insensitively), else None."""
+    granted = granted_scope(token_response)
+    if granted is None or "chat" in granted.lower().split():
+        return None
+    return granted
+
+
+class ChatStream:
+    """--stream: Glean's NDJSON answer, one ChatResponse a line. Shows the stages (UPDATE
+    messages) as short lines and the answer (CONTENT deltas) as it grows, on stderr, and
+    merges the lines into one ChatResponse: messages in arrival order, one per
+    messageId, each CONTENT message's text fragments joined into one."""
+
+    def __init__(self, console, silence, redact=()):
+        self.console, self.silence, self.redact = console, silence, redact
+        self.count = 0  # lines so far
+        self.response = {}  # the fields of the lines but messages, the last one winning
+        self.messages = {}  # messageId (or the arrival number) -> merged message
+        self.end = None  # the whole call's deadline
+        self.writing = False  # an answer line on stderr is still open
+
+    def add(self, raw, deadline):
+        """Take one line of the stream (http_request's on_line)."""
+        self.count += 1
+        if self.end is None:
+            self.end = deadline.at
+        # Once the first line has come, GLEAN_HTTP_TIMEOUT bounds the silence before the next.
+        deadline.at = min(self.end, time.monotonic() + self.silence)
+        deadline.setting = "GLEAN_HTTP_TIMEOUT" if deadline.at < self.end else "GLEAN_CHAT_TIMEOUT"
+        text = raw.decode("utf-8", "replace").strip()
+        if not text:
+            return
+        try:
+            value = parse_json(text)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise FlowError("Line {} of the chat stream is not a JSON object: {}".format(
+                self.count, excerpt(raw, self.redact)))
+        for key, field in value.items():
+            if key != "messages":
+                self.response[key] = field
+        messages = value.get("messages")
+        for message in messages if isinstance(messages, list) else []:
+            if isinstance(message, dict):
+                self._merge(message)
+
+    def _merge(self, message):
+        key = message.get("messageId")
+        key = key if isinstance(key, str) and key else len(self.messages)  # a server's value may be anything
+        fragments = [f for f in message.get("fragments") or [] if isinstance(f, dict)] \
+            if isinstance(message.get("fragments"), list) else []
+        merged = self.messages.setdefault(key, dict(message, fragments=[]))
+        merged.update((k, v) for k, v in message.items() if k != "fragments")
+        merged["fragments"].extend(fragments)
+        text = "".join(f["text"] for f in fragments if isinstance(f.get("text"), str))
+        if message.get("author") == "USER" or not text:
+            return
+        if message.get("messageType", "CONTENT") == "CONTENT":
+            if not self.writing:
+                self.console.progress("\nAnswer: ")
+                self.writing = True
+            self.console.progress(set_off(text))
+        else:
+            self.end_answer_line()
+            self.console.note("  " + one_line(text.replace("**", "")))
+
+    def end_answer_line(self):
+        """End the answer's line on stderr, if one is open, with what was held back."""
+        if self.writing:
+            self.console.progress("\n")
+            self.console.end_progress()
+            self.writing = False
+
+    def finish(self):
+        """The merged ChatResponse, once the stream has ended."""
+        self.end_answer_line()
+        for message in self.messages.values():
+            if message.get("messageType", "CONTENT") == "CONTENT":
+                message["fragments"] = _joined_text(message["fragments"])
+        return dict(self.response, messages=list(self.messages.values()))
+
+
+def set_off(answer):
+    """The chat answer with each of its lines after the first indented, so that no line of
+    it can pass for the tool's own output (a fake "Token response:")."""
+    return re.sub(r"\r\n?|\n", "\n  ", answer)
+
+
+def _joined_text(fragments):
+    """`fragments` with each run of text-only fragments joined into one."""
+    joined = []
+    for fragment in fragments:
+        if set(fragment) == {"text"} and isinstance(fragment["text"], str) and joined \
+                and set(joined[-1]) == {"text"}:
+            joined[-1] = {"text": joined[-1]["text"] + fragment["text"]}
+        else:
+            joined.append(dict(fragment))
+    return joined
+
+
+# --- Output and redaction -----------------------------------------------------------------
+
+
+def printable(text, keep=""):
+    """`text` with control and other unprintable characters (but those in `keep`) made spaces.
+
+    Text from a server or a browser goes through here before it reaches a terminal, so
+    it cannot move the cursor, recolour, or hide what follows (escape injection).
+    """
+    return "".join(c if c.isprintable() or c in keep else " " for c in text)
+
+
+def one_line(text):
+    """`text` made printable, on one line."""
+    return " ".join(printable(text).split())
+
+
+def json_text(value):
+    """`value` as JSON indented by 2, as the example prints it, with every unprintable
+    character escaped (json.dumps leaves C1 controls and bidi overrides raw)."""
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    return "".join(c if c.isprintable() or c == "\n" else json.dumps(c)[1:-1] for c in text)
+
+
+class Console:
+    """Where the run's text goes: sections to `out`, problems to `err`.
+
+    Every line passes through here, so this is the last guard that keeps the client
+    secret (in every form in `secrets`) out of what is printed, whatever a server
+    echoes back.
+    """
+
+    def __init__(self, out, err, real_stdout=False):
+        self.out, self.err = out, err
+        self.secrets = []  # every form of the client secret that a server could echo back
+        self.json_out = out  # where --json's object goes, when `out` is moved to stderr
+        self.real_stdout = real_stdout  # `out` is the process's own stdout (fd 1)
+        self.held = ""  # the end of the streamed text so far that could begin a secret
+
+    def claim_stdout(self):
+        """--json: keep stdout for the one JSON object. The sections go to stderr, and so
+        does whatever else writes to fd 1 from now on (a browser started from here)."""
+        self.out = self.err
+        if self.real_stdout:
+            sys.stdout.flush()
+            json_fd = os.dup(1)
+            os.dup2(2, 1)
+            self.json_out = _FdWriter(json_fd, sys.stdout.encoding)
+
+    def line(self, text=""):
+        self._write(self.out, text, lambda text: printable(text, keep="\n"))
+
+    def section(self, title, value):
+        """A blank line, `title:`, then `value` as JSON indented by 2, as the example prints."""
+        self.line("\n" + title + ":")
+        self._write(self.out, json_text(self.redact(value)))
+
+    def problem(self, text):
+        """One line on stderr. When even stderr cannot be written, there is nowhere left to say it."""
+        try:
+            self._write(self.err, text, one_line)
+        except OutputError:
+            pass
+
+    def note(self, text):
+        """Extra text for a person (a hint, the chat answer) on stderr, keeping its lines."""
+        self._write(self.err, text, lambda text: printable(text, keep="\n\t"))
+
+    def progress(self, text):
+        """Text on stderr as it comes, with no line end added (a streamed answer). The text
+        is redacted as a whole, however it was cut: its end that could be the start of a
+        secret is held back until the next piece, or end_progress(), shows what follows."""
+        text = redacted(self.held + text, self.secrets)
+        cut = len(text) - _secret_start_length(text, self.secrets)
+        self.held = text[cut:]
+        self._write(self.err, text[:cut], lambda text: printable(text, keep="\n\t"), end="")
+
+    def end_progress(self):
+        """Show what progress() held back: the streamed text has ended."""
+        held, self.held = self.held, ""
+        self._write(self.err, held, lambda text: printable(text, keep="\n\t"), end="")
+
+    def result(self, value, verbatim=False):
+        """The one JSON object of --json, on stdout; `verbatim`: never redacted (a token
+        printed on purpose, checked by the caller)."""
+        self._write(self.json_out, json_text(value if verbatim else self.redact(value)))
+
+    def verbatim(self, text):
+        """One line on stdout exactly as given: a token that `token` prints on purpose."""
+        self._write(self.json_out, text, redact=False)
+
+    def redact(self, value):
+        """`value` (text, or parsed JSON) without the client secret, in any form."""
+        return redacted(value, self.secrets)
+
+
+    def _write(self, stream, text, sanitize=None, end="\n", redact=True):
+        # Redacted before and after sanitizing: collapsing white space or blanking a
+        # control character could otherwise turn the secret into a form not listed.
+        text = self.redact(text) if redact else text
+        if sanitize:
+            text = self.redact(sanitize(text))
+        text += end
+        try:
+            try:
+                stream.write(text)
+            except UnicodeEncodeError:  # a C locale on an old Python: keep going, escape
+                encoding = stream.encoding or "ascii"
+                stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+            stream.flush()  # piped output must show each step as it happens
+        except (OSError, ValueError) as error:  # a full disk, a reader gone, a closed stream
+            raise OutputError(error)
+
+
+REDACTED = "[redacted]"
+
+
+def redacted(value, secrets):
+    """`value` (text, or parsed JSON) with each of `secrets` in every string replaced by
+    [redacted]. JSON is redacted before it is serialized, since serializing escapes the
+    secret's forms into yet other forms. One pass, longest secret first, and never inside
+    a marker already there, so that redacting twice changes nothing."""
+    if isinstance(value, str):
+        if not secrets:
+            return value
+        pattern = _secrets_pattern(tuple(secrets))
+        return REDACTED.join(pattern.sub(REDACTED, piece) for piece in value.split(REDACTED))
+    if isinstance(value, list):
+        return [redacted(item, secrets) for item in value]
+    if isinstance(value, dict):
+        return {redacted(key, secrets): redacted(item, secrets) for key, item in value.items()}
+    return value
+
+
+def _secret_start_length(text, secrets):
+    """The length of the longest end of `text` that is the start of one of `secrets`
+    (shorter than it): what a stream must hold back until it sees what follows."""
+    longest = 0
+    for secret in secrets:
+        for length in range(min(len(secret) - 1, len(text)), longest, -1):
+            if secret.startswith(text[-length:]):
+                longest = length
+                break
+    return longest
+
+
+@functools.lru_cache(maxsize=8)
+def _secrets_pattern(secrets):
+    return re.compile("|".join(re.escape(secret) for secret in sorted(secrets, key=len, reverse=True)))
+
+
+class _FdWriter:
+    """A text stream straight onto a file descriptor, with no buffer of its own, so a
+    failed write leaves nothing behind for Python to fail on again at exit."""
+
+    def __init__(self, fd, encoding):
+        self.fd, self.encoding = fd, encoding or "utf-8"
+
+    def write(self, text):
+        data = text.encode(self.encoding)
+        while data:
+            data = data[os.write(self.fd, data):]
+
+    def flush(self):
+        pass
+
+
+class OutputError(Exception):
+    """Writing to stdout or stderr failed: `error` is the OSError (or ValueError of a
+    closed stream). A broken pipe (the reader has gone) ends the run quietly."""
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
+
+
+MIN_SECRET_CHARACTERS = 8  # shorter forms are not redacted: they would shred unrelated text
+
+
+def secret_forms(client_id, client_secret):
+    """The client secret in every form a server could echo it back in (credential_forms),
+    and inside the Basic credential. What must never be printed, longest first."""
+    if not client_secret:
+        return []
+    basic = _client_secret_basic(client_id, client_secret)[1]["Authorization"].split(" ", 1)[1]
+    return _longest_first(credential_forms(client_secret) + [basic])
+
+
+def credential_forms(value):
+    """`value` (a secret, a token, a code) in every form a server could echo it back in:
+    as typed, as it goes on the wire (form-encoded), JSON-escaped, as repr writes it,
+    with its white space collapsed; longest first, none under MIN_SECRET_CHARACTERS."""
+    forms = set()
+    # The value as a server decodes it: the bytes the user set, where Python 3.6 in a C
+    # locale read them as surrogates.
+    for secret in {value, value.encode("utf-8", ENV_ERRORS).decode("utf-8", "replace")} if value else ():
+        encoded = {urllib.parse.quote_plus(secret, errors=ENV_ERRORS),
+                   urllib.parse.quote(secret, safe="", errors=ENV_ERRORS)}
+        forms |= {secret, printable(secret), one_line(secret), repr(secret)[1:-1], json.dumps(secret)[1:-1],
+                  json_text(secret)[1:-1]}
+        forms |= encoded | {re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), form) for form in encoded}
+    return _longest_first(forms)
+
+
+def _longest_first(forms):
+    return sorted({form for form in forms if len(form) >= MIN_SECRET_CHARACTERS}, key=len, reverse=True)
+
+
+# --- The listener's machinery -------------------------------------------------------------
+
+
+MAX_CALLBACK_REQUEST_BYTES = 16 * 1024  # a browser's GET is a few hundred bytes
+MAX_PENDING_CONNECTIONS = 64  # idle ones beyond this are dropped, oldest first (select's limits)
+
+
+class CallbackListener:
+    """Receives the browser's redirect on the host and port of the redirect URI (doc step 4).
+
+    It listens on loopback only (RFC 8252 §8.3), so no other machine can send it a code.
+    One thread and `select`: a connection that opens and sends nothing (a browser's
+    pre-connect) just sits there, so it can never hold up the real callback.
+    """
+
+    def __init__(self, redirect_uri):
+        parts = urllib.parse.urlsplit(redirect_uri)
+        self.path = parts.path or "/"
+        port = 80 if parts.port is None else parts.port  # 0: the system picks one
+        # Browsers may resolve localhost to either address, so listen on both.
+        hosts = ["127.0.0.1", "::1"] if parts.hostname.lower() == "localhost" else [parts.hostname]
+        self.sockets = [_listen(hosts[0], port)]
+        port = self.sockets[0].getsockname()[1]
+        try:
+            for host in hosts[1:]:
+                sock = _listen(host, port, optional=True)
+                if sock:
+                    self.sockets.append(sock)
+        except FlowError:
+            self.close()
+            raise
+        # With port 0 the system picked one: the redirect URI must name it.
+        self.redirect_uri = urllib.parse.urlunsplit(
+            parts._replace(netloc="{}:{}".format(_bracketed(parts.hostname), port))
+        )
+        self.announcement = "Listening for callback at " + self.redirect_uri
+
+    def close(self):
+        for sock in self.sockets:
+            sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def wait(self, check, timeout=CALLBACK_TIMEOUT_SECONDS, on_stray=None):
+        """Serve until a request to the callback path arrives; return `check(query)`.
+
+        `check` turns the callback's query string into the authorization code or raises
+        FlowError. Either way the browser gets its answer before this returns. A
+        StrayCallback gets a 400 page and `on_stray(message)`, and the wait goes on.
+        """
+        import select  # here: only a sign-in listens
+
+        deadline = time.monotonic() + timeout
+        pending = {}  # connection -> the bytes of its request head so far
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise FlowError(
+                        "No callback reached {} within {:g} s. Check that this redirect URI "
+                        "is registered on your static client and that sign-in finished in "
+                        "the browser (GLEAN_CALLBACK_TIMEOUT sets the limit in seconds)."
+                        .format(self.redirect_uri, timeout)
+                    )
+                readable, _, _ = select.select(self.sockets + list(pending), [], [], remaining)
+                for sock in readable:
+                    if sock in self.sockets:
+                        try:
+                            conn, _ = sock.accept()
+                        except OSError:  # the peer gave up before we took it
+                            continue
+                        conn.setblocking(False)
+                        if len(pending) >= MAX_PENDING_CONNECTIONS:
+                            oldest = next(iter(pending))  # dicts keep insertion order
+                            del pending[oldest]
+                            oldest.close()
+                        pending[conn] = b""
+                        continue
+                    if sock not in pending:  # dropped above, in this same pass, to make room
+                        continue
+                    head = _read_head(sock, pending)
+                    if head is not None:
+                        code = self._answer(sock, head, check, on_stray)
+                        if code is not None:
+                            return code
+        finally:
+            for conn in pending:
+                conn.close()
+
+    def _answer(self, conn, head, check, on_stray):
+        """Answer one request; return the code when it was the callback, else None."""
+        if b"\r\n\r\n" not in head:
+            _respond(conn, "431 Request Header Fields Too Large", "Request too large\n")
+            return None
+        method, path, query = _parse_request_head(head)
+        if path != self.path:
+            _respond(conn, "404 Not Found", "Not found\n")
+            return None
+        if method != "GET":
+            _respond(conn, "405 Method Not Allowed", "Method not allowed\n", "Allow: GET\r\n")
+            return None
+        try:
+            code = check(query)
+        except StrayCallback as error:
+            _respond(conn, "400 Bad Request", CALLBACK_FAILED_PAGE)
+            if on_stray:
+                on_stray("Ignored a callback that is not the answer to this run's request ({}); still "
+                         "waiting.".format(str(error).split(":", 1)[0]))
+            return None
+        except FlowError:
+            _respond(conn, "400 Bad Request", CALLBACK_FAILED_PAGE)
+            raise
+        _respond(conn, "200 OK", CALLBACK_DONE_PAGE)
+        return code
+
+
+CALLBACK_DONE_PAGE = "OAuth callback captured. You can return to the terminal.\n"
+CALLBACK_FAILED_PAGE = "OAuth callback failed. Check the terminal for details.\n"
+
+
+def _listen(host, port, optional=False):
+    """A listening socket on `host`:`port`.
+
+    FlowError when the port is taken; with `optional`, None when this machine has no
+    such address (no IPv6), since the other address is enough.
+    """
+    import socket  # here: only a sign-in listens
+
+    address = "{}:{}".format(_bracketed(host), port)
+    try:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:
+        if optional:
+            return None
+        raise FlowError("Cannot listen on {}: this machine has no such address.".format(address))
+    try:
+        if os.name == "posix":  # elsewhere SO_REUSEADDR lets another process share the port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(socket.SOMAXCONN)
+        return sock
+    except OSError as error:
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            raise FlowError(
+                "Port {} on {} is already in use (another run of this script?). Stop what "
+                "holds it, or register another loopback redirect URI on your client and set "
+                "REDIRECT_URI to it.".format(port, _bracketed(host)), EXIT_USAGE)
+        if optional and error.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            return None
+        raise FlowError("Cannot listen on {}: {}.".format(address, error.strerror or error))
+
+
+def _bracketed(host):
+    return "[{}]".format(host) if ":" in host else host
+
+
+def _read_head(conn, pending):
+    """Add what `conn` sent to `pending`; return its request head once complete, else None."""
+    try:
+        chunk = conn.recv(4096)
+    except OSError:
+        chunk = b""
+    if not chunk:  # the peer went away without a whole request
+        del pending[conn]
+        conn.close()
+        return None
+    pending[conn] += chunk
+    head = pending[conn]
+    if b"\r\n\r\n" not in head and len(head) <= MAX_CALLBACK_REQUEST_BYTES:
+        return None
+    del pending[conn]
+    return head
+
+
+def _parse_request_head(head):
+    """Return `(method, path, query)` from an HTTP request head (bytes)."""
+    request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = request_line.split(" ")
+    target = parts[1] if len(parts) == 3 else ""
+    path, _, query = target.partition("?")
+    return parts[0], path, query
+
+
+def _respond(conn, status, text, extra_headers=""):
+    """Send a small fixed text/plain page and close `conn`.
+
+    The page never echoes the request, is not cached (it follows a URL holding the
+    code), and sends no Referer onward.
+    """
+    body = text.encode("utf-8")
+    head = (
+        "HTTP/1.1 {}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        "Content-Length: {}\r\n"
+        "Cache-Control: no-store\r\n"
+        "Referrer-Policy: no-referrer\r\n"
+        "X-Content-Type-Options: nosniff\r\n"
+        "{}"
+        "Connection: close\r\n\r\n".format(status, len(body), extra_headers)
+    )
+    try:
+        conn.setblocking(True)
+        conn.settimeout(5)
+        conn.sendall(head.encode("ascii") + body)
+    except OSError:
+        pass  # the browser left; what matters is in the terminal
+    finally:
+        conn.close()
+
+
+class PastedRedirect:
+    """--manual: no listener. The user signs in on any machine and pastes the address the
+    browser was sent to (it fails to load, which is expected); the same checks apply."""
+
+    def __init__(self, redirect_uri, stdin, console):
+        self.redirect_uri, self.stdin, self.console = redirect_uri, stdin, console
+        self.announcement = "No listener (--manual): the redirect is read from this terminal."
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def wait(self, check, timeout=CALLBACK_TIMEOUT_SECONDS, on_stray=None):
+        """Read one pasted address within `timeout` s; return `check(its query)`."""
+        self.console.note("\nPaste the address your browser was redirected to (the page will not load; "
+                          "that is expected), then press Enter:")
+        pasted = self._read_line(timeout).strip().strip("'\"<>").strip()
+        if not pasted:
+            raise FlowError("No address was pasted.")
+        parts = urllib.parse.urlsplit(pasted)
+        expected = urllib.parse.urlsplit(self.redirect_uri)
+        params = urllib.parse.parse_qs(parts.query)
+        if parts.path != (expected.path or "/") or not ("state" in params or "error" in params):
+            raise FlowError("That is not the address the browser was redirected to. Paste the whole address "
+                            "from the browser's address bar after sign-in: it starts with {}?".format(
+                                self.redirect_uri))
+        return check(parts.query)
+
+    def _read_line(self, timeout):
+        """A line from stdin, waiting at most `timeout` s where stdin can be waited on
+        (a terminal or pipe on POSIX; elsewhere the wait is unbounded, Ctrl-C ends it)."""
+        try:
+            fileno = self.stdin.fileno()
+        except (AttributeError, ValueError, io.UnsupportedOperation):
+            fileno = None
+        if fileno is not None and os.name == "posix":
+            import select  # here: only --manual waits on stdin
+
+            if not select.select([fileno], [], [], timeout)[0]:
+                raise FlowError("No address was pasted within {:g} s (GLEAN_CALLBACK_TIMEOUT sets the limit "
+                                "in seconds).".format(timeout))
+        return self.stdin.readline()
+
+
+BROWSER_WAIT_SECONDS = 2  # long enough for a BROWSER command that fails at once to say so
+
+
+def open_browser(url, environ):
+    """Open `url` in the user's browser where there is a graphical one, or BROWSER says
+    which; never a text browser in this terminal. Returns the note to show: that it was
+    opened, or that the browser command failed; None when no browser was tried."""
+    import webbrowser  # here: it is slow to import and only this step needs it
+
+    try:
+        browser = webbrowser.get()
+    except webbrowser.Error:
+        return None
+    if isinstance(browser, webbrowser.GenericBrowser) and not environ.get("BROWSER"):
+        return None  # lynx, w3m and the like: they would take over the terminal
+    # Some browsers (and BROWSER commands) only return when closed: wait a moment for a
+    # verdict, not for them.
+    outcome = []
+    opener = threading.Thread(target=lambda: outcome.append(_open_quietly(browser, url)), daemon=True)
+    opener.start()
+    opener.join(BROWSER_WAIT_SECONDS)
+    if outcome == [False]:
+        return "(Could not open a browser{}; open the URL above yourself.)".format(
+            " with BROWSER=" + environ["BROWSER"] if environ.get("BROWSER") else "")
+    return "(Opened it in your browser.)"
+
+
+def _open_quietly(browser, url):
+    try:
+        return browser.open(url)
+    except Exception:  # a browser that cannot start is only a missed convenience
+        return False
+
+
 # --- Plumbing: HTTP -----------------------------------------------------------------------
-#
+
+
 # Every request of a run goes through http_request, so the kept-alive connection, the
 # deadline, the size limit, the no-redirect rule and the User-Agent live in one place.
-
-
 class Response:
     """An HTTP answer: `status`, `headers` (case-insensitive `get`) and the `body` bytes."""
 
     def __init__(self, status, headers, body):
         self.status, self.headers, self.body = status, headers, body
+
+
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # far above any token or chat answer
+MAX_LINE_BYTES = 1024 * 1024  # one line of a streamed answer
+MAX_STREAM_BYTES = 64 * 1024 * 1024  # a whole streamed answer: deltas repeat their envelope
+USER_AGENT = "glean-oauth/{} Python/{}.{}".format(__version__, *sys.version_info[:2])
 
 
 class Deadline:
