@@ -1973,7 +1973,7 @@ ENDPOINTS = ("authorization_endpoint", "token_endpoint", "revocation_endpoint")
 METHOD_LISTS = ("code_challenge_methods_supported", "token_endpoint_auth_methods_supported")
 
 
-def check_metadata(metadata, auth_method="client_secret_post", backend_url="https://"):
+def check_metadata(metadata, auth_method, backend_url):
     """Refuse metadata this flow cannot use: no endpoints, an endpoint that is no clean
     URL or would carry credentials in the clear (or over http when the backend is https),
     lists that are not lists of strings, no PKCE S256, or a list of token endpoint auth
@@ -2783,7 +2783,7 @@ class Deadline:
     server that drips one byte at a time cannot stretch a request past it."""
 
     def __init__(self, seconds, setting="GLEAN_HTTP_TIMEOUT"):
-        self.seconds, self.setting = seconds, setting
+        self.setting = setting
         self.at = time.monotonic() + seconds
 
     def remaining(self, waiting_for="an answer"):

@@ -13,6 +13,7 @@ import argparse
 import atexit
 import base64
 import codecs
+import contextlib
 import functools
 import glob
 import hashlib
@@ -436,7 +437,7 @@ class ScriptRun:
 
     def __init__(self, env, args=(), python=sys.executable, echo=(None, None), command=None):
         self.proc = subprocess.Popen(
-            (command or [python, SCRIPT]) + list(args), env=env, stdin=subprocess.PIPE,
+            (command or script_command(python)) + list(args), env=env, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         self.stdout_lines, self.stderr_lines = [], []
@@ -523,7 +524,18 @@ def good_environ(backend, **overrides):
 def script_env(backend, **overrides):
     """good_environ plus PATH: the whole, clean environment of a script run."""
     # UTF-8 output whatever the locale: Python 3.6 in a C locale would write ASCII escapes.
-    return good_environ(backend, **dict({"PATH": os.environ.get("PATH", ""), "PYTHONIOENCODING": "utf-8"}, **overrides))
+    # PYTHONPATH: where `python -m glean_oauth` finds the script (script_command).
+    return good_environ(backend, **dict({"PATH": os.environ.get("PATH", ""), "PYTHONIOENCODING": "utf-8",
+                                         "PYTHONPATH": HERE}, **overrides))
+
+
+def script_command(python=sys.executable):
+    """How the tests start the script: `python -S -m glean_oauth`. As a module, it runs
+    from its compiled bytecode instead of compiling 3,000 lines at every start; without
+    site (-S), whose .pth files cost more here than the script's whole start. The script
+    needs neither. The tests about how it is started (its shebang, Python 2, its import
+    time, the benchmark) run it as a user types it: python3 glean_oauth.py."""
+    return [python, "-S", "-m", "glean_oauth"]
 
 
 class Flow:
@@ -534,9 +546,14 @@ class Flow:
         self.stdout, self.stderr = run.stdout, run.stderr
 
 
-def run_flow(glean, args=(), python=sys.executable, echo=(None, None), **env):
-    """Run the script end to end against `glean`, playing the browser; return a Flow."""
-    run = ScriptRun(script_env(glean, **env), args, python=python, echo=echo)
+def run_flow(glean, args=(), python=sys.executable, echo=(None, None), process=False, **env):
+    """Run the script end to end against `glean`, playing the browser; return a Flow.
+    With this interpreter, and unless `process` or `echo` asks for a process of its own,
+    the run is in this process (InProcessRun), which saves a start of Python."""
+    if python == sys.executable and not process and echo == (None, None):
+        run = InProcessRun(script_env(glean, **env), args)
+    else:
+        run = ScriptRun(script_env(glean, **env), args, python=python, echo=echo)
     try:
         browser = play_browser(run.authorize_url())
         flow = Flow(run, run.finish(), browser)
@@ -548,11 +565,105 @@ def run_flow(glean, args=(), python=sys.executable, echo=(None, None), **env):
 
 
 def run_script(env, args=(), stdin=b"", python=sys.executable):
-    """Run the script with no browser step; return the CompletedProcess (bytes)."""
-    proc = subprocess.run([python, SCRIPT] + list(args), env=env, input=stdin,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
+    """Run the script with no browser step, `env` its whole environment; return a
+    CompletedProcess (bytes). With this interpreter the run is in this process, as a
+    process would run it (run_in_process), which saves a start of Python; `exec`, which
+    replaces the process it runs in, and other interpreters get a process of their own."""
+    args = list(args)
+    if python == sys.executable and args[:1] != ["exec"]:
+        proc = run_in_process(env, args, stdin)
+    else:
+        proc = subprocess.run(script_command(python) + args, env=env, input=stdin,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
     assert_secret_absent(proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace"))
     return proc
+
+
+def run_in_process(env, args, stdin=b"", out=None, err=None):
+    """glean_oauth.cli(args) with `env` as the process's whole environment for the time of
+    the run (HTTPS_PROXY and SSL_CERT_FILE are read from os.environ, as in a process), and
+    sys.stdout and sys.stderr captured (argparse writes --help there)."""
+    saved = dict(os.environ)
+    out, err = out or io.StringIO(), err or io.StringIO()
+    os.environ.clear()
+    os.environ.update(env)
+    glean_oauth._tls_context.cache_clear()
+    glean_oauth._pool = None  # a process of its own starts with no kept connection
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = glean_oauth.cli(args, environ=env, out=out, err=err,
+                                   stdin=io.StringIO(stdin.decode("utf-8")))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        glean_oauth._tls_context.cache_clear()
+        glean_oauth._pool = None
+    if not isinstance(out, io.StringIO):
+        return code
+    return subprocess.CompletedProcess(args, code, out.getvalue().encode("utf-8"), err.getvalue().encode("utf-8"))
+
+
+class InProcessRun(ScriptRun):
+    """A ScriptRun whose script runs in a thread of this process (run_in_process), its
+    output read line by line as it is written; for the runs whose process adds nothing."""
+
+    def __init__(self, env, args=()):
+        self.stdout_lines, self.stderr_lines = [], []
+        self._lines = queue.Queue()
+        self._readers = [None, None]  # two streams, each ends with a None on the queue
+        self.code = None
+        out, err = _Lines(self.stdout_lines, self._lines), _Lines(self.stderr_lines, self._lines)
+
+        def run():
+            try:
+                self.code = run_in_process(env, list(args), out=out, err=err)
+            finally:
+                out.end()
+                err.end()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.proc = self  # what run_flow asks of a process: poll() and kill()
+        self.thread.start()
+
+    def finish(self, timeout=RUN_TIMEOUT):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the run did not end:\n" + self.output()
+        return self.code
+
+    def poll(self):
+        return None if self.thread.is_alive() else self.code
+
+    def kill(self):
+        pass  # a thread cannot be killed: the run ends at its own timeout
+
+
+class _Lines:
+    """A text stream that collects what is written as lines, each also put on `notify`."""
+
+    encoding = "utf-8"
+
+    def __init__(self, lines, notify):
+        self.lines, self.notify, self.pending = lines, notify, ""
+
+    def write(self, text):
+        complete = (self.pending + text).split("\n")
+        self.pending = complete.pop()
+        for line in complete:
+            self.lines.append(line)
+            self.notify.put(line)
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+    def end(self):
+        if self.pending:
+            self.lines.append(self.pending)
+            self.notify.put(self.pending)
+        self.notify.put(None)
 
 
 def demo():
@@ -562,7 +673,7 @@ def demo():
     with StandInGlean() as glean:
         sys.stderr.write("demo: a stand-in Glean server is listening at {}\n".format(glean.url))
         sys.stderr.write("demo: running glean_oauth.py; the browser step is played for you\n\n")
-        flow = run_flow(glean, echo=(sys.stdout, sys.stderr))
+        flow = run_flow(glean, echo=(sys.stdout, sys.stderr))  # echo: the real script, in a process
         sys.stderr.write("\ndemo: the browser was shown: {}".format(flow.browser[2]))
         sys.stderr.write("demo: glean_oauth.py exited with {}\n".format(flow.code))
         sys.stderr.write("\ndemo: again with --stream --no-browser: stages and the answer on stderr as they come\n\n")
@@ -967,23 +1078,56 @@ def find_python(version):
     return found[-1] if found else None
 
 
-@parametrize("version", PYTHONS)
-def test_the_whole_flow_runs_on_every_python(version, tmp_path):
-    python = find_python(version)
-    if python is None:
+_on_every_python = {}  # scenario name -> {version: ("done", its result) or ("failed", the exception)}
+
+
+def on_every_python(scenario, version):
+    """`scenario(python, folder)`'s result for CPython `version`. The first test that asks
+    runs the scenario under every interpreter at once (each run is a process of its own,
+    so side by side they take the time of the slowest); the others find their result."""
+    if find_python(version) is None:
         pytest.skip("no CPython {} under pyenv on this machine".format(version))
-    path = str(tmp_path / "tokens.json")
+    if scenario.__name__ not in _on_every_python:
+        outcomes = _on_every_python[scenario.__name__] = {}
+
+        def run(version, python):
+            try:
+                with tempfile.TemporaryDirectory() as folder:
+                    outcomes[version] = ("done", scenario(python, folder))
+            except BaseException as error:  # re-raised in the test of that version
+                outcomes[version] = ("failed", error)
+
+        threads = [threading.Thread(target=run, args=(v, find_python(v))) for v in PYTHONS if find_python(v)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    state, result = _on_every_python[scenario.__name__][version]
+    if state == "failed":
+        raise result
+    return result
+
+
+def whole_flow_scenario(python, folder):
+    path = os.path.join(folder, "tokens.json")
     with StandInGlean() as glean:
         flow = run_flow(glean, python=python)
         keep = run_flow(glean, ["--json", "--auth-method", "client_secret_basic", "--token-file", path],
                         python=python)
         later = run_script(script_env(glean), ["--refresh", "--token-file", path], python=python)
+        saved = json.loads(open(path).read()) if os.path.exists(path) else {}
+    return glean, flow, keep, later, saved
+
+
+@parametrize("version", PYTHONS)
+def test_the_whole_flow_runs_on_every_python(version):
+    glean, flow, keep, later, saved = on_every_python(whole_flow_scenario, version)
     assert flow.code == 0, flow.run.output()
     assert flow.stdout == expected_stdout(glean, flow.stdout)
     assert keep.code == 0, keep.run.output()
     assert json.loads(keep.stdout)["refresh_response"]["access_token"] in glean.access_tokens
     assert later.returncode == 0, later.stderr
-    assert json.loads(open(path).read())["refresh_token"] in glean.refresh_tokens
+    assert saved["refresh_token"] in glean.refresh_tokens
 
 
 
@@ -1742,7 +1886,7 @@ def test_metadata_the_flow_cannot_use_is_refused(extra, message):
 
 def test_metadata_without_code_challenge_methods_is_accepted():
     metadata = {"authorization_endpoint": "https://a/authorize", "token_endpoint": "https://a/token"}
-    glean_oauth.check_metadata(metadata)
+    glean_oauth.check_metadata(metadata, "client_secret_post", "https://acme-be.glean.com")
 
 
 def test_a_huge_declared_body_is_refused_without_reading_it():
@@ -2145,7 +2289,7 @@ def fake_program(tmp_path, name):
 def test_the_url_is_opened_with_browser(tmp_path):
     browser = fake_program(tmp_path, "browser")
     with StandInGlean() as glean:
-        flow = run_flow(glean, BROWSER=str(browser))
+        flow = run_flow(glean, process=True, BROWSER=str(browser))
     assert flow.code == 0, flow.run.output()
     url = flow.stdout.split("Open this URL in your browser:\n\n", 1)[1].split("\n", 1)[0]
     assert (tmp_path / "browser.args").read_text() == url
@@ -2155,7 +2299,7 @@ def test_the_url_is_opened_with_browser(tmp_path):
 def test_no_browser_only_prints_the_url(tmp_path):
     browser = fake_program(tmp_path, "browser")
     with StandInGlean() as glean:
-        flow = run_flow(glean, ["--no-browser"], BROWSER=str(browser))
+        flow = run_flow(glean, ["--no-browser"], process=True, BROWSER=str(browser))
     assert flow.code == 0 and "Open this URL in your browser:" in flow.stdout
     assert not (tmp_path / "browser.args").exists()
 
@@ -2164,7 +2308,7 @@ def test_a_text_browser_is_never_started_in_the_terminal(tmp_path):
     fake_program(tmp_path, "lynx")
     fake_program(tmp_path, "www-browser")
     with StandInGlean() as glean:
-        flow = run_flow(glean, TERM="xterm", PATH=str(tmp_path) + os.pathsep + os.environ["PATH"])
+        flow = run_flow(glean, process=True, TERM="xterm", PATH=str(tmp_path) + os.pathsep + os.environ["PATH"])
     assert flow.code == 0, flow.run.output()
     assert list(tmp_path.glob("*.args")) == []
 
@@ -2246,7 +2390,7 @@ def test_json_stdout_stays_clean_when_the_browser_writes_to_stdout(tmp_path):
     browser.write_text("#!/bin/sh\necho 'Opening in existing browser session.'\n")
     browser.chmod(0o755)
     with StandInGlean() as glean:
-        flow = run_flow(glean, ["--json"], BROWSER=str(browser))
+        flow = run_flow(glean, ["--json"], process=True, BROWSER=str(browser))
     assert flow.code == 0, flow.run.output()
     assert json.loads(flow.stdout)["token_response"]["access_token"] in glean.access_tokens
     assert "Opening in existing browser session." in flow.stderr
@@ -2562,7 +2706,7 @@ def test_a_browser_command_that_fails_is_not_reported_as_opened(tmp_path):
     browser.write_text("#!/bin/sh\nexit 3\n")
     browser.chmod(0o755)
     with StandInGlean() as glean:
-        flow = run_flow(glean, BROWSER=str(browser))
+        flow = run_flow(glean, process=True, BROWSER=str(browser))
     assert flow.code == 0, flow.run.output()
     assert "(Opened it in your browser.)" not in flow.stderr
     assert "(Could not open a browser with BROWSER={}; open the URL above yourself.)".format(browser) in flow.stderr
@@ -2591,7 +2735,7 @@ def test_a_run_with_stdout_closed_is_a_usage_error_before_any_traffic():
 @parametrize("args", [["--help"], ["--version"], []])
 def test_a_reader_that_goes_away_ends_the_run_quietly(args):
     with StandInGlean() as glean:
-        proc = subprocess.Popen([sys.executable, SCRIPT] + args, env=script_env(glean, GLEAN_CALLBACK_TIMEOUT="0.5"),
+        proc = subprocess.Popen(script_command() + args, env=script_env(glean, GLEAN_CALLBACK_TIMEOUT="0.5"),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         proc.stdout.close()  # the reader is gone before the first write: every write meets a broken pipe
         err = proc.stderr.read()
@@ -2805,7 +2949,7 @@ def test_parallel_token_runs_refresh_once(tmp_path):
     path = tmp_path / "tokens.json"
     with StandInGlean() as glean:
         signed_in_and_expired(glean, path)
-        procs = [subprocess.Popen([sys.executable, SCRIPT, "token", "--token-file", str(path)], env=script_env(glean),
+        procs = [subprocess.Popen(script_command() + ["token", "--token-file", str(path)], env=script_env(glean),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(20)]
         outputs = [proc.communicate(timeout=RUN_TIMEOUT) for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * 20, outputs
@@ -2949,7 +3093,7 @@ def held(glean, path):
 
 
 def start(glean, args, **env):
-    return subprocess.Popen([sys.executable, SCRIPT] + args, env=script_env(glean, **env), stdin=subprocess.DEVNULL,
+    return subprocess.Popen(script_command() + args, env=script_env(glean, **env), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -3393,12 +3537,8 @@ def test_a_valid_token_imports_no_network_module(tmp_path):
     assert imported & {"ssl", "http.client", "urllib.request", "socket", "select"} == set()
 
 
-@parametrize("version", PYTHONS)
-def test_login_token_exec_on_every_python(version, tmp_path):
-    python = find_python(version)
-    if python is None:
-        pytest.skip("no CPython {} under pyenv on this machine".format(version))
-    path = tmp_path / "tokens.json"
+def lifecycle_scenario(python, folder):
+    path = pathlib.Path(folder) / "tokens.json"
     with StandInGlean() as glean:
         glean.metadata_extra["revocation_endpoint"] = glean.url + "/oauth/revoke"
         signed_in = login(glean, path, python=python)
@@ -3408,9 +3548,15 @@ def test_login_token_exec_on_every_python(version, tmp_path):
                                              "import os; print(os.environ['GLEAN_API_TOKEN'])"], python=python)
         shown = run_script(script_env(glean), ["status", "--token-file", str(path)], python=python)
         out = run_script(script_env(glean), ["logout", "--token-file", str(path)], python=python)
+    return glean, path.exists(), signed_in, token, ran, shown, out
+
+
+@parametrize("version", PYTHONS)
+def test_login_token_exec_on_every_python(version):
+    glean, stored, signed_in, token, ran, shown, out = on_every_python(lifecycle_scenario, version)
     assert signed_in.code == 0, signed_in.run.output()
     assert token.returncode == 0 and token.stdout == ran.stdout, token.stderr + ran.stderr
-    assert shown.returncode == 0 and out.returncode == 0 and not path.exists()
+    assert shown.returncode == 0 and out.returncode == 0 and not stored
     assert len(glean.revoked) == 2
 
 
@@ -3573,7 +3719,7 @@ def test_the_stream_is_shown_while_it_is_still_open():
     release = threading.Event()
     with StandInGlean() as glean:
         glean.stream_pace = lambda index: index == 3 and release.wait(RUN_TIMEOUT)  # hold after "The executive "
-        proc = subprocess.Popen([sys.executable, SCRIPT, "--stream"], env=script_env(glean), stdin=subprocess.PIPE,
+        proc = subprocess.Popen(script_command() + ["--stream"], env=script_env(glean), stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             for raw in iter(proc.stdout.readline, b""):
