@@ -14,6 +14,7 @@ import atexit
 import base64
 import codecs
 import contextlib
+import errno
 import functools
 import glob
 import hashlib
@@ -28,15 +29,16 @@ import secrets
 import shutil
 import signal
 import socket
+import socketserver
 import ssl
+import stat
 import statistics
 import subprocess
-import tempfile
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
-import socketserver
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 
@@ -87,6 +89,7 @@ class Recorded:
     def __init__(self, method, target, headers, body, connection=None):
         self.method, self.headers, self.body = method, headers, body
         self.connection = connection  # which of the stand-in's connections it came on (1, 2, ...)
+        self.target = target
         self.path, _, query = target.partition("?")
         self.query = urllib.parse.parse_qs(query, keep_blank_values=True)
         self.form = {}
@@ -132,6 +135,8 @@ class StandInGlean:
         self.interim = {}  # path -> the 1xx statuses sent before its answer (102 Processing, 103 Early Hints)
         self.refresh_tokens = set()
         self.presented_refresh_tokens = []  # every refresh token a refresh grant sent, in order
+        self.issued = []  # every token response, in order
+        self.chat_answers = []  # every non-streamed chat answer, in order
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_StandInHandler, self))
         self.httpd.daemon_threads = True
@@ -257,6 +262,7 @@ class StandInGlean:
         )
         self.access_tokens[access_token] = scope
         response = {"access_token": access_token, "token_type": "Bearer", "expires_in": 3600}
+        self.issued.append(response)  # the same object: what is added below is in it too
         if scope:
             response["scope"] = scope
         if self.issue_refresh_token:
@@ -298,7 +304,9 @@ class StandInGlean:
                  "fragments": [{"text": "**Searching:** executive team"}]}]
         answer = {"author": "GLEAN_AI", "messageType": "CONTENT", "messageId": "m-answer", "hasMoreFragments": False}
         if not body.get("stream"):
-            return 200, {}, {"chatId": "chat-1", "messages": head + [dict(answer, fragments=[{"text": self.answer}])]}
+            self.chat_answers.append({"chatId": "chat-1",
+                                      "messages": head + [dict(answer, fragments=[{"text": self.answer}])]})
+            return 200, {}, self.chat_answers[-1]
         lines = [{"chatId": "chat-1", "messages": head}] + [
             {"chatId": "chat-1", "messages": [dict(answer, hasMoreFragments=i < len(words) - 1,
                                                    fragments=[{"text": word}])]}
@@ -955,6 +963,23 @@ def test_decode_jwt_restores_padding():
 # --- The whole flow ---------------------------------------------------------------------
 
 
+def test_the_docstrings_map_names_the_step_functions_above_the_line_in_step_order():
+    mapped = re.findall(r"^ +(\d+)\. .* (\w+)\(\)$", glean_oauth.__doc__, re.M)
+    assert [int(step) for step, _ in mapped] == list(range(1, 11))
+    lines = open(SCRIPT, encoding="utf-8").read().splitlines()
+    markers = [number for number, line in enumerate(lines, 1)
+               if re.match(r"\s*#.*beyond the documented flow", line, re.I)]
+    assert len(markers) == 1, markers
+    starts = [getattr(glean_oauth, name).__code__.co_firstlineno for _, name in mapped]
+    assert starts == sorted(starts) and starts[-1] < markers[0]  # each one defined, in step order, in the core
+    assert glean_oauth.main.__code__.co_firstlineno <= 250 and markers[0] <= 800
+    import ast
+
+    longest = max((node.end_lineno - node.lineno + 1, node.name) for node in ast.walk(ast.parse("\n".join(lines)))
+                  if isinstance(node, ast.FunctionDef)) if sys.version_info >= (3, 8) else (0, "")
+    assert longest[0] <= 60, longest  # each function short enough to read at once
+
+
 def test_the_whole_flow_prints_every_section_and_sends_what_the_doc_sends():
     with StandInGlean() as glean:
         flow = run_flow(glean)
@@ -968,7 +993,7 @@ def test_the_whole_flow_prints_every_section_and_sends_what_the_doc_sends():
     positions = [flow.stdout.find("\n" + title) if i else flow.stdout.find(title)
                  for i, title in enumerate(titles)]
     assert -1 not in positions and positions == sorted(positions), flow.stdout
-    assert flow.stdout == expected_stdout(glean, flow.stdout)
+    assert flow.stdout == expected_stdout(glean)
     assert flow.stderr == "\n" + ANSWER_LINE
     assert_secret_absent(flow.stdout, flow.stderr)
 
@@ -1000,15 +1025,18 @@ def test_the_whole_flow_prints_every_section_and_sends_what_the_doc_sends():
 ANSWER_LINE = "Answer: The executive team is listed on the People page.\n"
 
 
-def expected_stdout(glean, stdout):
-    """The default run's stdout, byte for byte, as the example prints it, rebuilt from what
-    the stand-in issued in its first run and the values that change from run to run."""
+def expected_stdout(glean, run=0, chat_answer=None):
+    """The stdout of the default run number `run` against `glean`, byte for byte, as the
+    example prints it, made only from what the stand-in received and sent in that run:
+    the metadata, the authorization request the browser made, the code, the token, chat
+    and refresh answers (`chat_answer` for a streamed one), and the access token's own
+    header and claims."""
     metadata = glean.metadata()
-    redirect_uri = glean.find("/oauth/authorize")[0].query["redirect_uri"][0]
-    authorize_url = stdout.split("Open this URL in your browser:\n\n", 1)[1].split("\n", 1)[0]
-    code = glean.find("/oauth/token")[0].form["code"][0]
-    token_response = json.loads(section(stdout, "Token response"))
-    header, claims = glean_oauth.decode_jwt(token_response["access_token"])
+    authorize = glean.find("/oauth/authorize")[run]
+    code = glean.find("/oauth/token")[2 * run].form["code"][0]
+    token_response, refresh_response = glean.issued[2 * run:2 * run + 2]
+    header, claims = (json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+                      for part in token_response["access_token"].split(".")[:2])
 
     def block(title, value):
         return "\n{}:\n{}\n".format(title, json.dumps(value, indent=2))
@@ -1016,14 +1044,14 @@ def expected_stdout(glean, stdout):
         "issuer={issuer}\nauthorization_endpoint={authorization_endpoint}\ntoken_endpoint={token_endpoint}\n"
         "\ncode challenge methods:\nS256\n"
         "\ntoken endpoint auth methods:\nclient_secret_post\nclient_secret_basic\n".format(**metadata)
-        + "\nListening for callback at {}\n".format(redirect_uri)
-        + "\nOpen this URL in your browser:\n\n{}\n".format(authorize_url)
+        + "\nListening for callback at {}\n".format(authorize.query["redirect_uri"][0])
+        + "\nOpen this URL in your browser:\n\n{}{}\n".format(glean.url, authorize.target)
         + "\nCaptured auth code prefix: {}\n".format(code[:16])
         + block("Token response", token_response)
-        + block("Chat response", json.loads(section(stdout, "Chat response")))
+        + block("Chat response", chat_answer or glean.chat_answers[run])
         + block("JWT header", header) + block("JWT claims", claims)
         + "\nThis does not verify the signature.\n"
-        + block("Refresh response", json.loads(section(stdout, "Refresh response")))
+        + block("Refresh response", refresh_response)
     )
 
 
@@ -1123,7 +1151,7 @@ def whole_flow_scenario(python, folder):
 def test_the_whole_flow_runs_on_every_python(version):
     glean, flow, keep, later, saved = on_every_python(whole_flow_scenario, version)
     assert flow.code == 0, flow.run.output()
-    assert flow.stdout == expected_stdout(glean, flow.stdout)
+    assert flow.stdout == expected_stdout(glean)
     assert keep.code == 0, keep.run.output()
     assert json.loads(keep.stdout)["refresh_response"]["access_token"] in glean.access_tokens
     assert later.returncode == 0, later.stderr
@@ -2800,8 +2828,22 @@ def test_refresh_warns_when_others_can_read_the_token_file(tmp_path):
                                            "{}.\n".format(path, path))
 
 
-def test_a_folder_that_cannot_be_synced_is_passed_over(tmp_path):
-    glean_oauth._fsync_folder(str(tmp_path / "no-such-folder"))  # raises nothing
+@pytest.mark.skipif(os.name != "posix", reason="a folder is synced on POSIX only")
+def test_a_write_syncs_the_file_then_its_folder_and_a_folder_that_cannot_be_synced_is_passed_over(
+        tmp_path, monkeypatch):
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    glean_oauth.TokenStore(str(tmp_path / "tokens.json")).write({"access_token": "a"})
+    assert synced == ["file", "folder"]
+
+    def refuse(fd):
+        raise OSError(errno.EINVAL, "Invalid argument")  # file systems that cannot sync a folder
+    monkeypatch.setattr(os, "fsync", refuse)
+    glean_oauth._fsync_folder(str(tmp_path))  # raises nothing
 
 
 @parametrize("secret", [CLIENT_SECRET + '"\\q', CLIENT_SECRET + " \t two", CLIENT_SECRET + "\u00e9/\u202e"])
@@ -2845,36 +2887,24 @@ def signed_in_and_expired(glean, path):
     glean.requests.clear()
 
 
-def test_login_token_exec_status_logout(tmp_path):
+def signed_in(glean, path):
+    """`login` with chat and offline_access, as a user runs it once; returns (Flow, store)."""
+    glean.metadata_extra["revocation_endpoint"] = glean.url + "/oauth/revoke"
+    flow = login(glean, path, ["--scope", "chat offline_access"])
+    assert flow.code == 0, flow.run.output()
+    glean.requests.clear()
+    return flow, json.loads(path.read_text())
+
+
+def test_login_saves_what_a_refresh_needs_and_prints_no_token(tmp_path):
     path = tmp_path / "tokens.json"
     with StandInGlean() as glean:
-        glean.metadata_extra["revocation_endpoint"] = glean.url + "/oauth/revoke"
-        signed_in = login(glean, path, ["--scope", "chat offline_access"])
-        assert signed_in.code == 0, signed_in.run.output()
-        saved = json.loads(path.read_text())
-        glean.requests.clear()
-
-        cached = run_script(script_env(glean), ["token", "--token-file", str(path)])
-        assert glean.requests == []  # still valid: no request at all
-
-        expire(path)
-        refreshed = run_script(script_env(glean), ["token", "--token-file", str(path)])
-        assert glean.paths() == ["/oauth/token"]  # one request, to the stored endpoint: no discovery
-        after = json.loads(path.read_text())
-
-        shown = run_script(script_env(glean), ["status", "--token-file", str(path)])
-        shown_json = run_script(script_env(glean), ["status", "--json", "--token-file", str(path)])
-        child = "import os, sys; print(os.environ['GLEAN_API_TOKEN']); print(os.environ['GLEAN_SERVER_URL']); " \
-                "print(open('/proc/self/cmdline').read() if os.path.exists('/proc/self/cmdline') else sys.argv)"
-        ran = run_script(script_env(glean), ["exec", "--token-file", str(path), "--", sys.executable, "-c", child])
-        glean.requests.clear()
-        out = run_script(script_env(glean), ["logout", "--token-file", str(path)])
-
-    assert signed_in.stdout == "\n"  # nothing on stdout, no token
-    assert saved["access_token"] not in signed_in.stderr
-    assert "Open this URL in your browser:" in signed_in.stderr
-    assert signed_in.stderr.endswith("Signed in as demo.user@example.com; saved the tokens to {}; the access token "
-                                     "expires at {} (in 59 min).\n".format(path, saved["expires_at"]))
+        flow, saved = signed_in(glean, path)
+    assert flow.stdout == "\n"  # nothing on stdout, no token
+    assert saved["access_token"] not in flow.stderr
+    assert "Open this URL in your browser:" in flow.stderr
+    assert flow.stderr.endswith("Signed in as demo.user@example.com; saved the tokens to {}; the access token "
+                                "expires at {} (in 59 min).\n".format(path, saved["expires_at"]))
     assert "client_secret" not in saved and CLIENT_SECRET not in json.dumps(saved)
     assert {k: saved[k] for k in ("backend_url", "client_id", "auth_method", "issuer", "token_endpoint",
                                   "revocation_endpoint", "requested_scope")} == {
@@ -2882,28 +2912,60 @@ def test_login_token_exec_status_logout(tmp_path):
         "token_endpoint": glean.url + "/oauth/token", "revocation_endpoint": glean.url + "/oauth/revoke",
         "requested_scope": "chat offline_access"}
 
+
+def test_token_serves_a_valid_token_without_a_request_and_refreshes_an_expired_one(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        _, saved = signed_in(glean, path)
+        cached = run_script(script_env(glean), ["token", "--token-file", str(path)])
+        assert glean.requests == []  # still valid: no request at all
+        expire(path)
+        refreshed = run_script(script_env(glean), ["token", "--token-file", str(path)])
+        assert glean.paths() == ["/oauth/token"]  # one request, to the stored endpoint: no discovery
+    after = json.loads(path.read_text())
     assert (cached.returncode, cached.stdout, cached.stderr) == (0, saved["access_token"].encode() + b"\n", b"")
     assert refreshed.returncode == 0 and refreshed.stderr == b""
     assert refreshed.stdout == after["access_token"].encode() + b"\n" != cached.stdout
-    assert after["refresh_token"] != saved["refresh_token"]  # rotated, and revoked below as the valid one
+    assert after["refresh_token"] != saved["refresh_token"] and after["refresh_token"] in glean.refresh_tokens
     assert after["scope"] == "chat offline_access" and after["backend_url"] == glean.url
 
+
+def test_status_shows_who_and_until_when_and_never_a_token(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        _, saved = signed_in(glean, path)
+        shown = run_script(script_env(glean), ["status", "--token-file", str(path)])
+        shown_json = run_script(script_env(glean), ["status", "--json", "--token-file", str(path)])
     text = shown.stdout.decode()
-    assert shown.returncode == 0 and after["access_token"] not in text and after["refresh_token"] not in text
+    assert shown.returncode == 0 and saved["access_token"] not in text and saved["refresh_token"] not in text
     assert "Signed in as:  demo.user@example.com\n" in text and "Scopes:        chat offline_access\n" in text
     assert "Refresh token: present\n" in text and "Backend:       {}\n".format(glean.url) in text
     status_json = json.loads(shown_json.stdout)
     assert status_json["user"] == "demo.user@example.com" and 3500 < status_json["expires_in_seconds"] <= 3600
-    assert after["access_token"] not in shown_json.stdout.decode()
+    assert saved["access_token"] not in shown_json.stdout.decode()
 
+
+def test_exec_hands_the_token_and_the_backend_to_the_command_in_its_environment_only(tmp_path):
+    path = tmp_path / "tokens.json"
+    child = "import os, sys; print(os.environ['GLEAN_API_TOKEN']); print(os.environ['GLEAN_SERVER_URL']); " \
+            "print(open('/proc/self/cmdline').read() if os.path.exists('/proc/self/cmdline') else sys.argv)"
+    with StandInGlean() as glean:
+        _, saved = signed_in(glean, path)
+        ran = run_script(script_env(glean), ["exec", "--token-file", str(path), "--", sys.executable, "-c", child])
     lines = ran.stdout.decode().splitlines()
     assert ran.returncode == 0, ran.stderr
-    assert lines[:2] == [after["access_token"], glean.url]
-    assert after["access_token"] not in lines[2]  # the command line ps would show
+    assert lines[:2] == [saved["access_token"], glean.url]
+    assert saved["access_token"] not in lines[2]  # the command line ps would show
 
+
+def test_logout_revokes_the_refresh_token_first_then_deletes_the_store(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        _, saved = signed_in(glean, path)
+        out = run_script(script_env(glean), ["logout", "--token-file", str(path)])
     assert out.returncode == 0, out.stderr
-    assert glean.revoked == [("refresh_token", after["refresh_token"]), ("access_token", after["access_token"])]
-    assert not path.exists()
+    assert glean.revoked == [("refresh_token", saved["refresh_token"]), ("access_token", saved["access_token"])]
+    assert not path.exists() and glean.refresh_tokens == set()
     assert out.stderr.decode() == "At {}/oauth/revoke: refresh token revoked; access token revoked.\nDeleted " \
                                   "{}.\n".format(glean.url, path)
 
@@ -3687,14 +3749,8 @@ def test_a_streamed_answer_merges_into_what_the_plain_call_returns():
     assert glean.find("/rest/api/v1/chat")[0].body == \
         b'{"messages":[{"fragments":[{"text":"Who is on the executive team?"}]}]}'  # the doc's, unchanged
     assert streamed.stderr == "  Searching: executive team\n\nAnswer: The executive team is listed on the People page.\n"
-    assert streamed.stdout == expected_stdout_of(streamed)
-
-
-def expected_stdout_of(flow):
-    """The stdout shape is the same with or without --stream: the doc's sections."""
-    assert [line for line in flow.stdout.splitlines() if line.endswith(":")][-6:] == [
-        "Token response:", "Chat response:", "JWT header:", "JWT claims:", "Refresh response:"][-6:] or True
-    return flow.stdout
+    assert plain.stdout == expected_stdout(glean, 0)
+    assert streamed.stdout == expected_stdout(glean, 1, chat_answer=glean.chat_answers[0])  # the doc's sections
 
 
 def test_a_stream_with_odd_message_ids_is_still_merged():
