@@ -727,14 +727,22 @@ LOCK_POLL_SECONDS = 0.02
 MAX_TIMESTAMP = 253402300800  # 10000-01-01: later times cannot be written in ISO_FORMAT
 
 
+WINDOWS_PROFILE_VARIABLES = ("APPDATA", "LOCALAPPDATA", "USERPROFILE")  # in the order tried
+SHARING_RETRY_SECONDS = 0.05  # Windows has no way to wait for another process to close a file
+
+
 def token_file_path(flag_value, environ):
     """--token-file, else GLEAN_TOKEN_FILE, else the per-user default
     ($XDG_CONFIG_HOME/glean-oauth/tokens.json; %APPDATA%\\glean-oauth\\tokens.json on Windows)."""
     path = (flag_value or environ.get("GLEAN_TOKEN_FILE", "")).strip()
     if path:
         return path
-    if os.name == "nt":
-        base = environ.get("APPDATA") or os.path.expanduser("~")
+    if os.name == "nt":  # ~ would come from USERPROFILE, and with none set be a folder named ~
+        base = next((environ[name] for name in WINDOWS_PROFILE_VARIABLES
+                     if os.path.isabs(environ.get(name, "").strip())), None)
+        if base is None:
+            raise FlowError("Cannot tell where your token store goes: none of {} is set to a full path. Set "
+                            "APPDATA, or give --token-file.".format(", ".join(WINDOWS_PROFILE_VARIABLES)), EXIT_USAGE)
     else:
         xdg = environ.get("XDG_CONFIG_HOME", "")
         # The XDG Base Directory spec: a relative path is invalid and must be ignored.
@@ -915,7 +923,7 @@ class TokenStore:
                 f.write("\n")
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(temporary, self.path)
+            _while_shared(lambda: os.replace(temporary, self.path))
         except BaseException as error:
             os.unlink(temporary)
             if isinstance(error, (OSError, ValueError)):
@@ -927,7 +935,7 @@ class TokenStore:
     def delete(self):
         """Remove the file; True when there was one."""
         try:
-            os.unlink(self.path)
+            _while_shared(lambda: os.unlink(self.path))
         except FileNotFoundError:
             return False
         except OSError as error:
@@ -992,6 +1000,21 @@ def _shell_word(text):
     return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
+def _while_shared(action, patience=None):
+    """`action()`. On Windows, a file another process has open (a reader, an antivirus, a
+    backup tool) cannot be replaced, removed or, while it is replaced, opened: the
+    PermissionError is retried for up to `patience` seconds (the lock's margin), since a
+    rotated refresh token that cannot be saved is lost. Elsewhere it is tried once."""
+    deadline = time.monotonic() + (LOCK_MARGIN_SECONDS if patience is None else patience)
+    while True:
+        try:
+            return action()
+        except PermissionError:
+            if os.name != "nt" or time.monotonic() > deadline:
+                raise
+            time.sleep(SHARING_RETRY_SECONDS)
+
+
 def _remove(path):
     try:
         os.unlink(path)
@@ -1014,7 +1037,7 @@ def read_private_file(path, what, owners, console=None):
     try:
         if not hasattr(os, "O_NOFOLLOW") and os.path.islink(path):
             raise OSError(errno.ELOOP, "symlink")
-        fd = os.open(path, flags)
+        fd = _while_shared(lambda: os.open(path, flags))
     except FileNotFoundError:
         return None
     except OSError as error:
@@ -1035,6 +1058,9 @@ def read_private_file(path, what, owners, console=None):
             problem = "other users can change it (mode {:o}); run chmod 600 {}".format(mode, _shell_word(path))
         if problem:
             raise FlowError("Not using {} {}: {}.".format(what, path, problem), EXIT_USAGE)
+        if console and os.name == "nt" and not _in_profile(path):
+            console.problem("Note: on Windows the owner and mode of {} {} are not checked; what protects it is "
+                            "its folder's access list (your user profile's, for the default place).".format(what, path))
         if console and os.name == "posix" and mode & 0o044:
             console.problem("Other users can read {} {} (mode {:o}); run chmod 600 {}.".format(
                 what, path, mode, _shell_word(path)))
@@ -1053,6 +1079,13 @@ def read_private_file(path, what, owners, console=None):
         raise FlowError("Cannot read {} {}: {}.".format(what, path, error.strerror or error), EXIT_USAGE)
     finally:
         os.close(fd)
+
+
+def _in_profile(path):
+    """True when `path` is inside the user's profile folder (Windows), which only the user
+    and the administrators can read."""
+    profile = os.environ.get("USERPROFILE", "")
+    return bool(profile) and os.path.normcase(path).startswith(os.path.normcase(os.path.join(profile, "")))
 
 
 def _fsync_folder(folder):
@@ -1802,7 +1835,9 @@ def _output_failed(error, console):
             os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
         except OSError:
             pass
-    if not isinstance(error, BrokenPipeError):
+    # A reader that went away: a broken pipe, or on Windows EINVAL for a write to a closed one.
+    gone = isinstance(error, BrokenPipeError) or os.name == "nt" and getattr(error, "errno", None) == errno.EINVAL
+    if not gone:
         console.problem("Cannot write the output: {}.".format(getattr(error, "strerror", None) or error))
     return EXIT_FAILURE
 
@@ -2273,10 +2308,11 @@ def one_line(text):
     return " ".join(printable(text).split())
 
 
-def json_text(value):
+def json_text(value, ascii_only=False):
     """`value` as JSON indented by 2, as the example prints it, with every unprintable
-    character escaped (json.dumps leaves C1 controls and bidi overrides raw)."""
-    text = json.dumps(value, indent=2, ensure_ascii=False)
+    character escaped (json.dumps leaves C1 controls and bidi overrides raw), and every
+    non-ASCII one too with `ascii_only`."""
+    text = json.dumps(value, indent=2, ensure_ascii=ascii_only)
     return "".join(c if c.isprintable() or c == "\n" else json.dumps(c)[1:-1] for c in text)
 
 
@@ -2340,8 +2376,11 @@ class Console:
 
     def result(self, value, verbatim=False):
         """The one JSON object of --json, on stdout; `verbatim`: never redacted (a token
-        printed on purpose, checked by the caller)."""
-        self._write(self.json_out, json_text(value if verbatim else self.redact(value)))
+        printed on purpose, checked by the caller). ASCII with \\u escapes where stdout is
+        not UTF-8 (a Windows pipe is cp1252), so that it is valid JSON whatever reads it."""
+        value = value if verbatim else self.redact(value)
+        encoding = (getattr(self.json_out, "encoding", None) or "utf-8").lower().replace("-", "").replace("_", "")
+        self._write(self.json_out, json_text(value, ascii_only=encoding != "utf8"))
 
     def verbatim(self, text):
         """One line on stdout exactly as given: a token that `token` prints on purpose."""
@@ -2467,6 +2506,7 @@ def _longest_first(forms):
 # --- The listener's machinery -------------------------------------------------------------
 
 
+WAIT_SLICE_SECONDS = 0.5  # how soon Ctrl-C is seen while waiting for the browser
 MAX_CALLBACK_REQUEST_BYTES = 16 * 1024  # a browser's GET is a few hundred bytes
 MAX_PENDING_CONNECTIONS = 64  # idle ones beyond this are dropped, oldest first (select's limits)
 
@@ -2532,7 +2572,8 @@ class CallbackListener:
                         "the browser (GLEAN_CALLBACK_TIMEOUT sets the limit in seconds)."
                         .format(self.redirect_uri, timeout)
                     )
-                readable, _, _ = select.select(self.sockets + list(pending), [], [], remaining)
+                # In slices: on Windows, Ctrl-C does not interrupt select() (CPython issue 79115).
+                readable, _, _ = select.select(self.sockets + list(pending), [], [], min(remaining, WAIT_SLICE_SECONDS))
                 for sock in readable:
                     if sock in self.sockets:
                         try:
