@@ -994,9 +994,12 @@ def _uid():
 
 
 def _shell_word(text):
-    """`text` quoted for a POSIX shell where it needs to be."""
-    if re.match(r"^[A-Za-z0-9_./:@%+=,-]+\Z", text):
+    """`text` quoted for the shell where it needs to be: a POSIX shell's single quotes, or
+    on Windows double quotes (and a path's backslashes as they are)."""
+    if re.match(r"^[A-Za-z0-9_./:@%+=,\\-]+\Z" if os.name == "nt" else r"^[A-Za-z0-9_./:@%+=,-]+\Z", text):
         return text
+    if os.name == "nt":
+        return '"' + text + '"'
     return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
@@ -1034,6 +1037,8 @@ def read_private_file(path, what, owners, console=None):
     import stat
 
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    if os.name == "nt" and os.path.isdir(path):  # Windows cannot open a folder to look at it
+        raise FlowError("Not using {} {}: it is a folder.".format(what, path), EXIT_USAGE)
     try:
         if not hasattr(os, "O_NOFOLLOW") and os.path.islink(path):
             raise OSError(errno.ELOOP, "symlink")
@@ -1058,9 +1063,6 @@ def read_private_file(path, what, owners, console=None):
             problem = "other users can change it (mode {:o}); run chmod 600 {}".format(mode, _shell_word(path))
         if problem:
             raise FlowError("Not using {} {}: {}.".format(what, path, problem), EXIT_USAGE)
-        if console and os.name == "nt" and not _in_profile(path):
-            console.problem("Note: on Windows the owner and mode of {} {} are not checked; what protects it is "
-                            "its folder's access list (your user profile's, for the default place).".format(what, path))
         if console and os.name == "posix" and mode & 0o044:
             console.problem("Other users can read {} {} (mode {:o}); run chmod 600 {}.".format(
                 what, path, mode, _shell_word(path)))
@@ -1079,13 +1081,6 @@ def read_private_file(path, what, owners, console=None):
         raise FlowError("Cannot read {} {}: {}.".format(what, path, error.strerror or error), EXIT_USAGE)
     finally:
         os.close(fd)
-
-
-def _in_profile(path):
-    """True when `path` is inside the user's profile folder (Windows), which only the user
-    and the administrators can read."""
-    profile = os.environ.get("USERPROFILE", "")
-    return bool(profile) and os.path.normcase(path).startswith(os.path.normcase(os.path.join(profile, "")))
 
 
 def _fsync_folder(folder):

@@ -1409,6 +1409,7 @@ def test_manual_applies_the_callback_checks(pasted, message):
     assert glean.paths("POST") == []
 
 
+@posix_only("on Windows the paste has no time limit: its console cannot be waited on (documented)")
 def test_manual_honours_the_callback_timeout():
     with StandInGlean() as glean:
         run = ScriptRun(script_env(glean, GLEAN_CALLBACK_TIMEOUT="0.3"), ["--manual"])
@@ -1797,7 +1798,7 @@ def test_a_token_file_that_cannot_be_written_costs_neither_the_json_nor_the_flow
 
 
 @parametrize("name, problem", [
-    ("missing/tokens.json", "its folder {tmp}/missing does not exist"),
+    (os.path.join("missing", "tokens.json"), "its folder {tmp}" + os.sep + "missing does not exist"),
     ("folder", "it is a folder"),
     ("link.json", "it is a symlink, and tokens are never written through one; give the real path"),
 ])
@@ -1816,7 +1817,8 @@ def test_a_token_file_that_cannot_be_written_is_refused_before_any_traffic(tmp_p
 
 def test_a_quoted_tilde_in_the_token_file_is_expanded(tmp_path):
     with StandInGlean() as glean:
-        flow = run_flow(glean, ["--no-chat", "--token-file", "~/tokens.json"], HOME=str(tmp_path))
+        flow = run_flow(glean, ["--no-chat", "--token-file", "~/tokens.json"], HOME=str(tmp_path),
+                        USERPROFILE=str(tmp_path))  # where ~ comes from on Windows
     assert flow.code == 0, flow.run.output()
     assert json.loads((tmp_path / "tokens.json").read_text())["refresh_token"] in glean.refresh_tokens
 
@@ -1886,7 +1888,8 @@ def test_the_token_file_is_never_written_through_a_symlink(tmp_path):
 
 
 def test_an_unwritable_token_file_is_a_clear_error(tmp_path):
-    with pytest.raises(glean_oauth.FlowError, match=r"^Cannot write the token file .*/missing/t.json: "):
+    with pytest.raises(glean_oauth.FlowError, match=r"^Cannot write the token file .*" + re.escape(
+            os.path.join("missing", "t.json")) + ": "):
         glean_oauth.TokenStore(str(tmp_path / "missing" / "t.json")).write({})
 
 
@@ -2037,7 +2040,8 @@ def test_parallel_token_runs_refresh_once(tmp_path):
         outputs = [proc.communicate(timeout=RUN_TIMEOUT) for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * 20, outputs
     assert glean.paths() == ["/oauth/token"]
-    assert {out for out, _ in outputs} == {json.loads(path.read_text())["access_token"].encode() + b"\n"}
+    assert {out.replace(b"\r\n", b"\n") for out, _ in outputs} == {
+        json.loads(path.read_text())["access_token"].encode() + b"\n"}
 
 
 @parametrize("change, problem", [
@@ -2133,6 +2137,7 @@ def test_a_folder_others_can_use_is_refused(tmp_path, make, problem):
     assert login_code == 2 and login_err == err and glean.requests == []
 
 
+@posix_only("XDG_CONFIG_HOME is for POSIX systems")
 def test_a_relative_xdg_config_home_is_ignored(tmp_path):
     home = str(tmp_path)
     environ = {"HOME": home, "XDG_CONFIG_HOME": "relative/config"}
@@ -2252,7 +2257,8 @@ def test_a_journal_that_cannot_be_written_stops_the_refresh_before_it_is_sent(tm
         (tmp_path / "tokens.json.refreshing").mkdir()
         code, _, err = run_cli(good_environ(glean), ["token", "--token-file", str(path)])
     assert code == 1 and glean.requests == []
-    assert err == "Cannot write the refresh journal {}.refreshing: Is a directory.\n".format(path)
+    assert err in ["Cannot write the refresh journal {}.refreshing: {}.\n".format(path, reason)
+                   for reason in ("Is a directory", "Permission denied")]  # POSIX's, and Windows'
 
 
 def test_a_store_held_open_by_a_reader_is_still_replaced_and_removed(tmp_path):
@@ -2284,16 +2290,6 @@ def test_the_default_store_on_windows_is_in_the_profile_never_a_relative_path(tm
         glean_oauth.token_file_path(None, {"APPDATA": "", "USERPROFILE": "~"})
     assert str(caught.value) == "Cannot tell where your token store goes: none of APPDATA, LOCALAPPDATA, " \
                                 "USERPROFILE is set to a full path. Set APPDATA, or give --token-file."
-
-
-@pytest.mark.skipif(os.name != "nt", reason="the note is for Windows, where modes mean nothing")
-def test_on_windows_a_store_outside_the_profile_gets_a_note_instead_of_mode_checks(tmp_path):
-    path = tmp_path / "tokens.json"
-    with StandInGlean() as glean:
-        stored(glean, path)
-        code, out, err = run_cli(dict(good_environ(glean), USERPROFILE="C:\\nowhere"), ["token", "--token-file", str(path)])
-    assert code == 0 and err.startswith("Note: on Windows the owner and mode of the token file {} are not "
-                                        "checked".format(path))
 
 
 @posix_only(MODES)
@@ -2763,7 +2759,7 @@ def test_importing_the_module_has_no_side_effects():
     proc = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, {!r}); import glean_oauth; "
                            "print(sorted(m for m in ('ssl', 'http.client', 'urllib.request', 'socket') "
                            "if m in sys.modules))".format(HERE)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert (proc.stdout, proc.stderr) == (b"[]\n", b"")
+    assert (proc.stdout.strip(), proc.stderr) == (b"[]", b"")
 
 
 def test_a_valid_token_imports_no_network_module(tmp_path):
@@ -3177,7 +3173,8 @@ def test_the_stream_is_shown_while_it_is_still_open():
     release = threading.Event()
     with StandInGlean() as glean:
         glean.stream_pace = lambda index: index == 3 and release.wait(RUN_TIMEOUT)  # hold after "The executive "
-        proc = subprocess.Popen(script_command() + ["--stream"], env=script_env(glean), stdin=subprocess.PIPE,
+        proc = subprocess.Popen(script_command() + without_a_browser(["--stream"]), env=script_env(glean),
+                                stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             for raw in iter(proc.stdout.readline, b""):
@@ -3905,7 +3902,7 @@ def test_a_server_that_drips_its_tls_handshake_is_cut_off_at_the_deadline():
 
     with RawServer(handshake) as server:
         started = time.monotonic()
-        with pytest.raises(glean_oauth.FlowError, match="no answer in time"):
+        with pytest.raises(glean_oauth.FlowError, match="no answer in time|took too long"):
             glean_oauth.http_request("https://127.0.0.1:{}/x".format(server.port), deadline=glean_oauth.Deadline(0.5))
         assert 0.5 <= time.monotonic() - started < 1.5
 
