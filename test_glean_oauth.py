@@ -815,6 +815,9 @@ def read_head(conn):
 PYTHONS = ["3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
 
 
+NO_PYENV = "pyenv's interpreters are POSIX's: on Windows the suite runs under its own Python only"
+
+
 def find_python(version):
     """The pyenv CPython `version` (x.y) on this machine, or None (and always on Windows,
     where pyenv's are not)."""
@@ -839,7 +842,7 @@ SYMLINKS = "Wine makes no symlinks, and Windows needs a privilege to"
 
 # A file or folder of "another user" is made with chown, which only root may do.
 as_root = pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0,
-                             reason="giving a file to another user needs root") if pytest else (lambda test: test)
+                             reason="giving a file to another user takes root, on POSIX") if pytest else (lambda test: test)
 
 
 def login(glean, path, args=(), python=sys.executable, **env):
@@ -1061,7 +1064,7 @@ def on_every_python(scenario, version):
     runs the scenario under every interpreter at once (each run is a process of its own,
     so side by side they take the time of the slowest); the others find their result."""
     if find_python(version) is None:
-        pytest.skip("no CPython {} under pyenv on this machine".format(version))
+        pytest.skip(NO_PYENV if os.name == "nt" else "no CPython {} under pyenv on this machine".format(version))
     if scenario.__name__ not in _on_every_python:
         outcomes = _on_every_python[scenario.__name__] = {}
 
@@ -2932,7 +2935,8 @@ def test_a_reader_gone_before_the_first_write_ends_the_run_quietly():
     proc = subprocess.Popen(script_command() + ["--help"], env=script_env("https://acme-be.glean.com"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     proc.stdout.close()  # gone before the script starts (on Windows a write then fails with EINVAL)
-    _, err = proc.communicate(timeout=RUN_TIMEOUT)
+    err = proc.stderr.read()
+    proc.wait(RUN_TIMEOUT)
     assert (proc.returncode, err) == (1, b"")
 
 
@@ -3200,7 +3204,8 @@ def test_the_stream_is_shown_while_it_is_still_open():
     assert proc.returncode == 0, err
     assert (seen + err).decode().replace("\r\n", "\n").endswith(
         "Answer: The executive team is listed on the People page.\n")
-    assert "Searching" not in json.loads(section(out.decode().replace("\r\n", "\n"), "Chat response"))["messages"][-1]["fragments"][0]["text"]
+    chat = json.loads(section(out.decode().replace("\r\n", "\n"), "Chat response"))
+    assert "Searching" not in chat["messages"][-1]["fragments"][0]["text"]
 
 
 def play_browser_in_thread(url):
@@ -3738,7 +3743,7 @@ def test_a_connection_that_breaks_after_the_request_was_sent_is_not_retried():
 def test_a_streamed_answer_with_a_content_length_is_read_to_its_end_and_the_refresh_still_lands(version, tmp_path):
     """Python 3.6 to 3.12 leave a length-delimited body open after readline() reaches its end;
     the refresh on the same connection then read nothing and the rotated token was lost."""
-    python = find_python(version) or pytest.skip("no CPython {} here".format(version))
+    python = find_python(version) or pytest.skip(NO_PYENV if os.name == "nt" else "no CPython {} here".format(version))
     path = str(tmp_path / "tokens.json")
     with StandInGlean() as glean:
         glean.stream_framing = "length"
@@ -3754,7 +3759,7 @@ def test_a_streamed_answer_with_a_content_length_is_read_to_its_end_and_the_refr
 def test_interim_answers_are_dropped_and_the_real_answer_is_this_requests(version, tmp_path):
     """A 102 or 103 before the answer was taken as the answer; the real one was then read as
     the answer to the refresh, whose rotated token was lost."""
-    python = find_python(version) or pytest.skip("no CPython {} here".format(version))
+    python = find_python(version) or pytest.skip(NO_PYENV if os.name == "nt" else "no CPython {} here".format(version))
     path = str(tmp_path / "tokens.json")
     with StandInGlean() as glean:
         glean.interim = {"/rest/api/v1/chat": [102, 103], "/oauth/token": [103]}
