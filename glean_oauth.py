@@ -157,7 +157,7 @@ def load_config(argv, environ, ask_secret=None, command=None, console=None):
     config = Settings(
         client_id=_setting(flags.client_id, environ, "CLIENT_ID"),
         client_secret=client_secret(environ, flags.client_secret_file, console),
-        backend_url=_setting(flags.backend_url, environ, "GLEAN_BACKEND_URL").rstrip("/"),
+        backend_url=named_backend(environ, flags.backend_url)[0],
         redirect_uri=_setting(flags.redirect_uri, environ, "REDIRECT_URI", DEFAULT_REDIRECT_URI),
         auth_method=flags.auth_method,
     )
@@ -1201,6 +1201,7 @@ BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*\Z")  # RFC 6750 §2.1 b64token
 
 # What a child of `exec` never needs: the client's secret and a refresh token.
 EXEC_DROPPED = ("CLIENT_SECRET", "CLIENT_SECRET_FILE", "REFRESH_TOKEN")
+EXEC_MIN_VALID = "300"  # exec's --min-valid default, in seconds: token's is 60
 
 
 class SignInNeeded(FlowError):
@@ -1257,7 +1258,7 @@ def exec_command(argv, environ, console, stdin):
     if not command or not command[0]:
         raise FlowError("exec needs a command: glean_oauth.py exec -- CMD [ARGS...]", EXIT_USAGE)
     tokens = fresh_tokens_for(args, environ, console)
-    server = tokens.get("backend_url") or environ.get("GLEAN_BACKEND_URL", "")
+    server = tokens.get("backend_url") or named_backend(environ)[0]
     child_environ = {name: value for name, value in environ.items() if name not in EXEC_DROPPED}
     child_environ.update(GLEAN_API_TOKEN=tokens["access_token"], GLEAN_SERVER_URL=server)
     try:
@@ -1290,7 +1291,7 @@ def status_command(argv, environ, console, stdin):
     now = time.time()
     info = status_of(saved, store.path, now)
     info["refresh_interrupted"] = store.interrupted_refresh()
-    backend = environ.get("GLEAN_BACKEND_URL", "").strip().rstrip("/")
+    backend, named_by = named_backend(environ)
     other_backend = bool(backend) and saved.get("backend_url") not in (None, backend)
     usable = valid_for(saved, 0, now) or bool(saved.get("refresh_token"))
     if args.json:
@@ -1305,8 +1306,8 @@ def status_command(argv, environ, console, stdin):
             console.line("{:<14} interrupted after it was sent ({}): the refresh token may be spent".format(
                 "Last refresh:", info["refresh_interrupted"]))
     if other_backend:
-        console.problem("GLEAN_BACKEND_URL names {}, but these tokens are for {}. Sign in there with: {}".format(
-            backend, one_line(str(saved.get("backend_url"))), store.command("login")))
+        console.problem("{} names {}, but these tokens are for {}. Sign in there with: {}".format(
+            named_by, backend, one_line(str(saved.get("backend_url"))), store.command("login")))
         return EXIT_SIGN_IN
     if not usable:
         console.problem("The access token has expired and there is no refresh token to renew it. Sign in with: "
@@ -1454,14 +1455,14 @@ def fresh_tokens(store, environ, min_valid, http_timeout, console=None, secret_f
 
 def load_store(store, environ, console=None):
     """The stored tokens, after the safety checks; SignInNeeded when nothing is stored for
-    the backend GLEAN_BACKEND_URL names (when it names one)."""
+    the backend GLEAN_BACKEND_URL or GLEAN_SERVER_URL names (when one does)."""
     saved = store.read(console)
     if saved is None:
         raise SignInNeeded("No tokens are stored at {}.".format(store.path), store)
-    backend = environ.get("GLEAN_BACKEND_URL", "").strip().rstrip("/")
+    backend, named_by = named_backend(environ)
     if backend and saved.get("backend_url") not in (None, backend):
-        raise SignInNeeded("The tokens at {} are for {}, not for GLEAN_BACKEND_URL {}.".format(
-            store.path, one_line(saved["backend_url"]), backend), store)
+        raise SignInNeeded("The tokens at {} are for {}, not for {} {}.".format(
+            store.path, one_line(saved["backend_url"]), named_by, backend), store)
     return saved
 
 
@@ -1632,6 +1633,8 @@ environment variables (a flag wins over its variable):
   CLIENT_SECRET_FILE      a file whose first line is the secret, yours alone
                           (--client-secret-file; for cron jobs and containers)
   GLEAN_BACKEND_URL       e.g. https://acme-be.glean.com (--backend-url)
+  GLEAN_SERVER_URL        the same, as Glean's newer tools name it: used when
+                          GLEAN_BACKEND_URL is unset
   REDIRECT_URI            default http://127.0.0.1:9090/oauth/callback (--redirect-uri);
                           must be registered on the client. Port 0: any free port.
   GLEAN_SCOPES            scopes to ask for, space-separated (--scope)
@@ -1752,6 +1755,8 @@ def build_parser(command=None):
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     for flag in flags:
         options = dict(FLAGS[flag], **({"choices": list(CLIENT_AUTH)} if flag == "--auth-method" else {}))
+        if flag == "--min-valid" and command == "exec":
+            options["default"] = EXEC_MIN_VALID  # a program may run a while: hand it a token with time left
         parser.add_argument(flag, **options)
     if command == "exec":
         parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]",
@@ -1857,6 +1862,20 @@ def _setting(flag_value, environ, name, default=""):
     """The flag's value, else `environ[name]`, stripped; `default` when that is empty."""
     value = (environ.get(name, "") if flag_value is None else flag_value).strip()
     return value or default
+
+
+def named_backend(environ, flag_value=None):
+    """The backend asked for, and what named it: --backend-url, else GLEAN_BACKEND_URL, else
+    GLEAN_SERVER_URL (what Glean's newer tools read); ("", None) when none does. The two
+    variables set to two backends is a usage error that names both."""
+    if flag_value is not None and flag_value.strip():
+        return flag_value.strip().rstrip("/"), "--backend-url"
+    backend = environ.get("GLEAN_BACKEND_URL", "").strip().rstrip("/")
+    server = environ.get("GLEAN_SERVER_URL", "").strip().rstrip("/")
+    if backend and server and backend != server:
+        raise FlowError("GLEAN_BACKEND_URL ({}) and GLEAN_SERVER_URL ({}) name different backends: unset one, or "
+                        "give --backend-url.".format(backend, server), EXIT_USAGE)
+    return (backend, "GLEAN_BACKEND_URL") if backend else (server, "GLEAN_SERVER_URL") if server else ("", None)
 
 
 def check_required(config, ask_secret):

@@ -1147,6 +1147,19 @@ def test_missing_configuration_exits_2_before_any_network_traffic():
     assert glean.requests == []
 
 
+def test_glean_server_url_names_the_backend_when_glean_backend_url_is_unset():
+    environ = good_environ("https://acme-be.glean.com", GLEAN_BACKEND_URL=None, GLEAN_SERVER_URL="https://vanity.example/")
+    assert glean_oauth.load_config([], environ).backend_url == "https://vanity.example"
+    same = dict(environ, GLEAN_BACKEND_URL="https://vanity.example")
+    assert glean_oauth.load_config([], same).backend_url == "https://vanity.example"
+    flag = glean_oauth.load_config(["--backend-url", "https://flag.example"], dict(same, GLEAN_SERVER_URL="https://x.y"))
+    assert flag.backend_url == "https://flag.example"  # the flag wins over both, even when they differ
+    code, out, err = run_cli(dict(environ, GLEAN_BACKEND_URL="https://acme-be.glean.com"))
+    assert (code, out) == (2, "")
+    assert err == "GLEAN_BACKEND_URL (https://acme-be.glean.com) and GLEAN_SERVER_URL (https://vanity.example) name " \
+                  "different backends: unset one, or give --backend-url.\n"
+
+
 def test_flags_override_the_environment():
     with StandInGlean() as glean:
         flow = run_flow(glean, ["--backend-url", glean.url, "--client-id", glean.client_id,
@@ -2456,6 +2469,33 @@ def test_logout_revokes_the_refresh_token_first_then_deletes_the_store(tmp_path)
     assert not path.exists() and glean.refresh_tokens == set()
     assert out.stderr.decode() == "At {}/oauth/revoke: refresh token revoked; access token revoked.\nDeleted " \
                                   "{}.\n".format(glean.url, path)
+
+
+def test_exec_hands_on_a_token_with_five_minutes_left_at_least(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path)
+        expire(path, seconds_left=200)  # enough for `token` (60 s), not for a program `exec` starts
+        glean.requests.clear()
+        token = run_script(script_env(glean), ["token", "--token-file", str(path)])
+        assert glean.requests == []
+        ran = run_script(script_env(glean), ["exec", "--token-file", str(path), "--", sys.executable, "-c", "pass"])
+    assert token.returncode == ran.returncode == 0
+    assert glean.paths() == ["/oauth/token"]  # exec refreshed first
+    assert "--min-valid SECONDS" in run_script({"PATH": os.environ.get("PATH", "")}, ["exec", "--help"]).stdout.decode()
+
+
+def test_the_backend_named_by_glean_server_url_must_be_the_stored_one(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path)
+        other = run_script(script_env(glean, GLEAN_BACKEND_URL=None, GLEAN_SERVER_URL="https://other-be.glean.com"),
+                           ["token", "--token-file", str(path)])
+        same = run_script(script_env(glean, GLEAN_BACKEND_URL=None, GLEAN_SERVER_URL=glean.url + "/"),
+                          ["token", "--token-file", str(path)])
+    assert other.returncode == 3 and other.stderr.decode().startswith(
+        "The tokens at {} are for {}, not for GLEAN_SERVER_URL https://other-be.glean.com.".format(path, glean.url))
+    assert same.returncode == 0
 
 
 def test_exec_passes_the_exit_code_and_needs_a_command(tmp_path):
