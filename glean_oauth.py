@@ -1240,12 +1240,39 @@ def token_command(argv, environ, console, stdin):
     tokens = fresh_tokens_for(args, environ, console)
     if any(form in tokens["access_token"] for form in console.secrets):
         raise FlowError("The stored access token holds the client secret; not printing it.")
-    if args.json:
-        console.result({key: tokens.get(key) for key in ("access_token", "token_type", "expires_at", "scope")},
-                       verbatim=True)
+    output = args.format or ("json" if args.json else "header" if args.header else "raw")
+    if output == "json":  # --json as it always was; --format json adds the expiry in seconds
+        value = token_json(tokens, time.time())
+        console.result({key: value[key] for key in list(value)[:4]} if not args.format else value, verbatim=True)
     else:
-        console.verbatim(("Authorization: Bearer " if args.header else "") + tokens["access_token"])
+        console.verbatim(TOKEN_FORMATS[output](tokens["access_token"], tokens.get("backend_url") or ""))
     return EXIT_OK
+
+
+def token_json(tokens, now):
+    """`token --format json`: the token, its type, scope and expiry, also as whole seconds
+    left (expires_in) and as epoch seconds (expires_on), as tools that cache tokens read them."""
+    when = expires_at(tokens)
+    value = {key: tokens.get(key) for key in ("access_token", "token_type", "expires_at", "scope")}
+    value.update(expires_in=None if when is None else int(when - now), expires_on=None if when is None else int(when))
+    return value
+
+
+def _sh(text):
+    """`text` in single quotes for a POSIX shell's eval."""
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+# The ways `token` prints a token, one row each: name -> (access token, backend) -> text. The
+# token never goes on a command line: each is read from a pipe or an eval.
+TOKEN_FORMATS = {
+    "raw": lambda token, server: token,
+    "header": lambda token, server: "Authorization: Bearer " + token,
+    "json": None,  # token_json, printed as JSON
+    "headers-json": lambda token, server: json.dumps({"Authorization": "Bearer " + token}),  # MCP header helpers
+    "curl": lambda token, server: 'header = "Authorization: Bearer {}"'.format(token),  # curl -K -
+    "env": lambda token, server: "export GLEAN_API_TOKEN={}\nexport GLEAN_SERVER_URL={}".format(_sh(token), _sh(server)),
+}
 
 
 def exec_command(argv, environ, console, stdin):
@@ -1707,7 +1734,10 @@ FLAGS = {
     "--callback-timeout": dict(metavar="SECONDS", help="seconds to wait for the browser (GLEAN_CALLBACK_TIMEOUT)"),
     "--min-valid": dict(metavar="SECONDS", default="60",
                         help="refresh first when the token expires within this many seconds (default: %(default)s)"),
-    "--header": dict(action="store_true", help="print 'Authorization: Bearer <token>'"),
+    "--header": dict(action="store_true", help="print 'Authorization: Bearer <token>' (--format header)"),
+    "--format": dict(choices=list(TOKEN_FORMATS),
+                     help="raw (the default), header, json (with expires_in and expires_on), headers-json (for MCP "
+                          "hosts' header helpers), curl (for curl -K -), env (export lines for eval)"),
     "--local": dict(action="store_true", help="forget the tokens without revoking them (a corrupt file, no "
                                               "secret, a server that is down)"),
     "--client-secret-file": dict(metavar="PATH", help="read the client secret from the first line of this file, "
@@ -1722,7 +1752,10 @@ COMMANDS = {
     "login": (login_command, "sign in and save the tokens to the token store (no chat call, no token on stdout)",
               SIGN_IN_FLAGS + ["--token-file"], None),
     "token": (token_command, "print a valid access token, refreshed first when it expires within --min-valid s",
-              ["--token-file", "--min-valid", "--header", "--json", "--http-timeout", "--client-secret-file"], None),
+              ["--token-file", "--min-valid", "--format", "--header", "--json", "--http-timeout",
+               "--client-secret-file"],
+              "examples:\n  ... token --format curl | curl -K - https://acme-be.glean.com/rest/api/v1/search ...\n"
+              "  eval \"$(python3 glean_oauth.py token --format env)\""),
     "exec": (exec_command, "run a command with GLEAN_API_TOKEN and GLEAN_SERVER_URL in its environment",
              ["--token-file", "--min-valid", "--http-timeout", "--client-secret-file"],
              "example: glean_oauth.py exec -- python3 my_script.py\n(CLIENT_SECRET, CLIENT_SECRET_FILE and "

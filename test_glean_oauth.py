@@ -2523,6 +2523,42 @@ def test_token_header_and_json(tmp_path):
                                           "expires_at": saved["expires_at"], "scope": "chat offline_access"}
 
 
+def test_token_formats_for_curl_mcp_hosts_and_shells(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        saved = stored(glean, path)
+        outputs = {name: run_script(script_env(glean), ["token", "--format", name, "--token-file", str(path)])
+                   for name in ("raw", "header", "json", "headers-json", "curl", "env")}
+    token = saved["access_token"]
+    assert all(proc.returncode == 0 and proc.stderr == b"" for proc in outputs.values())
+    text = {name: proc.stdout.decode() for name, proc in outputs.items()}
+    assert text["raw"] == token + "\n" and text["header"] == "Authorization: Bearer {}\n".format(token)
+    as_json = json.loads(text["json"])
+    assert as_json["access_token"] == token and as_json["expires_on"] == glean_oauth.parse_iso_time(saved["expires_at"])
+    assert 3500 < as_json["expires_in"] <= 3600
+    assert json.loads(text["headers-json"]) == {"Authorization": "Bearer " + token}
+    assert text["curl"] == 'header = "Authorization: Bearer {}"\n'.format(token)
+    assert text["env"] == "export GLEAN_API_TOKEN='{}'\nexport GLEAN_SERVER_URL='{}'\n".format(token, glean.url)
+    if os.name == "posix":  # what eval of it sets, in a shell
+        shell = subprocess.run(["/bin/sh", "-c", 'eval "$(cat)"; printf "%s\\n%s\\n" "$GLEAN_API_TOKEN" '
+                                '"$GLEAN_SERVER_URL"'], input=outputs["env"].stdout, stdout=subprocess.PIPE)
+        assert shell.stdout.decode() == "{}\n{}\n".format(token, glean.url)
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="no curl on this machine")
+def test_curl_reads_the_token_from_its_config_on_stdin(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        saved = stored(glean, path, scope="chat")
+        config = run_script(script_env(glean), ["token", "--format", "curl", "--token-file", str(path)]).stdout
+        curl = subprocess.run(["curl", "-sS", "-o", os.devnull, "-w", "%{http_code}", "-K", "-", "-H",
+                               "Content-Type: application/json", "-d", '{"messages":[{"fragments":[{"text":"hi"}]}]}',
+                               glean.url + "/rest/api/v1/chat"], input=config, stdout=subprocess.PIPE,
+                              timeout=RUN_TIMEOUT)
+    assert curl.stdout == b"200"  # the token came through stdin, on no command line
+    assert glean.find("/rest/api/v1/chat")[0].headers["Authorization"] == "Bearer " + saved["access_token"]
+
+
 def test_min_valid_refreshes_a_token_that_expires_soon(tmp_path):
     path = tmp_path / "tokens.json"
     with StandInGlean() as glean:
