@@ -177,7 +177,7 @@ class Settings:
 
     __slots__ = ("client_id", "client_secret", "backend_url", "redirect_uri", "auth_method", "scope",
                  "http_timeout", "callback_timeout", "chat_timeout", "open_browser", "manual", "message", "chat",
-                 "stream", "json", "refresh", "refresh_token", "token_file", "store")
+                 "stream", "json", "refresh", "refresh_token", "token_file", "store", "force")
 
     def __init__(self, **values):
         for name in self.__slots__:
@@ -1219,6 +1219,12 @@ def login_command(argv, environ, console, stdin):
                          console=console)
     console.secrets = secret_forms(config.client_id, config.client_secret)
     console.out = console.err  # the URL is for a person; stdout never carries a token
+    saved = None if config.force else current_sign_in(config)
+    if saved:
+        console.note("Already signed in as {} at {}; {}. To sign in again: {}".format(
+            one_line(user_of(saved) or "an unknown user"), config.backend_url, expiry_text(saved, time.time()),
+            config.store.command("login --force")))
+        return EXIT_OK
     metadata = discover(config, console, show=False)
     token_response = sign_in(config, console, metadata, stdin, environ)
     contents = store_contents(token_response, time.time(), settings_of(config, metadata))
@@ -1230,6 +1236,21 @@ def login_command(argv, environ, console, stdin):
         console.note("No refresh token came back, so `token` can serve this one only until it expires. "
                      + OFFLINE_ACCESS_HINT)
     return EXIT_OK
+
+
+def current_sign_in(config):
+    """The stored sign-in when it serves this `login` as it is: the same tenant and client,
+    requested scopes that include the ones asked for now (compared case-insensitively),
+    and an access token that is valid or can be renewed; else None."""
+    try:
+        saved = config.store.read()
+    except FlowError:
+        return None  # the sign-in replaces what cannot be read
+    if not saved or (saved.get("backend_url"), saved.get("client_id")) != (config.backend_url, config.client_id):
+        return None
+    asked, had = (set((scope or "").lower().split()) for scope in (config.scope, saved.get("requested_scope")))
+    renewable = valid_for(saved, 0, time.time()) or saved.get("refresh_token")
+    return saved if asked <= had and renewable else None
 
 
 def token_command(argv, environ, console, stdin):
@@ -1404,7 +1425,8 @@ class TokenProvider:
     """A valid access token for Python programs, refreshed as `token` does:
 
         from glean.api_client import Glean
-        glean = Glean(api_token=TokenProvider(), server_url="https://acme-be.glean.com")
+        provider = TokenProvider()
+        glean = Glean(api_token=provider, server_url=provider.server_url)
 
     Each call returns the access token string. Raises SignInNeeded (exit_code 3) when
     `login` must be run first, FlowError for any other failure. A refresh for a
@@ -1418,8 +1440,24 @@ class TokenProvider:
         self.store = open_store(token_file, self.environ)
         self.min_valid = min_valid
         self.tokens = None
-        self.lock = threading.Lock()  # guards tokens and flight
+        self.lock = threading.Lock()  # guards tokens, refused and flight
         self.flight = None  # the refresh in progress: its outcome goes to every caller that waits
+        self.refused = None  # an access token the server refused (invalidate): never served again
+
+    @property
+    def server_url(self):
+        """The backend the stored tokens belong to: the server_url to give Glean's SDK."""
+        with self.lock:
+            tokens = self.tokens
+        return (tokens or load_store(self.store, self.environ)).get("backend_url")
+
+    def invalidate(self):
+        """Drop the current access token (the server answered 401 to it): the next call
+        refreshes, unless another process has stored a new token meanwhile, which it then
+        uses. Before any call, nothing to drop."""
+        with self.lock:
+            if self.tokens is not None:
+                self.refused, self.tokens = self.tokens["access_token"], None
 
     def __call__(self):
         with self.lock:
@@ -1430,13 +1468,14 @@ class TokenProvider:
         if leading:
             try:
                 flight.tokens = fresh_tokens(self.store, self.environ, self.min_valid,
-                                             http_timeout_setting(None, self.environ))
+                                             http_timeout_setting(None, self.environ), refused=self.refused)
             except FlowError as error:
                 flight.error = error
             finally:
                 with self.lock:
                     self.flight = None
                     self.tokens = flight.tokens or self.tokens
+                    self.refused = None if flight.tokens else self.refused
                 flight.done.set()
         flight.done.wait()
         if flight.error is not None or flight.tokens is None:  # None: the refreshing call was interrupted
@@ -1464,16 +1503,19 @@ def http_timeout_setting(args, environ):
     return seconds(getattr(args, "http_timeout", None), environ, "GLEAN_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS)
 
 
-def fresh_tokens(store, environ, min_valid, http_timeout, console=None, secret_file=None):
+def fresh_tokens(store, environ, min_valid, http_timeout, console=None, secret_file=None, refused=None):
     """The stored tokens, refreshed first when the access token expires within
-    `min_valid` seconds. A token still valid is read without the lock (every write is an
-    atomic rename); a refresh happens under it, after reading again, so parallel runs
-    refresh once."""
+    `min_valid` seconds or is the `refused` one. A token still valid is read without the
+    lock (every write is an atomic rename); a refresh happens under it, after reading
+    again, so parallel runs refresh once."""
+    def usable(saved):
+        return valid_for(saved, min_valid, time.time()) and saved.get("access_token") != refused
+
     saved = load_store(store, environ, console)
-    if not valid_for(saved, min_valid, time.time()):
+    if not usable(saved):
         with store.locked(http_timeout + LOCK_MARGIN_SECONDS, console):
             saved = load_store(store, environ)
-            if not valid_for(saved, min_valid, time.time()):
+            if not usable(saved):
                 saved = refresh_saved(saved, environ, http_timeout, store, console, secret_file)
     if not isinstance(saved.get("access_token"), str) or not BEARER_TOKEN.match(saved["access_token"]):
         raise SignInNeeded("The token file {} holds no usable access token.".format(store.path), store)
@@ -1738,6 +1780,7 @@ FLAGS = {
     "--format": dict(choices=list(TOKEN_FORMATS),
                      help="raw (the default), header, json (with expires_in and expires_on), headers-json (for MCP "
                           "hosts' header helpers), curl (for curl -K -), env (export lines for eval)"),
+    "--force": dict(action="store_true", help="sign in again even when a sign-in is stored that serves"),
     "--local": dict(action="store_true", help="forget the tokens without revoking them (a corrupt file, no "
                                               "secret, a server that is down)"),
     "--client-secret-file": dict(metavar="PATH", help="read the client secret from the first line of this file, "
@@ -1750,7 +1793,9 @@ SIGN_IN_FLAGS = ["--backend-url", "--client-id", "--client-secret-file", "--redi
 # Subcommands, one row each: name -> (function, what it does, its flags, its epilog).
 COMMANDS = {
     "login": (login_command, "sign in and save the tokens to the token store (no chat call, no token on stdout)",
-              SIGN_IN_FLAGS + ["--token-file"], None),
+              SIGN_IN_FLAGS + ["--token-file", "--force"],
+              "A sign-in stored for the same backend and client, with the scopes asked for, whose access token\n"
+              "is valid or can be renewed, is kept: login then says who is signed in, and opens no browser."),
     "token": (token_command, "print a valid access token, refreshed first when it expires within --min-valid s",
               ["--token-file", "--min-valid", "--format", "--header", "--json", "--http-timeout",
                "--client-secret-file"],
@@ -1937,7 +1982,7 @@ def read_more_settings(config, flags, environ, command):
     config.stream = getattr(flags, "stream", None)
     if config.stream is None:
         config.stream = environ.get("GLEAN_CHAT_STREAM", "").strip().lower() in ("1", "true", "yes")
-    for name in ("open_browser", "manual", "message", "chat", "json", "refresh", "token_file"):
+    for name in ("open_browser", "manual", "message", "chat", "json", "refresh", "token_file", "force"):
         setattr(config, name, getattr(flags, name, None))
     config.refresh_token = environ.get("REFRESH_TOKEN", "").strip()
     if command is not None:  # login: the token store, where the subcommands find the tokens

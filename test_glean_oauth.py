@@ -2328,7 +2328,7 @@ def test_parallel_mixed_runs_never_spend_a_refresh_token_twice(tmp_path):
         mixes = [["token", "--min-valid", "99999"], ["exec", "--min-valid", "99999", "--", "true"],
                  ["--refresh", "--no-chat"], ["token"], ["logout"]]
         runs = [start(glean, mixes[i % len(mixes)] + ["--token-file", str(path)]) for i in range(16)]
-        logins = [ScriptRun(script_env(glean), ["login", "--token-file", str(path)]) for _ in range(4)]
+        logins = [ScriptRun(script_env(glean), ["login", "--force", "--token-file", str(path)]) for _ in range(4)]
         for run in logins:
             play_browser(run.authorize_url())
         codes = [run.wait(RUN_TIMEOUT) for run in runs] + [run.finish() for run in logins]
@@ -2412,6 +2412,23 @@ def test_login_saves_what_a_refresh_needs_and_prints_no_token(tmp_path):
         "backend_url": glean.url, "client_id": CLIENT_ID, "auth_method": "client_secret_post", "issuer": glean.issuer,
         "token_endpoint": glean.url + "/oauth/token", "revocation_endpoint": glean.url + "/oauth/revoke",
         "requested_scope": "chat offline_access"}
+
+
+def test_login_keeps_a_sign_in_that_serves_and_force_signs_in_again(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        _, saved = signed_in(glean, path)
+        expire(path)  # expired, but renewable: still serves
+        again = run_script(script_env(glean), ["login", "--scope", "CHAT", "--token-file", str(path)])
+        assert glean.requests == []  # no discovery, no authorization request, no browser
+        wider = login(glean, path, ["--scope", "chat search offline_access"])
+        forced = login(glean, path, ["--scope", "chat", "--force"])
+    assert again.returncode == 0 and again.stdout == b""
+    assert again.stderr.decode().startswith("Already signed in as demo.user@example.com at {}; the access token "
+                                            "expired at ".format(glean.url))
+    assert again.stderr.decode().endswith("To sign in again: python3 glean_oauth.py login --force --token-file "
+                                          "{}\n".format(path))
+    assert wider.code == forced.code == 0 and len(glean.find("/oauth/authorize")) == 2
 
 
 def test_token_serves_a_valid_token_without_a_request_and_refreshes_an_expired_one(tmp_path):
@@ -2786,6 +2803,24 @@ def test_server_and_store_text_stays_on_its_line(tmp_path):
     assert "Signed in as:  a@b.c Token response: {\n" in out and "Client:        x y\n" in out
     assert "Scopes:        chat FAKE: line\n" in out and len(out.splitlines()) == 8
     assert "\nAnswer: Line one.\n  Token response:\n  {}\n" in flow.stderr
+
+
+def test_token_provider_names_its_server_and_refreshes_once_after_invalidate(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path)
+        provider = glean_oauth.TokenProvider(str(path), environ=good_environ(glean))
+        provider.invalidate()  # before any call: nothing to drop
+        first = provider()
+        assert provider.server_url == glean.url and glean.requests == []
+        provider.invalidate()  # the server answered 401 to `first`
+        second, third = provider(), provider()
+        assert glean.paths() == ["/oauth/token"] and first != second == third
+        provider.invalidate()
+        glean.requests.clear()
+        renewed = run_script(script_env(glean), ["token", "--min-valid", "99999", "--token-file", str(path)])
+        assert glean.paths() == ["/oauth/token"]  # another process refreshed meanwhile
+        assert provider() == renewed.stdout.decode().strip() and glean.paths() == ["/oauth/token"]  # no second one
 
 
 def test_token_provider_refreshes_once_for_all_the_threads_that_wait(tmp_path):
