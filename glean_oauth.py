@@ -286,6 +286,7 @@ def authorize(config, console, metadata, state, code_challenge, stdin, environ):
     has (with port 0, the system picked its port)."""
     with open_receiver(config, console, stdin) as receiver:
         console.line("\n" + receiver.announcement)
+        say_how_to_reach(receiver, console, environ)
 
         # 5. The authorization URL.
         authorize_url = build_authorization_url(
@@ -309,10 +310,11 @@ def authorize(config, console, metadata, state, code_challenge, stdin, environ):
 
 
 def open_receiver(config, console, stdin):
-    """The receiver of the authorization response: the listener, or the paste (--manual)."""
+    """The receiver of the authorization response: the listener (which also takes a paste
+    on a terminal), or only the paste (--manual)."""
     if config.manual:
         return PastedRedirect(config.redirect_uri, stdin, console)
-    return CallbackListener(config.redirect_uri)
+    return CallbackListener(config.redirect_uri, stdin if _can_paste(stdin) else None, console)
 
 
 # --- Step 5: the authorization URL --------------------------------------------------------
@@ -2611,7 +2613,7 @@ class CallbackListener:
     pre-connect) just sits there, so it can never hold up the real callback.
     """
 
-    def __init__(self, redirect_uri):
+    def __init__(self, redirect_uri, paste_from=None, console=None):
         parts = urllib.parse.urlsplit(redirect_uri)
         self.path = parts.path or "/"
         port = 80 if parts.port is None else parts.port  # 0: the system picks one
@@ -2632,6 +2634,8 @@ class CallbackListener:
             parts._replace(netloc="{}:{}".format(_bracketed(parts.hostname), port))
         )
         self.announcement = "Listening for callback at " + self.redirect_uri
+        # A terminal can also paste the redirect, when the browser cannot reach this machine.
+        self.paste = Paste(paste_from, self.redirect_uri, console) if paste_from is not None else None
 
     def close(self):
         for sock in self.sockets:
@@ -2664,26 +2668,19 @@ class CallbackListener:
                         "the browser (GLEAN_CALLBACK_TIMEOUT sets the limit in seconds)."
                         .format(self.redirect_uri, timeout)
                     )
+                watched = self.sockets + list(pending) + ([self.paste] if self.paste and not self.paste.ended else [])
                 # In slices: on Windows, Ctrl-C does not interrupt select() (CPython issue 79115).
-                readable, _, _ = select.select(self.sockets + list(pending), [], [], min(remaining, WAIT_SLICE_SECONDS))
+                readable, _, _ = select.select(watched, [], [], min(remaining, WAIT_SLICE_SECONDS))
                 for sock in readable:
-                    if sock in self.sockets:
-                        try:
-                            conn, _ = sock.accept()
-                        except OSError:  # the peer gave up before we took it
-                            continue
-                        conn.setblocking(False)
-                        if len(pending) >= MAX_PENDING_CONNECTIONS:
-                            oldest = next(iter(pending))  # dicts keep insertion order
-                            del pending[oldest]
-                            oldest.close()
-                        pending[conn] = b""
-                        continue
-                    if sock not in pending:  # dropped above, in this same pass, to make room
-                        continue
-                    head = _read_head(sock, pending)
-                    if head is not None:
-                        code = self._answer(sock, head, check, on_stray)
+                    if sock is self.paste:
+                        code = self.paste.read(check)
+                        if code is not None:
+                            return code
+                    elif sock in self.sockets:
+                        _accept(sock, pending)
+                    elif sock in pending:  # else dropped above, in this same pass, to make room
+                        head = _read_head(sock, pending)
+                        code = None if head is None else self._answer(sock, head, check, on_stray)
                         if code is not None:
                             return code
         finally:
@@ -2754,6 +2751,39 @@ def _listen(host, port, optional=False):
         raise FlowError("Cannot listen on {}: {}.".format(address, error.strerror or error))
 
 
+def _can_paste(stdin):
+    """A terminal on POSIX, where it can be waited on beside the listener's sockets."""
+    return os.name == "posix" and _isatty(stdin)
+
+
+def say_how_to_reach(receiver, console, environ):
+    """On stderr: that the redirect can be pasted here too, and over SSH the one command
+    that lets a browser on the user's own machine reach this listener."""
+    if getattr(receiver, "paste", None) is not None:
+        console.note("(Or paste here the address your browser was redirected to, if it cannot reach this machine.)")
+    if getattr(receiver, "sockets", None) and (environ.get("SSH_CONNECTION") or environ.get("SSH_TTY")):
+        port = receiver.sockets[0].getsockname()[1]
+        fields = environ.get("SSH_CONNECTION", "").split()
+        user = environ.get("USER") or environ.get("LOGNAME")
+        host = (user + "@" if user else "") + (fields[2] if len(fields) == 4 else "THIS_HOST")
+        console.note("Over SSH: on the machine with the browser, run this first, then open the URL there:\n"
+                     "  ssh -N -L {0}:127.0.0.1:{0} {1}".format(port, host))
+
+
+def _accept(sock, pending):
+    """Take a new connection into `pending`, dropping the oldest idle one over the bound."""
+    try:
+        conn, _ = sock.accept()
+    except OSError:  # the peer gave up before we took it
+        return
+    conn.setblocking(False)
+    if len(pending) >= MAX_PENDING_CONNECTIONS:
+        oldest = next(iter(pending))  # dicts keep insertion order
+        del pending[oldest]
+        oldest.close()
+    pending[conn] = b""
+
+
 def _bracketed(host):
     return "[{}]".format(host) if ":" in host else host
 
@@ -2812,6 +2842,53 @@ def _respond(conn, status, text, extra_headers=""):
         conn.close()
 
 
+class Paste:
+    """The redirect address, pasted into the terminal: with --manual, and beside the
+    listener when stdin is a terminal (the browser may be on another machine, as over
+    SSH). A paste that is not this run's redirect says what is wrong, and the wait goes on."""
+
+    def __init__(self, stdin, redirect_uri, console):
+        self.stdin, self.redirect_uri, self.console = stdin, redirect_uri, console
+        self.buffer, self.ended = b"", False
+
+    def fileno(self):
+        return self.stdin.fileno()
+
+    def read(self, check):
+        """Take what the terminal has (select found it readable); return the code of the
+        first complete line that is this run's redirect, else None."""
+        data = os.read(self.fileno(), 4096)
+        self.ended = not data
+        self.buffer += data if data else b"\n"
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            code = self.take(line.decode("utf-8", ENV_ERRORS), check)
+            if code is not None:
+                return code
+        return None
+
+    def take(self, line, check):
+        """The code from one pasted line, or None, after saying what was wrong with it."""
+        pasted = line.strip().strip("'\"<>").strip()
+        if not pasted:
+            return None
+        try:
+            parts, expected = urllib.parse.urlsplit(pasted), urllib.parse.urlsplit(self.redirect_uri)
+        except ValueError:  # an unclosed [IPv6 address
+            parts = expected = None
+        params = urllib.parse.parse_qs(parts.query) if parts else {}
+        if not parts or parts.path != (expected.path or "/") or not ("state" in params or "error" in params):
+            self.console.problem("That is not the address the browser was redirected to. Paste the whole address "
+                                 "from the browser's address bar after sign-in: it starts with {}?".format(
+                                     self.redirect_uri))
+            return None
+        try:
+            return check(parts.query)
+        except StrayCallback as error:
+            self.console.problem("{} Still waiting.".format(error))
+            return None
+
+
 class PastedRedirect:
     """--manual: no listener. The user signs in on any machine and pastes the address the
     browser was sent to (it fails to load, which is expected); the same checks apply."""
@@ -2827,24 +2904,23 @@ class PastedRedirect:
         pass
 
     def wait(self, check, timeout=CALLBACK_TIMEOUT_SECONDS, on_stray=None):
-        """Read one pasted address within `timeout` s; return `check(its query)`."""
+        """Read pasted addresses until one is this run's redirect, within `timeout` s;
+        return `check(its query)`."""
         self.console.note("\nPaste the address your browser was redirected to (the page will not load; "
                           "that is expected), then press Enter:")
-        pasted = self._read_line(timeout).strip().strip("'\"<>").strip()
-        if not pasted:
-            raise FlowError("No address was pasted.")
-        parts = urllib.parse.urlsplit(pasted)
-        expected = urllib.parse.urlsplit(self.redirect_uri)
-        params = urllib.parse.parse_qs(parts.query)
-        if parts.path != (expected.path or "/") or not ("state" in params or "error" in params):
-            raise FlowError("That is not the address the browser was redirected to. Paste the whole address "
-                            "from the browser's address bar after sign-in: it starts with {}?".format(
-                                self.redirect_uri))
-        return check(parts.query)
+        paste = Paste(self.stdin, self.redirect_uri, self.console)
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self._read_line(max(deadline - time.monotonic(), 0), timeout)
+            if not line:  # the end of input
+                raise FlowError("No address was pasted.")
+            code = paste.take(line, check)
+            if code is not None:
+                return code
 
-    def _read_line(self, timeout):
-        """A line from stdin, waiting at most `timeout` s where stdin can be waited on
-        (a terminal or pipe on POSIX; elsewhere the wait is unbounded, Ctrl-C ends it)."""
+    def _read_line(self, left, timeout):
+        """A line from stdin, waiting at most `left` s where stdin can be waited on (a
+        terminal or pipe on POSIX; elsewhere the wait is unbounded, Ctrl-C ends it)."""
         try:
             fileno = self.stdin.fileno()
         except (AttributeError, ValueError, io.UnsupportedOperation):
@@ -2852,7 +2928,7 @@ class PastedRedirect:
         if fileno is not None and os.name == "posix":
             import select  # here: only --manual waits on stdin
 
-            if not select.select([fileno], [], [], timeout)[0]:
+            if not select.select([fileno], [], [], left)[0]:
                 raise FlowError("No address was pasted within {:g} s (GLEAN_CALLBACK_TIMEOUT sets the limit "
                                 "in seconds).".format(timeout))
         return self.stdin.readline()

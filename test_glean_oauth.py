@@ -449,9 +449,9 @@ def play_browser(authorize_url):
 class ScriptRun:
     """glean_oauth.py running in its own process, its output read as it comes."""
 
-    def __init__(self, env, args=(), python=sys.executable, echo=(None, None), command=None):
+    def __init__(self, env, args=(), python=sys.executable, echo=(None, None), command=None, stdin=subprocess.PIPE):
         self.proc = subprocess.Popen(
-            (command or script_command(python)) + without_a_browser(args), env=env, stdin=subprocess.PIPE,
+            (command or script_command(python)) + without_a_browser(args), env=env, stdin=stdin,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         self.stdout_lines, self.stderr_lines = [], []
@@ -505,7 +505,8 @@ class ScriptRun:
 
     def finish(self, timeout=RUN_TIMEOUT):
         """Wait for the exit; return the exit code."""
-        self.proc.stdin.close()
+        if self.proc.stdin:
+            self.proc.stdin.close()
         code = self.proc.wait(timeout=timeout)
         for reader in self._readers:
             reader.join(timeout)
@@ -1401,31 +1402,68 @@ def test_manual_takes_the_pasted_redirect_address():
         run = ScriptRun(script_env(glean, REDIRECT_URI=None), ["--manual"])
         status, headers, _ = http_get(run.authorize_url())
         assert status == 302
-        run.proc.stdin.write(headers["Location"].encode() + b"\n")
+        run.proc.stdin.write(b"not it\n" + headers["Location"].encode() + b"\n")  # one wrong paste first
         code = run.finish()
     assert code == 0, run.output()
+    assert "That is not the address the browser was redirected to." in run.stderr
     assert "No listener (--manual)" in run.stdout and "Listening for callback" not in run.stdout
     assert "Paste the address your browser was redirected to" in run.stderr
     assert glean.find("/oauth/token")[0].form["redirect_uri"] == [glean_oauth.DEFAULT_REDIRECT_URI]
 
 
 @parametrize("pasted, message", [
-    ("", "No address was pasted."),
+    ("", None),
     ("http://127.0.0.1:9090/oauth/callback?code=abc&state=forged",
-     "State mismatch: the callback is not the answer to this run's request."),
+     "State mismatch: the callback is not the answer to this run's request. Still waiting."),
     ("http://127.0.0.1:9090/oauth/callback?error=access_denied", "State mismatch: the callback is not the answer "
-                                                                  "to this run's request."),
+                                                                  "to this run's request. Still waiting."),
     ("abc123", "That is not the address the browser was redirected to. Paste the whole address from the "
                "browser's address bar after sign-in: it starts with http://127.0.0.1:0/oauth/callback?"),
     ("'https://glean/oauth/authorize?state=x'", "That is not the address the browser was redirected to. Paste the "
      "whole address from the browser's address bar after sign-in: it starts with http://127.0.0.1:0/oauth/callback?"),
 ])
-def test_manual_applies_the_callback_checks(pasted, message):
+def test_manual_applies_the_callback_checks_and_waits_for_the_next_paste(pasted, message):
     with StandInGlean() as glean:
-        code, out, err = run_cli(good_environ(glean), ["--manual"], stdin=pasted + "\n")
+        code, out, err = run_cli(good_environ(glean), ["--manual"], stdin=pasted + "\n")  # then the input ends
     assert code == 1
-    assert err.endswith("\n" + message + "\n")
+    assert err.endswith("\n" + (message + "\n" if message else "") + "No address was pasted.\n")
     assert glean.paths("POST") == []
+
+
+def run_on_a_terminal(glean, args=(), **env):
+    """The script with a pseudo-terminal as its stdin, as a person runs it; returns the
+    ScriptRun and the terminal's end to type into."""
+    import pty
+
+    typing, terminal = pty.openpty()
+    run = ScriptRun(script_env(glean, **env), args, stdin=terminal)
+    os.close(terminal)
+    return run, typing
+
+
+@posix_only("a pseudo-terminal is POSIX's")
+@parametrize("how", ["paste", "redirect", "wrong paste, then the right one"])
+def test_on_a_terminal_the_redirect_can_come_by_the_listener_or_by_a_paste(how):
+    with StandInGlean() as glean:
+        run, typing = run_on_a_terminal(glean, SSH_CONNECTION="10.0.0.9 50000 10.0.0.2 22", USER="ana")
+        try:
+            port = listening_port(run)
+            url = run.authorize_url()
+            if how == "redirect":
+                play_browser(url)
+            else:
+                status, headers, _ = http_get(url)  # a browser on another machine: it cannot reach the listener
+                if how.startswith("wrong"):
+                    os.write(typing, b"https://glean.example/nothing?x=1\n")
+                    run.wait_for_line(lambda line: line.startswith("That is not the address"))
+                os.write(typing, headers["Location"].encode() + b"\n")
+            code = run.finish()
+        finally:
+            os.close(typing)
+    assert code == 0, run.output()
+    assert "(Or paste here the address your browser was redirected to, if it cannot reach this machine.)" in run.stderr
+    assert "  ssh -N -L {0}:127.0.0.1:{0} ana@10.0.0.2\n".format(port) in run.stderr
+    assert glean.find("/oauth/token")[0].form["redirect_uri"] == ["http://127.0.0.1:{}/oauth/callback".format(port)]
 
 
 @posix_only("on Windows the paste has no time limit: its console cannot be waited on (documented)")
