@@ -907,10 +907,11 @@ def refreshable_token_file(glean, path):
     glean.requests.clear()
 
 
-def fake_program(tmp_path, name):
-    """An executable `name` in tmp_path that writes its arguments to `name`.args."""
+def fake_program(tmp_path, name, script="printf '%s' \"$*\" > \"$0.args\""):
+    """An executable `name` in tmp_path running the shell `script`; by default it writes its
+    arguments to `name`.args."""
     path = tmp_path / name
-    path.write_text("#!/bin/sh\nprintf '%s' \"$*\" > \"$0.args\"\n")
+    path.write_text("#!/bin/sh\n" + script + "\n")
     path.chmod(0o755)
     return path
 
@@ -1540,9 +1541,7 @@ def test_a_text_browser_is_never_started_in_the_terminal(tmp_path):
 
 @posix_only(FAKE_BROWSER)
 def test_json_stdout_stays_clean_when_the_browser_writes_to_stdout(tmp_path):
-    browser = tmp_path / "chatty-browser"
-    browser.write_text("#!/bin/sh\necho 'Opening in existing browser session.'\n")
-    browser.chmod(0o755)
+    browser = fake_program(tmp_path, "chatty-browser", "echo 'Opening in existing browser session.'")
     with StandInGlean() as glean:
         flow = run_flow(glean, ["--json"], process=True, BROWSER=str(browser))
     assert flow.code == 0, flow.run.output()
@@ -1552,9 +1551,7 @@ def test_json_stdout_stays_clean_when_the_browser_writes_to_stdout(tmp_path):
 
 @posix_only(FAKE_BROWSER)
 def test_a_browser_command_that_fails_is_not_reported_as_opened(tmp_path):
-    browser = tmp_path / "broken-browser"
-    browser.write_text("#!/bin/sh\nexit 3\n")
-    browser.chmod(0o755)
+    browser = fake_program(tmp_path, "broken-browser", "exit 3")
     with StandInGlean() as glean:
         flow = run_flow(glean, process=True, BROWSER=str(browser))
     assert flow.code == 0, flow.run.output()
