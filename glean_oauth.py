@@ -762,6 +762,65 @@ def open_store(flag_value, environ):
     return store
 
 
+class Tenants:
+    """The tenants kept under one store name (--token-file, GLEAN_TOKEN_FILE or the default):
+    the first in that very file, as a store of one tenant always was; each other one in a
+    file beside it named after its backend (tokens.<host>.json). Each is a TokenStore of
+    its own, with its own lock and journal, so refreshing one never waits on another."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def files(self):
+        """The stores of the tenants there are, the named file first."""
+        import glob
+
+        root, ext = os.path.splitext(self.base.path)
+        others = sorted(set(glob.glob(glob.escape(root) + ".*" + glob.escape(ext))) - {self.base.path})
+        stores = [self.base] if os.path.lexists(self.base.path) else []
+        return stores + [TokenStore(path, self.base.named_by) for path in others]
+
+    def backend_of(self, store):
+        try:
+            saved = store.read()
+        except FlowError:
+            return None  # unreadable: the command that reads it says why
+        value = (saved or {}).get("backend_url")
+        return value.rstrip("/") if value else None
+
+    def select(self, named=None, named_by=None):
+        """The store of the tenant a command is for: the one `named`, else the only one.
+        With one stored for another backend, that one (its reader says so); with several
+        and none named, a usage error that lists them."""
+        files = self.files()
+        if named:
+            for store in files:
+                if self.backend_of(store) == named:
+                    return store
+            if len(files) > 1:
+                raise SignInNeeded("No tokens are stored for {} ({}) at {}: there are tokens for {}.".format(
+                    named, named_by, self.base.path, self.listed(files)), self.base)
+        if len(files) <= 1:
+            return files[0] if files else self.base
+        raise FlowError("Tokens for several backends are stored at {}: {}. Name one with --backend-url, "
+                        "GLEAN_BACKEND_URL or GLEAN_SERVER_URL.".format(self.base.path, self.listed(files)), EXIT_USAGE)
+
+    def listed(self, files):
+        return ", ".join(str(self.backend_of(store)) for store in files)
+
+    def store_for(self, backend):
+        """Where a sign-in for `backend` goes: its tenant's file, else the named file when
+        that holds no other tenant's tokens, else a file of its own beside it."""
+        for store in self.files():
+            if self.backend_of(store) == backend:
+                return store
+        if self.backend_of(self.base) is None:
+            return self.base  # none there, or one that cannot be read: the sign-in replaces it
+        root, ext = os.path.splitext(self.base.path)
+        host = urllib.parse.urlsplit(backend).netloc or "backend"
+        return TokenStore("{}.{}{}".format(root, re.sub(r"[^A-Za-z0-9.-]", "_", host), ext), self.base.named_by)
+
+
 def settings_of(config, metadata):
     """What a later refresh or revocation needs without discovery (STORE_FIELDS)."""
     return {"backend_url": config.backend_url, "client_id": config.client_id, "auth_method": config.auth_method,
@@ -1330,7 +1389,11 @@ def status_command(argv, environ, console, stdin):
     """`status`: what is stored, never a token. Exit 0 when the access token is valid or
     can be renewed, 3 when a sign-in is needed, 1 when the store cannot be read."""
     args = parse_args("status", argv)
-    store = open_store(args.token_file, environ)
+    tenants = Tenants(open_store(args.token_file, environ))
+    backend, named_by = named_backend(environ, args.backend_url)
+    if not backend and len(tenants.files()) > 1:
+        return list_tenants(tenants, console, args.json)
+    store = tenants.select(backend, named_by)
     try:
         saved = store.read(console)
     except FlowError as error:
@@ -1341,7 +1404,6 @@ def status_command(argv, environ, console, stdin):
     now = time.time()
     info = status_of(saved, store.path, now)
     info["refresh_interrupted"] = store.interrupted_refresh()
-    backend, named_by = named_backend(environ)
     other_backend = bool(backend) and saved.get("backend_url") not in (None, backend)
     usable = valid_for(saved, 0, now) or bool(saved.get("refresh_token"))
     if args.json:
@@ -1366,19 +1428,45 @@ def status_command(argv, environ, console, stdin):
     return EXIT_OK
 
 
+def list_tenants(tenants, console, as_json):
+    """`status` with several tenants and none named: one line each, never a token."""
+    now, infos = time.time(), []
+    for store in tenants.files():
+        try:
+            saved = store.read(console)
+        except FlowError as error:
+            console.problem(str(error))
+            continue
+        infos.append(status_of(saved or {}, store.path, now))
+    if as_json:
+        console.result({"tenants": infos})
+    for info in [] if as_json else infos:
+        console.line("  ".join(one_line(str(info[key] or "(unknown)")) for key in ("backend_url", "user", "scope",
+                                                                                 "expiry")))
+    return EXIT_OK
+
+
 def logout_command(argv, environ, console, stdin):
     """`logout`: revoke the tokens at the metadata's revocation_endpoint when there is one
     (RFC 7009), then delete them, saying what the server did with each. `--local` forgets
     them without revoking (a corrupt file, no secret, a server that is down)."""
     args = parse_args("logout", argv)
-    store = open_store(args.token_file, environ)
+    tenants = Tenants(open_store(args.token_file, environ))
+    stores = tenants.files() if args.all else [tenants.select(*named_backend(environ, args.backend_url))]
+    for store in stores or [tenants.base]:
+        log_out(store, args, environ, console)
+    return EXIT_OK
+
+
+def log_out(store, args, environ, console):
+    """Revoke and delete the tokens of one tenant (only delete them, with --local)."""
     with store.locked(http_timeout_setting(args, environ) + LOCK_MARGIN_SECONDS):
         if args.local:
             existed = store.delete()
             console.note("{} {}; nothing was revoked: the refresh token stays valid until it expires or you remove "
                          "the app in Glean's settings.".format("Deleted" if existed else "Nothing is stored at",
                                                                store.path))
-            return EXIT_OK
+            return
         try:
             revoked = revoke_stored(store, args, environ, console)
         except FlowError as error:
@@ -1386,10 +1474,9 @@ def logout_command(argv, environ, console, stdin):
                 error, store.command("logout --local")), error.exit_code)
         if revoked is None:
             console.note("Nothing is stored at {}; nothing to do.".format(store.path))
-            return EXIT_OK
+            return
         store.delete()
     console.note("Deleted {}.".format(store.path))
-    return EXIT_OK
 
 
 def revoke_stored(store, args, environ, console):
@@ -1437,9 +1524,11 @@ class TokenProvider:
     per expiry, however many wait.
     """
 
-    def __init__(self, token_file=None, min_valid=60, environ=None):
+    def __init__(self, token_file=None, min_valid=60, environ=None, backend_url=None):
         self.environ = os.environ if environ is None else environ
-        self.store = open_store(token_file, self.environ)
+        # The tenant: backend_url, else GLEAN_BACKEND_URL or GLEAN_SERVER_URL, else the only one stored.
+        self.named = named_backend(self.environ, backend_url)
+        self.store = Tenants(open_store(token_file, self.environ)).select(*self.named)
         self.min_valid = min_valid
         self.tokens = None
         self.lock = threading.Lock()  # guards tokens, refused and flight
@@ -1451,7 +1540,7 @@ class TokenProvider:
         """The backend the stored tokens belong to: the server_url to give Glean's SDK."""
         with self.lock:
             tokens = self.tokens
-        return (tokens or load_store(self.store, self.environ)).get("backend_url")
+        return (tokens or load_store(self.store, self.environ, named=self.named)).get("backend_url")
 
     def invalidate(self):
         """Drop the current access token (the server answered 401 to it): the next call
@@ -1470,7 +1559,8 @@ class TokenProvider:
         if leading:
             try:
                 flight.tokens = fresh_tokens(self.store, self.environ, self.min_valid,
-                                             http_timeout_setting(None, self.environ), refused=self.refused)
+                                             http_timeout_setting(None, self.environ), refused=self.refused,
+                                             named=self.named)
             except FlowError as error:
                 flight.error = error
             finally:
@@ -1494,10 +1584,12 @@ class _Flight:
 
 
 def fresh_tokens_for(args, environ, console):
-    """fresh_tokens with the flags of `token` or `exec`."""
-    return fresh_tokens(open_store(args.token_file, environ), environ,
-                        seconds(args.min_valid, {}, "--min-valid", 60), http_timeout_setting(args, environ), console,
-                        getattr(args, "client_secret_file", None))
+    """fresh_tokens with the flags of `token` or `exec`, for the tenant they select."""
+    named = named_backend(environ, args.backend_url)
+    store = Tenants(open_store(args.token_file, environ)).select(*named)
+    return fresh_tokens(store, environ, seconds(args.min_valid, {}, "--min-valid", 60),
+                        http_timeout_setting(args, environ), console, getattr(args, "client_secret_file", None),
+                        named=named)
 
 
 def http_timeout_setting(args, environ):
@@ -1505,7 +1597,7 @@ def http_timeout_setting(args, environ):
     return seconds(getattr(args, "http_timeout", None), environ, "GLEAN_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS)
 
 
-def fresh_tokens(store, environ, min_valid, http_timeout, console=None, secret_file=None, refused=None):
+def fresh_tokens(store, environ, min_valid, http_timeout, console=None, secret_file=None, refused=None, named=None):
     """The stored tokens, refreshed first when the access token expires within
     `min_valid` seconds or is the `refused` one. A token still valid is read without the
     lock (every write is an atomic rename); a refresh happens under it, after reading
@@ -1513,10 +1605,10 @@ def fresh_tokens(store, environ, min_valid, http_timeout, console=None, secret_f
     def usable(saved):
         return valid_for(saved, min_valid, time.time()) and saved.get("access_token") != refused
 
-    saved = load_store(store, environ, console)
+    saved = load_store(store, environ, console, named)
     if not usable(saved):
         with store.locked(http_timeout + LOCK_MARGIN_SECONDS, console):
-            saved = load_store(store, environ)
+            saved = load_store(store, environ, named=named)
             if not usable(saved):
                 saved = refresh_saved(saved, environ, http_timeout, store, console, secret_file)
     if not isinstance(saved.get("access_token"), str) or not BEARER_TOKEN.match(saved["access_token"]):
@@ -1524,13 +1616,13 @@ def fresh_tokens(store, environ, min_valid, http_timeout, console=None, secret_f
     return saved
 
 
-def load_store(store, environ, console=None):
+def load_store(store, environ, console=None, named=None):
     """The stored tokens, after the safety checks; SignInNeeded when nothing is stored for
-    the backend GLEAN_BACKEND_URL or GLEAN_SERVER_URL names (when one does)."""
+    the backend `named` ((url, what named it); default: GLEAN_BACKEND_URL or GLEAN_SERVER_URL)."""
     saved = store.read(console)
     if saved is None:
         raise SignInNeeded("No tokens are stored at {}.".format(store.path), store)
-    backend, named_by = named_backend(environ)
+    backend, named_by = named or named_backend(environ)
     if backend and saved.get("backend_url") not in (None, backend):
         raise SignInNeeded("The tokens at {} are for {}, not for {} {}.".format(
             store.path, one_line(saved["backend_url"]), named_by, backend), store)
@@ -1737,7 +1829,8 @@ exit codes: 0 done; 1 the flow failed (a request, the callback, the chat call);
 SUBCOMMAND_EPILOG = """\
 The token store is --token-file, else GLEAN_TOKEN_FILE, else
 $XDG_CONFIG_HOME/glean-oauth/tokens.json (~/.config/glean-oauth/tokens.json;
-%APPDATA%\\glean-oauth\\tokens.json on Windows). It never holds the client secret:
+%APPDATA%\\glean-oauth\\tokens.json on Windows); another tenant's tokens go beside it,
+in tokens.<host>.json. It never holds the client secret:
 a refresh for a confidential client takes CLIENT_SECRET from the environment.
 
 exit codes: 0 done; 1 a request failed; 2 bad configuration or usage;
@@ -1782,6 +1875,7 @@ FLAGS = {
     "--format": dict(choices=list(TOKEN_FORMATS),
                      help="raw (the default), header, json (with expires_in and expires_on), headers-json (for MCP "
                           "hosts' header helpers), curl (for curl -K -), env (export lines for eval)"),
+    "--all": dict(action="store_true", help="every tenant's tokens, not one tenant's"),
     "--force": dict(action="store_true", help="sign in again even when a sign-in is stored that serves"),
     "--local": dict(action="store_true", help="forget the tokens without revoking them (a corrupt file, no "
                                               "secret, a server that is down)"),
@@ -1799,19 +1893,19 @@ COMMANDS = {
               "A sign-in stored for the same backend and client, with the scopes asked for, whose access token\n"
               "is valid or can be renewed, is kept: login then says who is signed in, and opens no browser."),
     "token": (token_command, "print a valid access token, refreshed first when it expires within --min-valid s",
-              ["--token-file", "--min-valid", "--format", "--header", "--json", "--http-timeout",
+              ["--backend-url", "--token-file", "--min-valid", "--format", "--header", "--json", "--http-timeout",
                "--client-secret-file"],
               "examples:\n  ... token --format curl | curl -K - https://acme-be.glean.com/rest/api/v1/search ...\n"
               "  eval \"$(python3 glean_oauth.py token --format env)\""),
     "exec": (exec_command, "run a command with GLEAN_API_TOKEN and GLEAN_SERVER_URL in its environment",
-             ["--token-file", "--min-valid", "--http-timeout", "--client-secret-file"],
+             ["--backend-url", "--token-file", "--min-valid", "--http-timeout", "--client-secret-file"],
              "example: glean_oauth.py exec -- python3 my_script.py\n(CLIENT_SECRET, CLIENT_SECRET_FILE and "
              "REFRESH_TOKEN are not passed on to it)"),
     "status": (status_command, "show what is stored: backend, client, user, scopes, expiry (never a token)",
-               ["--token-file", "--json"], "exit codes: 0 the access token is valid or can be renewed; 1 the store "
+               ["--backend-url", "--token-file", "--json"], "exit codes: 0 the access token is valid or can be renewed; 1 the store "
                                            "cannot be read; 3 sign-in needed"),
     "logout": (logout_command, "revoke the tokens where the server can, and delete them (--local: only delete them)",
-               ["--token-file", "--http-timeout", "--local", "--client-secret-file"], None),
+               ["--backend-url", "--token-file", "--http-timeout", "--local", "--all", "--client-secret-file"], None),
 }
 
 
@@ -1987,8 +2081,8 @@ def read_more_settings(config, flags, environ, command):
     for name in ("open_browser", "manual", "message", "chat", "json", "refresh", "token_file", "force"):
         setattr(config, name, getattr(flags, name, None))
     config.refresh_token = environ.get("REFRESH_TOKEN", "").strip()
-    if command is not None:  # login: the token store, where the subcommands find the tokens
-        config.store = open_store(config.token_file, environ)
+    if command is not None:  # login: its tenant's file in the token store, where the subcommands find it
+        config.store = Tenants(open_store(config.token_file, environ)).store_for(config.backend_url)
     elif config.token_file:
         config.store = TokenStore(config.token_file)
     if config.refresh and not (config.token_file or config.refresh_token):

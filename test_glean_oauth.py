@@ -2466,6 +2466,37 @@ def test_login_keeps_a_sign_in_that_serves_and_force_signs_in_again(tmp_path):
     assert wider.code == forced.code == 0 and len(glean.find("/oauth/authorize")) == 2
 
 
+def test_two_tenants_side_by_side(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as a, StandInGlean() as b:
+        for glean in (a, b):
+            glean.metadata_extra["revocation_endpoint"] = glean.url + "/oauth/revoke"
+            assert login(glean, path).code == 0
+        env = script_env(a, GLEAN_BACKEND_URL=None)  # the same client at both stand-ins; no backend named
+        none_named = run_script(env, ["token", "--token-file", str(path)])
+        token_a = run_script(env, ["token", "--backend-url", a.url, "--token-file", str(path)])
+        token_b = run_script(dict(env, GLEAN_SERVER_URL=b.url), ["token", "--token-file", str(path)])
+        listed = run_script(env, ["status", "--token-file", str(path)])
+        stores = glean_oauth.Tenants(glean_oauth.TokenStore(str(path))).files()
+        b_store = next(store for store in stores if store.path != str(path))
+        expire(pathlib.Path(b_store.path))
+        with glean_oauth._FileLock(str(path) + ".lock", 1):  # A's lock, held: B's refresh does not wait on it
+            refreshed_b = run_script(env, ["token", "--backend-url", b.url, "--token-file", str(path)])
+        provider = glean_oauth.TokenProvider(str(path), environ=good_environ(a), backend_url=b.url)
+        out_a = run_script(env, ["logout", "--backend-url", a.url, "--token-file", str(path)])
+        only_b = run_script(env, ["token", "--token-file", str(path)])
+    assert none_named.returncode == 2 and none_named.stdout == b""
+    assert none_named.stderr.decode() == "Tokens for several backends are stored at {}: {}, {}. Name one with " \
+        "--backend-url, GLEAN_BACKEND_URL or GLEAN_SERVER_URL.\n".format(path, a.url, b.url)
+    assert token_a.stdout.decode().strip() == a.issued[0]["access_token"]
+    assert token_b.stdout.decode().strip() == b.issued[0]["access_token"]
+    assert [line.split("  ")[0] for line in listed.stdout.decode().splitlines()] == [a.url, b.url]
+    assert refreshed_b.returncode == 0 and refreshed_b.stdout != token_b.stdout
+    assert provider.server_url == b.url and provider() == refreshed_b.stdout.decode().strip()
+    assert out_a.returncode == 0 and not path.exists() and a.refresh_tokens == set()
+    assert only_b.stdout == refreshed_b.stdout  # B was left as it was, and is now the only tenant
+
+
 def test_token_serves_a_valid_token_without_a_request_and_refreshes_an_expired_one(tmp_path):
     path = tmp_path / "tokens.json"
     with StandInGlean() as glean:
