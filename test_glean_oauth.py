@@ -2477,14 +2477,24 @@ def test_two_tenants_side_by_side(tmp_path):
         token_a = run_script(env, ["token", "--backend-url", a.url, "--token-file", str(path)])
         token_b = run_script(dict(env, GLEAN_SERVER_URL=b.url), ["token", "--token-file", str(path)])
         listed = run_script(env, ["status", "--token-file", str(path)])
+        listed_json = run_script(env, ["status", "--json", "--token-file", str(path)])
+        third = run_script(env, ["token", "--backend-url", "https://third-be.glean.com", "--token-file", str(path)])
         stores = glean_oauth.Tenants(glean_oauth.TokenStore(str(path))).files()
         b_store = next(store for store in stores if store.path != str(path))
         expire(pathlib.Path(b_store.path))
         with glean_oauth._FileLock(str(path) + ".lock", 1):  # A's lock, held: B's refresh does not wait on it
             refreshed_b = run_script(env, ["token", "--backend-url", b.url, "--token-file", str(path)])
         provider = glean_oauth.TokenProvider(str(path), environ=good_environ(a), backend_url=b.url)
+        provided = provider.server_url, provider()
         out_a = run_script(env, ["logout", "--backend-url", a.url, "--token-file", str(path)])
         only_b = run_script(env, ["token", "--token-file", str(path)])
+        every = run_script(env, ["logout", "--all", "--token-file", str(path)])
+    assert every.returncode == 0 and glean_oauth.Tenants(glean_oauth.TokenStore(str(path))).files() == []
+    assert b.refresh_tokens == set()
+    assert [tenant["backend_url"] for tenant in json.loads(listed_json.stdout)["tenants"]] == [a.url, b.url]
+    assert third.returncode == 3 and third.stderr.decode().startswith(
+        "No tokens are stored for https://third-be.glean.com (--backend-url) at {}: there are tokens for {}, {}. "
+        "Sign in with: python3 glean_oauth.py login --token-file {}".format(path, a.url, b.url, path))
     assert none_named.returncode == 2 and none_named.stdout == b""
     assert none_named.stderr.decode() == "Tokens for several backends are stored at {}: {}, {}. Name one with " \
         "--backend-url, GLEAN_BACKEND_URL or GLEAN_SERVER_URL.\n".format(path, a.url, b.url)
@@ -2492,7 +2502,7 @@ def test_two_tenants_side_by_side(tmp_path):
     assert token_b.stdout.decode().strip() == b.issued[0]["access_token"]
     assert [line.split("  ")[0] for line in listed.stdout.decode().splitlines()] == [a.url, b.url]
     assert refreshed_b.returncode == 0 and refreshed_b.stdout != token_b.stdout
-    assert provider.server_url == b.url and provider() == refreshed_b.stdout.decode().strip()
+    assert provided == (b.url, refreshed_b.stdout.decode().strip())
     assert out_a.returncode == 0 and not path.exists() and a.refresh_tokens == set()
     assert only_b.stdout == refreshed_b.stdout  # B was left as it was, and is now the only tenant
 
