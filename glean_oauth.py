@@ -117,9 +117,8 @@ def main(argv, environ, console, stdin):
         # 8. Call the Chat API with the access token.
         exit_code = chat_step(config, console, results, token_response) if config.chat else EXIT_OK
 
-        # 9. Decode the access token locally.
-        results.sections["jwt_header"], results.sections["jwt_claims"] = print_jwt(
-            token_response["access_token"], console)
+        # 9. Decode the access token locally (--verify: and check its signature).
+        exit_code = max(exit_code, jwt_step(config, console, results, metadata, token_response["access_token"]))
 
         # 10. Use the refresh token.
         if not token_response.get("refresh_token"):
@@ -177,7 +176,7 @@ class Settings:
 
     __slots__ = ("client_id", "client_secret", "backend_url", "redirect_uri", "auth_method", "scope",
                  "http_timeout", "callback_timeout", "chat_timeout", "open_browser", "manual", "message", "chat",
-                 "stream", "json", "refresh", "refresh_token", "token_file", "store", "force")
+                 "stream", "json", "refresh", "refresh_token", "token_file", "store", "force", "verify")
 
     def __init__(self, **values):
         for name in self.__slots__:
@@ -536,8 +535,9 @@ def decode_jwt(token):
     return decode_jwt_part(segments[0]), decode_jwt_part(segments[1])
 
 
-def print_jwt(access_token, console):
+def print_jwt(access_token, console, verify=None):
     """Print the access token's header and claims (doc step 9), or say there are none.
+    `verify(access_token)`, when given, returns the line that replaces the doc's last one.
     Returns `(header, claims)`, or `(None, None)` for a token that is not a JWT."""
     try:
         header, claims = decode_jwt(access_token)
@@ -546,8 +546,23 @@ def print_jwt(access_token, console):
         return None, None
     console.section("JWT header", header)
     console.section("JWT claims", claims)
-    console.line("\nThis does not verify the signature.")
+    console.line("\n" + (verify(access_token) if verify else "This does not verify the signature."))
     return header, claims
+
+
+def jwt_step(config, console, results, metadata, access_token):
+    """Doc step 9 as the flow runs it: print_jwt, and with --verify the Signature: line
+    in place of the one that says it is not checked. Returns 1 when it is INVALID."""
+    check = SignatureCheck(lambda: metadata_keys(metadata, config.backend_url, config.http_timeout)) \
+        if config.verify else None
+    results.sections["jwt_header"], results.sections["jwt_claims"] = print_jwt(access_token, console, check)
+    if check is None:
+        return EXIT_OK
+    if check.verdict is None:  # not a JWT: print_jwt said so, and there is no signature line to print
+        check(access_token)
+        console.line(check.verdict.line)
+    results.sections["signature"] = {"status": check.verdict.status, "detail": check.verdict.detail}
+    return check.exit_code
 
 
 # --- Step 10: the refresh token -----------------------------------------------------------
@@ -609,7 +624,8 @@ class Results:
 def kept_tokens(response, previous):
     """A refresh response with what it leaves out kept from the tokens it replaces: an
     absent refresh_token or scope means unchanged (RFC 6749 §5.1, §6)."""
-    tokens = dict(response)
+    tokens = TokenResponse(response)
+    tokens.clock_offset = getattr(response, "clock_offset", None)
     for kept in ("refresh_token", "scope"):
         if not tokens.get(kept) and previous.get(kept):
             tokens[kept] = previous[kept]
@@ -829,10 +845,13 @@ def settings_of(config, metadata):
 
 
 def store_contents(tokens, obtained_at, settings):
-    """The token response, `obtained_at` and `expires_at` (UTC, ISO 8601), and the
-    `settings` a later refresh needs."""
-    contents = {key: value for key, value in tokens.items() if key not in STORE_FIELDS}  # ours, not a server's
+    """The token response, `obtained_at` and `expires_at` (UTC, ISO 8601), the server's
+    clock lead when its answer said (`clock_offset_seconds`), and the `settings` a later
+    refresh needs."""
+    contents = {key: value for key, value in tokens.items() if key not in STORE_FIELDS + ("clock_offset_seconds",)}
     contents["obtained_at"] = iso_time(obtained_at)
+    if getattr(tokens, "clock_offset", None) is not None:
+        contents["clock_offset_seconds"] = tokens.clock_offset
     expires_in = tokens.get("expires_in")
     if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool) and 0 <= expires_in <= MAX_EXPIRES_IN:
         contents["expires_at"] = iso_time(obtained_at + expires_in)
@@ -1417,6 +1436,9 @@ def status_command(argv, environ, console, stdin):
         if info["refresh_interrupted"]:
             console.line("{:<14} interrupted after it was sent ({}): the refresh token may be spent".format(
                 "Last refresh:", info["refresh_interrupted"]))
+        if abs(info["clock_offset_seconds"] or 0) > CLOCK_WARN_SECONDS:
+            console.line("{:<14} {} (at the last token response); set it right (NTP)".format(
+                "Clock:", clock_text(info["clock_offset_seconds"])))
     if other_backend:
         console.problem("{} names {}, but these tokens are for {}. Sign in there with: {}".format(
             named_by, backend, one_line(str(saved.get("backend_url"))), store.command("login")))
@@ -1722,14 +1744,22 @@ def valid_for(saved, min_valid, now):
 
 
 def expires_at(saved):
-    """When the access token expires: the store's expires_at, else the JWT's exp, else None."""
+    """When the access token expires by this machine's clock: the store's expires_at
+    (counted from receipt), else the JWT's exp, a time of the server's clock, less the
+    server's lead when it is known, else None."""
     when = parse_iso_time(saved.get("expires_at"))
     if when is None:
         claims = jwt_claims(saved.get("access_token"))
         exp = claims.get("exp")
         plausible = isinstance(exp, (int, float)) and not isinstance(exp, bool) and 0 <= exp < MAX_TIMESTAMP
-        when = exp if plausible else None
+        when = exp - stored_offset(saved) if plausible else None
     return when
+
+
+def stored_offset(saved):
+    """The server's clock lead stored with the tokens, in seconds; 0 when unknown."""
+    offset = saved.get("clock_offset_seconds")
+    return offset if isinstance(offset, int) and not isinstance(offset, bool) and abs(offset) < MAX_TIMESTAMP else 0
 
 
 def jwt_claims(access_token):
@@ -1782,7 +1812,760 @@ def status_of(saved, path, now):
         "expires_in_seconds": int(when - now) if when is not None else None,
         "expiry": expiry_text(saved, now).replace("the access token ", ""),
         "refresh_token": "present" if saved.get("refresh_token") else "none (sign in again once the access token expires)",
+        "clock_offset_seconds": stored_offset(saved) if "clock_offset_seconds" in saved else None,
     }
+
+
+# --- Diagnosis: doctor, inspect, --verify and the clock -----------------------------------
+
+
+MAX_JWKS_BYTES = 1024 * 1024  # a JWK Set holds a few keys: a few kilobytes
+CLOCK_WARN_SECONDS, CLOCK_FAIL_SECONDS = 60, 300  # a clock that far off breaks exp and nbf checks
+DOCTOR_CHECKS = ("python", "client_id", "client_secret", "backend_url", "metadata", "issuer", "pkce", "auth_method",
+                 "redirect_uri", "proxy", "tls", "clock", "token_store", "scopes", "access_token", "refresh_token",
+                 "signature")  # doctor's order; new ones go at the end, never between
+
+
+def clock_offset(headers, received_at):
+    """Whole seconds the server's clock is ahead of this one's (negative: behind), from an
+    answer's Date header (RFC 9110 §6.6.1) received at `received_at`; None without one."""
+    import email.utils  # http.client has imported it already
+
+    value = headers.get("Date") if headers is not None else None
+    try:
+        parsed = email.utils.parsedate_tz(value) if isinstance(value, str) else None
+        return None if parsed is None else int(round(email.utils.mktime_tz(parsed) - received_at))
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def clock_text(offset):
+    """'this machine's clock is 600 s behind the server's', or None within a second."""
+    if not offset:
+        return None
+    return "this machine's clock is {} s {} the server's".format(abs(offset), "behind" if offset > 0 else "ahead of")
+
+
+class SignatureCheck:
+    """The Signature: line for a token, its keys loaded by `load_keys()` (which returns
+    `(jwks, where from)`, or `(None, why there is none)`) only when the token's alg calls
+    for a key. A failure to load them is reported in the line, and exits 1."""
+
+    def __init__(self, load_keys):
+        self.load_keys = load_keys
+        self.verdict, self.exit_code = None, EXIT_OK
+
+    def __call__(self, token):
+        def keys():
+            try:
+                return self.load_keys()
+            except FlowError as error:
+                self.exit_code = EXIT_FAILURE
+                return None, "its keys could not be fetched: " + str(error).rstrip(".")
+
+        self.verdict = check_signature(token, keys)
+        self.exit_code = max(self.exit_code, Verdict.EXIT_CODES[self.verdict.status])
+        return self.verdict.line
+
+
+def metadata_keys(metadata, backend_url, http_timeout):
+    """(jwks, url) from the metadata's jwks_uri, or (None, why not)."""
+    url = (metadata or {}).get("jwks_uri")
+    if not url:
+        return None, "the metadata has no jwks_uri, and no --jwks was given"
+    check_endpoint(url, "The metadata's jwks_uri", backend_url)
+    return fetch_jwks(url, http_timeout), url
+
+
+def fetch_jwks(url, http_timeout):
+    """The JWK Set at `url`, over the kept connection, at most MAX_JWKS_BYTES."""
+    check_transport(url, "The JWKS URL")
+    response = http_request(url, deadline=Deadline(http_timeout), limit=MAX_JWKS_BYTES)
+    if not 200 <= response.status < 300:
+        raise FlowError("Request to {} failed ({}): {}".format(url, response.status, excerpt(response.body)),
+                        status=response.status)
+    return json_object(url, response)
+
+
+def jwks_file(path):
+    """The JWK Set (or lone JWK) in the file at `path`; FlowError (exit 2) when it is none."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_JWKS_BYTES + 1)
+    except OSError as error:
+        raise FlowError("Cannot read the JWKS file {}: {}.".format(path, error.strerror or error), EXIT_USAGE)
+    try:
+        value = parse_json(data.decode("utf-8")) if len(data) <= MAX_JWKS_BYTES else None
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise FlowError("The JWKS file {} is not a JSON object of at most {} bytes (a JWK Set, RFC 7517 §5).".format(
+            path, MAX_JWKS_BYTES), EXIT_USAGE)
+    return value
+
+
+def inspect_command(argv, environ, console, stdin):
+    """`inspect`: the access token's header and claims as step 9 prints them, then one
+    Signature: line, then its iss, exp and nbf against the issuer and the clock. The token
+    comes from the token store, or from stdin (`inspect -`): never from an argument,
+    which ps and shell history would show. Exit 1 only when the signature is INVALID or
+    its keys could not be fetched."""
+    args = parse_args("inspect", argv)
+    if args.token not in (None, "-"):
+        raise FlowError("inspect takes a token on standard input (inspect -), never as an argument: ps and shell "
+                        "history would show it.", EXIT_USAGE)
+    local_keys = jwks_file(args.jwks) if args.jwks and not re.match(r"(?i)https?://", args.jwks) else None
+    saved = {}
+    if args.token == "-":
+        token = stdin.read().strip()
+        if not token:
+            raise FlowError("No token on standard input: pipe one in, e.g. ... token | glean_oauth.py inspect -",
+                            EXIT_USAGE)
+    else:
+        named = named_backend(environ, args.backend_url)
+        saved = load_store(Tenants(open_store(args.token_file, environ)).select(*named), environ, console, named)
+        token = saved.get("access_token") if isinstance(saved.get("access_token"), str) else ""
+    backend = named_backend(environ, args.backend_url)[0] or saved.get("backend_url") or ""
+    found = {"issuer": saved.get("issuer")}
+    check = SignatureCheck(lambda: (local_keys, args.jwks) if local_keys else inspect_keys(args, backend, found,
+                                                                                           console, environ))
+    header, claims = print_jwt(token, console, check)
+    if header is None:
+        check(token)
+        console.line(check.verdict.line)
+    for line in claim_checks(claims or {}, found.get("issuer"), saved.get("clock_offset_seconds"), time.time()):
+        console.line(line)
+    return check.exit_code
+
+
+def inspect_keys(args, backend, found, console, environ):
+    """inspect's keys from --jwks URL, else the jwks_uri of the backend's metadata. The
+    metadata's issuer goes into `found`."""
+    if args.jwks:
+        return fetch_jwks(args.jwks, http_timeout_setting(args, environ)), args.jwks
+    if not backend:
+        return None, "no --jwks, and no backend to find the jwks_uri of: set GLEAN_BACKEND_URL or give --jwks"
+    check_backend_url(backend)
+    settings = Settings(backend_url=backend, http_timeout=http_timeout_setting(args, environ))
+    metadata = discover_metadata(settings, console)
+    found["issuer"] = metadata.get("issuer") if isinstance(metadata.get("issuer"), str) else found["issuer"]
+    return metadata_keys(metadata, backend, settings.http_timeout)
+
+
+def claim_checks(claims, issuer, offset, now):
+    """Lines on the token's iss (against the metadata's issuer, when known), exp and nbf
+    (server times: against this clock plus `offset`, the server's lead, when known).
+    Reported only: they never change the exit code."""
+    lines = []
+    iss = claims.get("iss")
+    if issuer and iss is not None:
+        lines.append("Issuer: " + ("matches the metadata's issuer" if iss == issuer else "{} is not the metadata's "
+                                   "issuer {}".format(one_line(json.dumps(iss)), one_line(issuer))))
+    offset = offset if isinstance(offset, int) and not isinstance(offset, bool) else 0
+    by_server = " by the server's clock: {}".format(clock_text(offset)) if offset else ""
+    for claim, label, before, after in (("exp", "Expires", "valid", "expired"), ("nbf", "Not before", "not yet valid",
+                                                                                "in effect")):
+        value = claims.get(claim)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < MAX_TIMESTAMP:
+            minutes = int(abs(value - now - offset) // 60)
+            relative = "in {} min".format(minutes) if value > now + offset else "{} min ago".format(minutes)
+            lines.append("{}: {} ({}, {}{})".format(label, iso_time(value), before if value > now + offset else after,
+                                                   relative, by_server))
+    return lines
+
+
+def doctor_command(argv, environ, console, stdin):
+    """`doctor`: every check of DOCTOR_CHECKS that can be made, each ok, warn or fail with
+    one line and a fix, as a block to paste into a support ticket. Never signs in, never
+    refreshes, never shows a token, a code or the secret. Exit 1 when a check failed."""
+    args = parse_args("doctor", argv)
+    doctor = Doctor(args, environ, console)
+    checks = [doctor.check(name) for name in DOCTOR_CHECKS]
+    about = doctor.about()
+    if args.json:
+        console.result(dict(about, checks=checks))
+    else:
+        console.line("glean_oauth.py doctor: paste this block into a support ticket as it is; it holds no token "
+                     "and no secret.")
+        for label, key in (("Version", "version"), ("Python", "python"), ("OS", "os"), ("Time", "time")):
+            console.line("{:<9} {}".format(label + ":", about[key]))
+        console.line()
+        for check in checks:
+            console.line("{:<5} {:<14} {}".format(check["status"], check["check"], check["detail"]))
+            if check["fix"]:
+                console.line("{:<20} fix: {}".format("", check["fix"]))
+        counts = [sum(check["status"] == status for check in checks) for status in ("ok", "warn", "fail")]
+        console.line("\n{} checks: {} ok, {} warn, {} fail".format(len(checks), *counts))
+    return EXIT_FAILURE if any(check["status"] == "fail" for check in checks) else EXIT_OK
+
+
+class Doctor:
+    """doctor's checks, one method each (`_<check>`), returning (status, detail, fix).
+    What one finds (the settings, the metadata, the store) serves the ones after it."""
+
+    def __init__(self, args, environ, console):
+        self.args, self.environ, self.console = args, environ, console
+        self.http_timeout = http_timeout_setting(args, environ)
+        try:
+            self.named, self.named_problem = named_backend(environ, args.backend_url), None
+        except FlowError as error:  # two variables naming two backends: the backend_url check says so
+            self.named, self.named_problem = ("", None), error
+        self.backend = ""  # once the backend_url check has found it usable
+        self.metadata, self.offset, self.failure = None, None, None  # failure: the metadata request's FlowError
+        self._stored = None
+
+    def check(self, name):
+        """One check as doctor prints it: {"check", "status", "detail", "fix"}."""
+        try:
+            status, detail, fix = getattr(self, "_" + name)()
+        except FlowError as error:
+            status, detail, fix = "fail", str(error), ""
+        return {"check": name, "status": status, "detail": one_line(detail), "fix": one_line(fix)}
+
+    def about(self):
+        import platform
+
+        return {"version": "glean_oauth.py " + __version__,
+                "python": "{} {}".format(platform.python_implementation(), platform.python_version()),
+                "os": "{} {} ({})".format(platform.system(), platform.release(), platform.machine()),
+                "time": iso_time(time.time())}
+
+    def stored(self):
+        """(store, saved or None, the problem reading it or None), read once."""
+        if self._stored is None:
+            store, saved, problem = None, None, None
+            try:
+                store = Tenants(open_store(self.args.token_file, self.environ)).select(*self.named)
+                saved = store.read()
+            except FlowError as error:
+                problem = str(error)
+            self._stored = (store, saved, problem)
+        return self._stored
+
+    def saved(self):
+        return self.stored()[1] or {}
+
+    def _python(self):
+        return "ok", self.about()["python"] + " (3.6 or newer is needed)", ""
+
+    def _client_id(self):
+        value = _setting(self.args.client_id, self.environ, "CLIENT_ID")
+        stored = self.saved().get("client_id")
+        if value in ("", PLACEHOLDERS["CLIENT_ID"]):
+            if stored:
+                return "ok", "{} (from the token store)".format(stored), ""
+            return "fail", "not set", "Set CLIENT_ID to your static OAuth client's id, or give --client-id."
+        where = "--client-id" if self.args.client_id else "CLIENT_ID"
+        if stored and stored != value:
+            return "warn", "{} ({}), but the stored tokens were issued to {}".format(value, where, stored), \
+                "Unset CLIENT_ID, or sign in as {} with: python3 glean_oauth.py login".format(value)
+        return "ok", "{} ({})".format(value, where), ""
+
+    def _client_secret(self):
+        secret = client_secret(self.environ, self.args.client_secret_file)
+        if self.auth_method() == "none":
+            return "ok", "not needed: the auth method is none", ""
+        if secret in ("", PLACEHOLDERS["CLIENT_SECRET"]):
+            return "warn", "not set: login, a refresh and logout need it", \
+                "Set CLIENT_SECRET, or CLIENT_SECRET_FILE to a file only you can read."
+        where = "--client-secret-file" if (self.args.client_secret_file or "").strip() else \
+            "CLIENT_SECRET" if self.environ.get("CLIENT_SECRET", "").strip() else "CLIENT_SECRET_FILE"
+        return "ok", "set ({}; {} characters, never shown)".format(where, len(secret)), ""
+
+    def _backend_url(self):
+        if self.named_problem:
+            raise self.named_problem
+        backend, named_by = self.named
+        if not backend:
+            backend, named_by = self.saved().get("backend_url") or "", "from the token store"
+        if not backend:
+            return "fail", "not set", "Set GLEAN_BACKEND_URL to your Glean backend, e.g. https://acme-be.glean.com."
+        check_backend_url(backend)
+        self.backend = backend
+        return "ok", "{} ({})".format(backend, named_by), ""
+
+    def _metadata(self):
+        if not self.backend:
+            return "warn", "not checked: no backend URL", "Set GLEAN_BACKEND_URL."
+        url = self.backend + METADATA_PATH
+        try:
+            answer, served = self.get(url), url
+            if answer.status == 404:
+                answer, served = self.get(url + ISSUER_PATH), url + ISSUER_PATH
+        except FlowError as error:
+            self.failure = error
+            raise
+        if answer.status == 404:
+            return "fail", "{} and {} both answered 404: the tenant's OAuth authorization server may be turned " \
+                "off".format(url, served), "Ask a Glean admin whether OAuth is enabled for this tenant, and " \
+                "check GLEAN_BACKEND_URL."
+        metadata = json_object(served, answer) if 200 <= answer.status < 300 else None
+        if metadata is None:
+            return "fail", "{} answered {}: {}".format(served, answer.status, excerpt(answer.body)), \
+                "Check GLEAN_BACKEND_URL: it must be the backend (…-be.glean.com), not the web app."
+        for key in ENDPOINTS:
+            if key in metadata or key != "revocation_endpoint":
+                check_endpoint(metadata.get(key), "The metadata's " + key, self.backend)
+        self.metadata = metadata
+        return "ok", "served by {}{}".format(served, "" if served == url else " (the RFC 8414 path form; "
+                                             "the root one answered 404)"), ""
+
+    def get(self, url):
+        """GET `url`; the server's clock is read from the answer's Date."""
+        answer = http_request(url, deadline=Deadline(self.http_timeout))
+        offset = clock_offset(answer.headers, time.time())
+        self.offset = offset if offset is not None else self.offset
+        return answer
+
+    def auth_method(self):
+        return self.args.auth_method or self.saved().get("auth_method") or "client_secret_post"
+
+    def _issuer(self):
+        if self.metadata is None:
+            return "warn", "not checked: no metadata", "See the metadata check."
+        issuer, glean_shape = self.metadata.get("issuer"), self.backend + ISSUER_PATH
+        if not isinstance(issuer, str) or not issuer:
+            return "warn", "the metadata names no issuer (RFC 8414 §2 requires one)", "Ask Glean support."
+        if issuer != glean_shape:
+            return "warn", "{}: not {}, the shape of Glean's issuer".format(issuer, glean_shape), \
+                "Check that GLEAN_BACKEND_URL is your tenant's backend."
+        return "ok", "{} (Glean's {{backend}}/oauth)".format(issuer), ""
+
+    def _pkce(self):
+        return self.listed("code_challenge_methods_supported", "S256", "PKCE S256",
+                           "This flow needs S256: ask a Glean admin or Glean support.")
+
+    def _auth_method(self):
+        offered = (self.metadata or {}).get("token_endpoint_auth_methods_supported")
+        fix = "Choose one it offers with --auth-method ({}).".format(
+            ", ".join(map(str, offered)) if isinstance(offered, list) else "")
+        return self.listed("token_endpoint_auth_methods_supported", self.auth_method(),
+                           "auth method " + self.auth_method(), fix)
+
+    def listed(self, key, value, what, fix):
+        """Whether the metadata's list `key` names `value`."""
+        if self.metadata is None:
+            return "warn", "not checked: no metadata", "See the metadata check."
+        values = self.metadata.get(key)
+        if values is None:
+            return "warn", "the metadata has no {}: {} is not known to be supported".format(key, what), \
+                "Nothing, if sign-in works; else ask Glean support."
+        if not isinstance(values, list) or value not in values:
+            return "fail", "{} is not in the metadata's {} ({})".format(what, key, one_line(json.dumps(values))), fix
+        return "ok", "{} advertised".format(what), ""
+
+    def _redirect_uri(self):
+        uri = _setting(self.args.redirect_uri, self.environ, "REDIRECT_URI", DEFAULT_REDIRECT_URI)
+        check_redirect_uri(uri)
+        parts = urllib.parse.urlsplit(uri)
+        port = 80 if parts.port is None else parts.port
+        if port == 0:
+            return "ok", "{} (port 0: any free port, as registered loopback URIs allow)".format(uri), ""
+        try:
+            CallbackListener(uri).close()  # bound as the sign-in binds it, and let go
+        except FlowError as error:
+            return "fail", "{}: {}".format(uri, str(error).split(". ")[0]), "Stop what holds port {} (another sign-in?), or register another loopback " \
+                "redirect URI on the client and set REDIRECT_URI to it.".format(port)
+        return "ok", "{} (loopback; port {} is free now)".format(uri, port), ""
+
+    def _proxy(self):
+        if not self.backend:
+            return "warn", "not checked: no backend URL", "Set GLEAN_BACKEND_URL."
+        parts = urllib.parse.urlsplit(self.backend)
+        proxy = _proxy_for(parts.scheme, parts.hostname)
+        if proxy:
+            return "ok", "{}:{} (HTTPS_PROXY), tunnelled with CONNECT".format(_bracketed(proxy.hostname),
+                                                                            proxy.port or 80), ""
+        if parts.scheme != "https" or is_loopback(parts.hostname):
+            why = "the backend is on this machine"
+        elif any(name.lower() == "https_proxy" and value.strip() for name, value in os.environ.items()):
+            why = "NO_PROXY exempts {}".format(parts.hostname)
+        else:
+            why = "HTTPS_PROXY is not set"
+        return "ok", "none: {}".format(why), ""
+
+    def _tls(self):
+        if not self.backend.startswith("https://"):
+            return "ok", "not used: the backend is plain http on this machine", ""
+        import ssl
+
+        _tls_context()  # a SSL_CERT_FILE that cannot be used fails here
+        paths = ssl.get_default_verify_paths()
+        source = next(("{} {}".format(name, os.environ[name]) for name in ("SSL_CERT_FILE", "SSL_CERT_DIR")
+                       if os.environ.get(name)), None) or "the system's ({})".format(
+                           paths.cafile or paths.capath or "OpenSSL's default store")
+        source += ", " + ssl.OPENSSL_VERSION
+        if self.metadata is not None:
+            return "ok", "the backend's certificate verified; trusted CAs from {}".format(source), ""
+        if self.failure and "TLS certificate" in str(self.failure):
+            return "fail", "the backend's certificate is not trusted; trusted CAs from {}".format(source), \
+                "Behind a corporate proxy or CA, set SSL_CERT_FILE to its CA bundle (PEM)."
+        return "warn", "not checked: the backend did not answer; trusted CAs from {}".format(source), \
+            "See the metadata check."
+
+    def _clock(self):
+        if self.offset is None:
+            return "warn", "not checked: no Date header from the server", "See the metadata check."
+        if abs(self.offset) <= CLOCK_WARN_SECONDS:
+            return "ok", "within {} s of the server's (its Date header)".format(abs(self.offset)), ""
+        fix = "Set this machine's clock right (turn on NTP): tokens' exp and nbf are the server's times."
+        return ("fail" if abs(self.offset) > CLOCK_FAIL_SECONDS else "warn"), clock_text(self.offset), fix
+
+    def _token_store(self):
+        store, saved, problem = self.stored()
+        if problem:
+            return "fail", problem, "Fix what it says, or start over: python3 glean_oauth.py logout --local, then login."
+        if saved is None:
+            return "warn", "no tokens at {} yet".format(store.path), "Sign in with: " + store.command("login")
+        info = os.stat(store.path)
+        owner = info.st_uid
+        if os.name == "posix":
+            import pwd
+
+            try:
+                owner = pwd.getpwuid(info.st_uid).pw_name
+            except KeyError:
+                pass
+        detail = "{} (owner {}, mode {:o}, for {})".format(store.path, owner, info.st_mode & 0o777,
+                                                           one_line(str(saved.get("backend_url"))))
+        interrupted = store.interrupted_refresh()
+        if interrupted:
+            return "warn", "{}: a refresh was interrupted after it was sent ({})".format(detail, interrupted), \
+                "Run python3 glean_oauth.py token: it says whether the refresh token still works."
+        if os.name == "posix" and info.st_mode & 0o044:
+            return "warn", detail + ": other users can read it", "Run chmod 600 " + _shell_word(store.path)
+        if self.backend and saved.get("backend_url") not in (None, self.backend):
+            return "warn", detail + ": not for " + self.backend, "Sign in there with: " + store.command("login")
+        return "ok", detail, ""
+
+    def _scopes(self):
+        saved = self.stored()[1]
+        if not saved:
+            return "warn", "not checked: no tokens stored", "Sign in with login."
+        granted, requested = granted_scope(saved), saved.get("requested_scope") or ""
+        have = set((granted or "").lower().split())
+        missing = [scope for scope in requested.split() if scope.lower() not in have]
+        detail = "granted: {}; requested: {}".format(granted or "(not said)", requested or "(none named)")
+        if granted is None:
+            return "warn", detail, "Nothing to do if the Chat API answers; the server did not say what it granted."
+        if missing or "chat" not in have:
+            return "warn", detail + "; missing: " + " ".join(missing or ["chat"]), \
+                "Give the static client these scopes in Glean's admin console, then sign in again (login --force)."
+        if "offline_access" not in have and not saved.get("refresh_token"):
+            return "warn", detail + "; no offline_access", "Sign in with --scope \"... offline_access\" (login --force)."
+        return "ok", detail, ""
+
+    def _access_token(self):
+        saved = self.stored()[1]
+        if not saved:
+            return "warn", "not checked: no tokens stored", "Sign in with login."
+        if not saved.get("access_token"):
+            return "fail", "the store holds no access token", "Sign in again with login --force."
+        now, when = time.time(), expires_at(saved)
+        if when is None:
+            return "warn", "its expiry is unknown (no expires_in, not a JWT with exp)", "Nothing, if it works."
+        if when > now:
+            return "ok", expiry_text(saved, now).replace("the access token ", ""), ""
+        if saved.get("refresh_token"):
+            return "warn", expiry_text(saved, now).replace("the access token ", "") + "; the refresh token can " \
+                "renew it", "Nothing: token, exec and TokenProvider refresh it when they need it."
+        return "fail", expiry_text(saved, now).replace("the access token ", "") + ", and there is no refresh token", \
+            "Sign in again with: " + self.stored()[0].command("login")
+
+    def _refresh_token(self):
+        saved = self.stored()[1]
+        if not saved:
+            return "warn", "not checked: no tokens stored", "Sign in with login."
+        if saved.get("refresh_token"):
+            return "ok", "present (never shown)", ""
+        return "warn", "none: the access token cannot be renewed", OFFLINE_ACCESS_HINT
+
+    def _signature(self):
+        saved = self.stored()[1]
+        if not saved or not isinstance(saved.get("access_token"), str):
+            return "warn", "not checked: no access token stored", "Sign in with login."
+        check = SignatureCheck(lambda: metadata_keys(self.metadata, self.backend, self.http_timeout)
+                               if self.metadata else (None, "no metadata to find the jwks_uri in"))
+        check(saved["access_token"])
+        status = {"valid": "ok", "INVALID": "fail"}.get(check.verdict.status, "warn")
+        fixes = {"ok": "", "fail": "The token is not signed by a key its issuer publishes: sign in again, and "
+                                   "check GLEAN_BACKEND_URL.", "warn": "Nothing, if the Chat API takes the token."}
+        return status, check.verdict.line.replace("Signature: ", "", 1), fixes[status]
+
+
+# --- Signatures: JWS checked in pure Python (inspect, doctor, --verify) -------------------
+
+
+# A diagnostic, never a gate: RFC 9068 §6 has clients treat access tokens as opaque, so
+# nothing here decides whether `token` hands one out. It answers an admin's question: is
+# this token really from my tenant's issuer, and signed with which key?
+JWS_ALGORITHMS = {  # RFC 7518 §3.1: alg -> (key type, hash, padding or curve)
+    "RS256": ("RSA", "sha256", "PKCS1"), "RS384": ("RSA", "sha384", "PKCS1"), "RS512": ("RSA", "sha512", "PKCS1"),
+    "PS256": ("RSA", "sha256", "PSS"), "PS384": ("RSA", "sha384", "PSS"), "PS512": ("RSA", "sha512", "PSS"),
+    "ES256": ("EC", "sha256", "P-256"), "ES384": ("EC", "sha384", "P-384"), "ES512": ("EC", "sha512", "P-521"),
+}
+# RFC 8017 §9.2 note 1: DigestInfo's DER up to the hash value itself.
+DIGEST_INFO = {
+    "sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
+    "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
+    "sha512": bytes.fromhex("3051300d060960864801650304020305000440"),
+}
+MIN_RSA_BITS = 2048  # RFC 7518 §3.3 and §3.5: a smaller key must not be used
+
+
+def _hex(*parts):
+    return int("".join(parts), 16)
+
+
+# The NIST curves of RFC 7518 §3.4 (FIPS 186-4 §D.1.2): p, b, the base point G and its
+# order n. Their a is -3.
+CURVES = {
+    "P-256": (2 ** 256 - 2 ** 224 + 2 ** 192 + 2 ** 96 - 1,
+              _hex("5ac635d8aa3a93e7b3ebbd55769886bc651d06b0cc53b0f63bce3c3e27d2604b"),
+              (_hex("6b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296"),
+               _hex("4fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5")),
+              _hex("ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551")),
+    "P-384": (2 ** 384 - 2 ** 128 - 2 ** 96 + 2 ** 32 - 1,
+              _hex("b3312fa7e23ee7e4988e056be3f82d19181d9c6efe8141120314088f5013875a",
+                   "c656398d8a2ed19d2a85c8edd3ec2aef"),
+              (_hex("aa87ca22be8b05378eb1c71ef320ad746e1d3b628ba79b9859f741e082542a38",
+                    "5502f25dbf55296c3a545e3872760ab7"),
+               _hex("3617de4a96262c6f5d9e98bf9292dc29f8f41dbd289a147ce9da3113b5f0b8c0",
+                    "0a60b1ce1d7e819d7a431d7c90ea0e5f")),
+              _hex("ffffffffffffffffffffffffffffffffffffffffffffffffc7634d81f4372ddf",
+                   "581a0db248b0a77aecec196accc52973")),
+    "P-521": (2 ** 521 - 1,
+              _hex("0051953eb9618e1c9a1f929a21a0b68540eea2da725b99b315f3b8b489918ef1",
+                   "09e156193951ec7e937b1652c0bd3bb1bf073573df883d2c34f1ef451fd46b503f00"),
+              (_hex("00c6858e06b70404e9cd9e3ecb662395b4429c648139053fb521f828af606b4d",
+                    "3dbaa14b5e77efe75928fe1dc127a2ffa8de3348b3c1856a429bf97e7e31c2e5bd66"),
+               _hex("011839296a789a3bc0045c8a5fb42c7d1bd998f54449579b446817afbd17273e",
+                    "662c97ee72995ef42640c550b9013fad0761353c7086a272c24088be94769fd16650")),
+              _hex("01ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+                   "fa51868783bf2f966b7fcc0148f709a5d03bb5c9b8899c47aebb6fb71e91386409")),
+}
+
+
+def verify_pkcs1(n, e, hash_name, message, signature):
+    """RSASSA-PKCS1-v1_5-VERIFY (RFC 8017 §8.2.2), by encode-then-compare: the expected
+    encoding is built and compared whole, so no padding is ever parsed (the way
+    Bleichenbacher's forgeries get in)."""
+    import hashlib
+    import hmac
+
+    k = (n.bit_length() + 7) // 8
+    s = int.from_bytes(signature, "big")
+    if len(signature) != k or s >= n:
+        return False
+    digest_info = DIGEST_INFO[hash_name] + hashlib.new(hash_name, message).digest()
+    expected = b"\x00\x01" + b"\xff" * (k - 3 - len(digest_info)) + b"\x00" + digest_info
+    return hmac.compare_digest(pow(s, e, n).to_bytes(k, "big"), expected)
+
+
+def verify_pss(n, e, hash_name, message, signature):
+    """RSASSA-PSS-VERIFY (RFC 8017 §8.1.2, EMSA-PSS-VERIFY §9.1.2) with MGF1 on the same
+    hash and a salt as long as the hash (RFC 7518 §3.5)."""
+    import hashlib
+    import hmac
+
+    def digest(data):
+        return hashlib.new(hash_name, data).digest()
+
+    h_len = s_len = hashlib.new(hash_name).digest_size
+    em_bits = n.bit_length() - 1
+    em_len = (em_bits + 7) // 8
+    s = int.from_bytes(signature, "big")
+    if len(signature) != (n.bit_length() + 7) // 8 or s >= n or em_len < h_len + s_len + 2:
+        return False
+    m = pow(s, e, n)
+    if m.bit_length() > em_bits:  # the leftmost 8emLen - emBits bits must be zero (step 6)
+        return False
+    em = m.to_bytes(em_len, "big")
+    masked_db, h = em[:em_len - h_len - 1], em[em_len - h_len - 1:-1]
+    if em[-1:] != b"\xbc":
+        return False
+    mask = b"".join(digest(h + counter.to_bytes(4, "big")) for counter in range(-(-len(masked_db) // h_len)))
+    db = bytes(a ^ b for a, b in zip(masked_db, mask))
+    db = bytes([db[0] & (0xff >> (8 * em_len - em_bits))]) + db[1:]
+    padding, salt = db[:-s_len], db[-s_len:]
+    if padding != b"\x00" * (len(padding) - 1) + b"\x01":
+        return False
+    return hmac.compare_digest(digest(b"\x00" * 8 + digest(message) + salt), h)
+
+
+def verify_ecdsa(curve, x, y, hash_name, message, signature):
+    """ECDSA verification (FIPS 186-4 §6.4.2, SEC 1 §4.1.4) of a JWS signature, which is
+    R || S, each as long as the curve's size (RFC 7518 §3.4). The key must be a point on
+    the curve and 0 < r, s < n."""
+    import hashlib
+
+    p, b, g, n = CURVES[curve]
+    size = (p.bit_length() + 7) // 8
+    if len(signature) != 2 * size or not (0 <= x < p and 0 <= y < p) or (y * y - x * x * x + 3 * x - b) % p:
+        return False
+    r, s = int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
+    if not (0 < r < n and 0 < s < n):
+        return False
+    digest = hashlib.new(hash_name, message).digest()
+    e = int.from_bytes(digest, "big") >> max(0, 8 * len(digest) - n.bit_length())
+    w = pow(s, n - 2, n)  # n is prime: Fermat's inverse (pow(s, -1, n) needs 3.8)
+    point = _shamir(p, (e * w) % n, (g[0], g[1], 1), (r * w) % n, (x, y, 1))
+    if point is None:
+        return False
+    z_inverse = pow(point[2], p - 2, p)
+    return (point[0] * z_inverse * z_inverse) % p % n == r
+
+
+def _shamir(p, u1, g, u2, q):
+    """u1·G + u2·Q in Jacobian coordinates, one pass over the bits of both (Shamir's trick)."""
+    both = _add(p, g, q)
+    result = None
+    for bit in range(max(u1.bit_length(), u2.bit_length()) - 1, -1, -1):
+        result = _double(p, result)
+        chosen = (both, q, g, None)[((u1 >> bit) & 1 ^ 1) + 2 * ((u2 >> bit) & 1 ^ 1)]
+        result = _add(p, result, chosen)
+    return result
+
+
+def _double(p, point):
+    """2·P on a curve with a = -3, in Jacobian coordinates; None is the point at infinity."""
+    if point is None or point[1] == 0:
+        return None
+    x, y, z = point
+    yy, zz = y * y % p, z * z % p
+    s = 4 * x * yy % p
+    m = 3 * (x - zz) * (x + zz) % p
+    x3 = (m * m - 2 * s) % p
+    return x3, (m * (s - x3) - 8 * yy * yy) % p, 2 * y * z % p
+
+
+def _add(p, one, other):
+    """P + Q in Jacobian coordinates; None is the point at infinity."""
+    if one is None or other is None:
+        return other if one is None else one
+    (x1, y1, z1), (x2, y2, z2) = one, other
+    z1z1, z2z2 = z1 * z1 % p, z2 * z2 % p
+    u1, u2 = x1 * z2z2 % p, x2 * z1z1 % p
+    s1, s2 = y1 * z2 * z2z2 % p, y2 * z1 * z1z1 % p
+    if u1 == u2:
+        return _double(p, one) if s1 == s2 else None
+    h, r = (u2 - u1) % p, (s2 - s1) % p
+    hh = h * h % p
+    hhh, v = h * hh % p, u1 * hh % p
+    x3 = (r * r - hhh - 2 * v) % p
+    return x3, (r * (v - x3) - s1 * hhh) % p, h * z1 * z2 % p
+
+
+class Verdict:
+    """What a signature check found: `status` "valid", "INVALID" or "not checked", and
+    why (`detail`); `line` is the one line inspect and --verify print."""
+
+    EXIT_CODES = {"valid": EXIT_OK, "INVALID": EXIT_FAILURE, "not checked": EXIT_OK}
+
+    def __init__(self, status, detail):
+        self.status, self.detail = status, detail
+
+    @property
+    def line(self):
+        return "Signature: {} ({})".format(self.status, self.detail)
+
+
+def check_signature(token, load_keys):
+    """The Verdict on `token`'s signature. `load_keys()` returns `(jwks, where from)`, or
+    `(None, why there are none)`; it is called only once the alg calls for a key. The
+    rules, in this order: alg none is INVALID whatever the third part holds; an alg not
+    implemented here is not checked; then the key: an unknown kid, a key of another type
+    or one whose alg or curve forbids the token's alg is INVALID."""
+    segments = token.split(".")
+    try:
+        header = decode_jwt_part(segments[0]) if len(segments) == 3 else None
+    except ValueError:
+        header = None
+    if header is None:
+        return Verdict("not checked", "the token is not a JWS: three base64url parts, a JSON header first")
+    alg = header.get("alg")
+    if isinstance(alg, str) and alg.lower() == "none":
+        return Verdict("INVALID", "alg none: the token is not signed at all")
+    if alg not in JWS_ALGORITHMS:
+        reason = "a shared-key MAC, which only its issuer can check" if str(alg).startswith("HS") else \
+            "not one this file implements ({})".format(", ".join(JWS_ALGORITHMS))
+        return Verdict("not checked", "alg {}: {}".format(one_line(json.dumps(alg)), reason))
+    jwks, source = load_keys()
+    if jwks is None:
+        return Verdict("not checked", source)
+    keys = signing_keys(jwks)
+    if not keys:
+        return Verdict("not checked", "the JWKS from {} has no signing keys".format(source))
+    kid = header.get("kid")
+    candidates = [key for key in keys if key.get("kid") == kid] if kid is not None else keys
+    if not candidates:
+        return Verdict("INVALID", "no key {} in the JWKS from {}".format(one_line(json.dumps(kid)), source))
+    try:
+        signature = _b64decode(segments[2])
+    except ValueError:
+        return Verdict("INVALID", "the signature is not base64url")
+    message = (segments[0] + "." + segments[1]).encode("utf-8", "surrogatepass")
+    problems = []
+    for key in candidates:
+        problem = key_problem(key, alg) or (None if verify_with_key(key, alg, message, signature) else
+                                            "the signature does not match {}".format(_key_name(key)))
+        if problem is None:
+            return Verdict("valid", "{}, {} from {}".format(alg, _key_name(key), source))
+        problems.append(problem)
+    return Verdict("INVALID", problems[0] if len(problems) == 1 else "no key in the JWKS from {} verifies it: "
+                   "{}".format(source, "; ".join(problems)))
+
+
+def signing_keys(jwks):
+    """The keys of a JWK Set that can sign: RSA and EC keys, with no `use` or `use` sig
+    (RFC 7517 §4.2); the others are skipped. A lone JWK counts as a set of one."""
+    keys = jwks.get("keys") if "keys" in jwks else [jwks]
+    return [key for key in (keys if isinstance(keys, list) else [])
+            if isinstance(key, dict) and key.get("kty") in ("RSA", "EC") and key.get("use", "sig") == "sig"]
+
+
+def key_problem(key, alg):
+    """Why `key` cannot have made an `alg` signature (RFC 7517 §4.4, RFC 7518 §6), or None."""
+    kty, _, curve = JWS_ALGORITHMS[alg]
+    name = _key_name(key)
+    if key.get("kty") != kty:
+        return "{} is an {} key, and {} needs an {} key".format(name, key.get("kty"), alg, kty)
+    if "alg" in key and key["alg"] != alg:
+        return "{} is for {}, not {}".format(name, one_line(json.dumps(key["alg"])), alg)
+    if kty == "EC" and key.get("crv") != curve:
+        return "{} is on the curve {}, and {} needs {}".format(name, one_line(json.dumps(key.get("crv"))), alg, curve)
+    try:
+        numbers = [_b64int(key.get(field)) for field in (("n", "e") if kty == "RSA" else ("x", "y"))]
+    except ValueError:
+        return "{} is malformed: its {} are not base64url numbers".format(name, "n and e" if kty == "RSA" else "x and y")
+    if kty == "RSA" and numbers[0].bit_length() < MIN_RSA_BITS:
+        return "{} has {} bits, under the {} RFC 7518 §3.3 asks for".format(name, numbers[0].bit_length(),
+                                                                           MIN_RSA_BITS)
+    return None
+
+
+def verify_with_key(key, alg, message, signature):
+    """True when `signature` is `key`'s `alg` signature of `message` (key_problem first)."""
+    kty, hash_name, scheme = JWS_ALGORITHMS[alg]
+    if kty == "EC":
+        return verify_ecdsa(scheme, _b64int(key["x"]), _b64int(key["y"]), hash_name, message, signature)
+    verify = verify_pkcs1 if scheme == "PKCS1" else verify_pss
+    return verify(_b64int(key["n"]), _b64int(key["e"]), hash_name, message, signature)
+
+
+def _key_name(key):
+    return "key {}".format(one_line(json.dumps(key["kid"]))) if "kid" in key else "the key with no kid"
+
+
+def _b64decode(text):
+    """base64url without padding (RFC 7515 §2); ValueError for anything else."""
+    if not isinstance(text, str) or not JWT_SEGMENT.match(text) or len(text) % 4 == 1:
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _b64int(text):
+    return int.from_bytes(_b64decode(text), "big")
 
 
 # --- The command line ---------------------------------------------------------------------
@@ -1881,6 +2664,10 @@ FLAGS = {
                                               "secret, a server that is down)"),
     "--client-secret-file": dict(metavar="PATH", help="read the client secret from the first line of this file, "
                                                       "yours and not writable by others (CLIENT_SECRET_FILE)"),
+    "--verify": dict(action="store_true", help="step 9 also checks the access token's signature with the keys at "
+                                               "the metadata's jwks_uri: a Signature: line instead of the doc's"),
+    "--jwks": dict(metavar="URL_OR_FILE", help="the keys to check the signature with: a JWK Set's URL, or a file "
+                                               "(then no configuration and no request); default: the jwks_uri"),
 }
 
 SIGN_IN_FLAGS = ["--backend-url", "--client-id", "--client-secret-file", "--redirect-uri", "--auth-method", "--scope",
@@ -1906,6 +2693,17 @@ COMMANDS = {
                                            "cannot be read; 3 sign-in needed"),
     "logout": (logout_command, "revoke the tokens where the server can, and delete them (--local: only delete them)",
                ["--backend-url", "--token-file", "--http-timeout", "--local", "--all", "--client-secret-file"], None),
+    "doctor": (doctor_command, "check the client's setup, the server and the store; a block for a support ticket",
+               ["--backend-url", "--client-id", "--client-secret-file", "--redirect-uri", "--auth-method",
+                "--token-file", "--json", "--http-timeout"],
+               "It never signs in, never refreshes, and never shows a token or the secret.\n"
+               "exit codes: 0 no check failed; 1 a check failed; 2 bad usage"),
+    "inspect": (inspect_command, "show the stored access token's header and claims, and check its signature",
+                ["--backend-url", "--token-file", "--jwks", "--http-timeout"],
+                "examples:\n  python3 glean_oauth.py inspect\n"
+                "  python3 glean_oauth.py token | python3 glean_oauth.py inspect - --jwks keys.json\n"
+                "exit codes: 0 the signature is valid or was not checked; 1 it is INVALID, or its keys could not\n"
+                "be fetched; 2 bad usage"),
 }
 
 
@@ -1921,7 +2719,7 @@ def build_parser(command=None):
         )
         parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
         flags = SIGN_IN_FLAGS + ["--message", "--no-chat", "--stream", "--chat-timeout", "--json", "--token-file",
-                                 "--refresh"]
+                                 "--refresh", "--verify"]
     else:
         _, description, flags, epilog = COMMANDS[command]
         parser = _Parser(prog="glean_oauth.py " + command, description=description,
@@ -1931,7 +2729,11 @@ def build_parser(command=None):
         options = dict(FLAGS[flag], **({"choices": list(CLIENT_AUTH)} if flag == "--auth-method" else {}))
         if flag == "--min-valid" and command == "exec":
             options["default"] = EXEC_MIN_VALID  # a program may run a while: hand it a token with time left
+        if flag == "--auth-method" and command == "doctor":
+            options["default"] = None  # doctor takes the stored one, else the doc's
         parser.add_argument(flag, **options)
+    if command == "inspect":
+        parser.add_argument("token", nargs="?", metavar="-", help="read the token from standard input")
     if command == "exec":
         parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]",
                             help="the command to run (put -- before it when it starts with -)")
@@ -2078,7 +2880,7 @@ def read_more_settings(config, flags, environ, command):
     config.stream = getattr(flags, "stream", None)
     if config.stream is None:
         config.stream = environ.get("GLEAN_CHAT_STREAM", "").strip().lower() in ("1", "true", "yes")
-    for name in ("open_browser", "manual", "message", "chat", "json", "refresh", "token_file", "force"):
+    for name in ("open_browser", "manual", "message", "chat", "json", "refresh", "token_file", "force", "verify"):
         setattr(config, name, getattr(flags, name, None))
     config.refresh_token = environ.get("REFRESH_TOKEN", "").strip()
     if command is not None:  # login: its tenant's file in the token store, where the subcommands find it
@@ -2319,11 +3121,20 @@ def token_request(token_endpoint, fields, headers=None, timeout=HTTP_TIMEOUT_SEC
                             oauth_error=code)
         raise FlowError("Request to {} failed ({}): {}".format(
             token_endpoint, answer.status, excerpt(answer.body, redact)), status=answer.status)
-    response = json_object(token_endpoint, answer, redact)
+    response = TokenResponse(json_object(token_endpoint, answer, redact))
     if not isinstance(response.get("access_token"), str) or not response["access_token"]:
         raise FlowError("The token response from {} has no access_token: {}".format(
             token_endpoint, excerpt(answer.body, redact)))
+    response.clock_offset = clock_offset(answer.headers, time.time())
     return response
+
+
+class TokenResponse(dict):
+    """A token response as the server sent it, and `clock_offset`: how far the server's
+    clock (its Date header) was ahead of this one's, kept with the tokens. Never sent or
+    printed: the sections show the response alone."""
+
+    clock_offset = None
 
 
 def form_post(url, fields, headers=None, timeout=HTTP_TIMEOUT_SECONDS):
@@ -3106,7 +3917,7 @@ class Expired(TimeoutError):
         self.waiting_for = waiting_for
 
 
-def http_request(url, data=None, headers=None, deadline=None, on_line=None):
+def http_request(url, data=None, headers=None, deadline=None, on_line=None, limit=None):
     """Send one request (a POST when `data` is given) on the origin's kept-alive
     connection; return its Response.
 
@@ -3118,7 +3929,7 @@ def http_request(url, data=None, headers=None, deadline=None, on_line=None):
 
     Any status comes back, except a redirect, which raises FlowError naming where it
     pointed. Raises FlowError when no answer comes in time, when the connection fails,
-    or when the body is over MAX_RESPONSE_BYTES.
+    or when the body is over `limit` bytes (default MAX_RESPONSE_BYTES).
     """
     deadline = deadline or Deadline(HTTP_TIMEOUT_SECONDS)
     parts = urllib.parse.urlsplit(url)
@@ -3142,7 +3953,7 @@ def http_request(url, data=None, headers=None, deadline=None, on_line=None):
             _read_lines(response, url, deadline, on_line)
             body = b""
         else:
-            body = _read_limited(response, url)
+            body = _read_limited(response, url, limit or MAX_RESPONSE_BYTES)
         # Reused only when this answer was read to the end its framing gives (its length,
         # or its last chunk) and neither side asked to close: else the next request on it
         # could read the rest of this one as its answer.
@@ -3454,19 +4265,18 @@ def _reason(error, deadline):
     return one_line(str(getattr(error, "strerror", None) or error))
 
 
-def _read_limited(response, url):
-    """The body of `response`, refusing one over MAX_RESPONSE_BYTES before it is all read."""
-    if response.length is not None and response.length > MAX_RESPONSE_BYTES:
-        raise FlowError("Response from {} is {} bytes, over the {} byte limit.".format(
-            url, response.length, MAX_RESPONSE_BYTES))
+def _read_limited(response, url, limit):
+    """The body of `response`, refusing one over `limit` bytes before it is all read."""
+    if response.length is not None and response.length > limit:
+        raise FlowError("Response from {} is {} bytes, over the {} byte limit.".format(url, response.length, limit))
     chunks, size = [], 0
     while True:
         chunk = response.read(64 * 1024)
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)
-        if size > MAX_RESPONSE_BYTES:
-            raise FlowError("Response from {} is over the {} byte limit.".format(url, MAX_RESPONSE_BYTES))
+        if size > limit:
+            raise FlowError("Response from {} is over the {} byte limit.".format(url, limit))
         chunks.append(chunk)
 
 

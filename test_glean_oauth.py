@@ -79,11 +79,160 @@ def b64url(data):
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def make_jwt(header, claims):
-    """An unsigned-looking JWT: real header and claims, random bytes for a signature."""
+def make_jwt(header, claims, key=None):
+    """A JWT with a real header and claims, signed with `key` (a private JWK) by the
+    header's alg; without one, random bytes for a signature."""
     def part(obj):
         return b64url(json.dumps(obj).encode("utf-8"))
-    return "{}.{}.{}".format(part(header), part(claims), b64url(secrets.token_bytes(32)))
+    signing_input = part(header) + "." + part(claims)
+    signature = sign(header["alg"], key, signing_input.encode("ascii")) if key else secrets.token_bytes(32)
+    return signing_input + "." + b64url(signature)
+
+
+# The signer: written apart from glean_oauth.py's verifier (affine points here, Jacobian
+# there; a padding built here, compared whole there), so that one cannot share a mistake
+# with the other. RFC 7515 Appendix A's vectors check the verifier on its own.
+def b64int(text):
+    return int.from_bytes(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)), "big")
+
+
+def int64(number, size):
+    return b64url(number.to_bytes(size, "big"))
+
+
+RFC_7515_A2_KEY = {  # RFC 7515 Appendix A.2's RSA key
+    "kty": "RSA", "e": "AQAB",
+    "n": "ofgWCuLjybRlzo0tZWJjNiuSfb4p4fAkd_wWJcyQoTbji9k0l8W26mPddxHmfHQp-Vaw-4qPCJrcS2mJPMEzP1Pt0Bm4d4QlL-yRT-SFd2lZS-"
+         "pCgNMsD1W_YpRPEwOWvG6b32690r2jZ47soMZo9wGzjb_7OMg0LOL-bSf63kpaSHSXndS5z5rexMdbBYUsLA9e-KXBdQOS-UTo7WTBEMa2R2Ca"
+         "pHg665xsmtdVMTBQY4uDZlxvb3qCo5ZwKh9kG4LT6_I5IhlJH7aGhyxXFvUK-DWNmoudF8NAco9_h9iaGNj8q2ethFkMLs91kzk2PAcDTW9gb5"
+         "4h4FRWyuXpoQ",
+    "p": "4BzEEOtIpmVdVEZNCqS7baC4crd0pqnRH_5IB3jw3bcxGn6QLvnEtfdUdiYrqBdss1l58BQ3KhooKeQTa9AB0Hw_Py5PJdTJNPY8cQn7ouZ2"
+         "KKDcmnPGBY5t7yLc1QlQ5xHdwW1VhvKn-nXqhJTBgIPgtldC-KDV5z-y2XDwGUc",
+    "q": "uQPEfgmVtjL0Uyyx88GZFF1fOunH3-7cepKmtH4pxhtCoHqpWmT8YAmZxaewHgHAjLYsp1ZSe7zFYHj7C6ul7TjeLQeZD_YwD66t62wDmpe_"
+         "HlB-TnBA-njbglfIsRLtXlnDzQkv5dTltRJ11BKBBypeeF6689rjcJIDEz9RWdc",
+}
+RFC_7515_A2_JWS = (
+    "eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxlLmNvbS9pc19yb290Ijp0cnVlfQ."
+    "cC4hiUPoj9Eetdgtv3hF80EGrhuB__dzERat0XF9g2VtQgr9PJbu3XOiZj5RZmh7AAuHIm4Bh-0Qc_lF5YKt_O8W2Fp5jujGbds9uJdbF9CUAr7t1dnZ"
+    "cAcQjbKBYNX4BAynRFdiuB--f_nZLgrnbyTyWzO75vRK5h6xBArLIARNPvkSjtQBMHlb1L07Qe7K0GarZRmB_eSN9383LcOLn6_dO--xi12jzDwusC-eO"
+    "kHWEsqtFZESc6BfI7noOPqvhJ1phCnvWh6IeYI2w9QOYEUipUTI8np6LbgGY9Fs98rqVt5AXLIhWkWywlVmtVrBp0igcN_IoypGlUPQGe77Rw")
+RFC_7515_A3_KEY = {"kty": "EC", "crv": "P-256", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+                   "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0", "d": "jpsQnnGQmL-YBIffH1136cspYG6-0iY7X1fCE9-E9LI"}
+RFC_7515_A3_JWS = (
+    "eyJhbGciOiJFUzI1NiJ9.eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxlLmNvbS9pc19yb290Ijp0cnVlfQ."
+    "DtEhU3ljbEg8L38VWAfUAqOyKAM6-Xx-F4GawxaepmXFCgfTjDxw5djxLa8ISlSApmWQxfKTUJqPP3-Kg6NU1Q")
+RFC_7515_A4_KEY = {
+    "kty": "EC", "crv": "P-521",
+    "x": "AekpBQ8ST8a8VcfVOTNl353vSrDCLLJXmPk06wTjxrrjcBpXp5EOnYG_NjFZ6OvLFV1jSfS9tsz4qUxcWceqwQGk",
+    "y": "ADSmRA43Z1DSNx_RvcLI87cdL07l6jQyyBXMoxVg_l2Th-x3S1WDhjDly79ajL4Kkd0AZMaZmh9ubmf63e3kyMj2",
+    "d": "AY5pb7A0UFiB3RELSD64fTLOSV_jazdF7fLYyuTw8lOfRhWg6Y6rUrPAxerEzgdRhajnu0ferB0d53vM9mE15j2C"}
+RFC_7515_A4_JWS = (  # its payload is the text "Payload", no JSON: a JWS, not a JWT
+    "eyJhbGciOiJFUzUxMiJ9.UGF5bG9hZA.AdwMgeerwtHoh-l192l60hp9wAHZFVJbLfD_UxMi70cwnZOYaRI1bKPWROc-mZZqwqT2SI-KGDKB34XO0aw_7"
+    "XdtAG8GaSwFKdCAPZgoXD2YBJZCPEX3xKpRwcdOO8KpEHwJjyqOgzDO7iKvU8vcnwNrmxYbSW9ERBXukOXolLzeO_Jn")
+
+
+def affine_multiple(curve, k, point):
+    """k·point on a NIST curve (a = -3), in affine coordinates; None is the point at infinity."""
+    p = glean_oauth.CURVES[curve][0]
+
+    def add(one, other):
+        if one is None or other is None:
+            return other or one
+        if one[0] == other[0] and (one[1] + other[1]) % p == 0:
+            return None
+        if one == other:
+            slope = (3 * one[0] * one[0] - 3) * inverse(2 * one[1], p) % p
+        else:
+            slope = (other[1] - one[1]) * inverse(other[0] - one[0], p) % p
+        x = (slope * slope - one[0] - other[0]) % p
+        return x, (slope * (one[0] - x) - one[1]) % p
+
+    result = None
+    for bit in bin(k)[2:]:
+        result = add(result, result)
+        if bit == "1":
+            result = add(result, point)
+    return result
+
+
+@functools.lru_cache(maxsize=None)
+def ec_key(curve, seed):
+    """A private EC JWK on `curve`, its d made from `seed`."""
+    _, _, g, n = glean_oauth.CURVES[curve]
+    size = (n.bit_length() + 7) // 8
+    d = int.from_bytes(hashlib.sha512(seed.encode()).digest() * 2, "big") % (n - 1) + 1
+    x, y = affine_multiple(curve, d, g)
+    return {"kty": "EC", "crv": curve, "x": int64(x, size), "y": int64(y, size), "d": int64(d, size)}
+
+
+def sign(alg, key, message):
+    """`alg`'s signature of `message` with the private JWK `key` (RFC 7518 §3)."""
+    hash_name = "sha" + alg[2:]
+    digest = hashlib.new(hash_name, message).digest()
+    if alg.startswith("ES"):
+        _, _, g, n = glean_oauth.CURVES[key["crv"]]
+        size, d = (n.bit_length() + 7) // 8, b64int(key["d"])
+        e = int.from_bytes(digest, "big") >> max(0, 8 * len(digest) - n.bit_length())
+        while True:
+            k = secrets.randbelow(n - 1) + 1
+            r = affine_multiple(key["crv"], k, g)[0] % n
+            s = inverse(k, n) * (e + r * d) % n
+            if r and s:
+                return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+    n, p, q = (b64int(key[name]) for name in ("n", "p", "q"))
+    size, em_bits = (n.bit_length() + 7) // 8, n.bit_length() - 1
+    if alg.startswith("RS"):  # EMSA-PKCS1-v1_5 (RFC 8017 §9.2)
+        t = glean_oauth.DIGEST_INFO[hash_name] + digest
+        encoded = b"\x00\x01" + b"\xff" * (size - len(t) - 3) + b"\x00" + t
+    else:  # EMSA-PSS-ENCODE (RFC 8017 §9.1.1), a salt as long as the hash
+        salt, em_len = secrets.token_bytes(len(digest)), (em_bits + 7) // 8
+        h = hashlib.new(hash_name, b"\x00" * 8 + digest + salt).digest()
+        db = b"\x00" * (em_len - 2 * len(digest) - 2) + b"\x01" + salt
+        mask = b"".join(hashlib.new(hash_name, h + i.to_bytes(4, "big")).digest() for i in range(len(db) // len(h) + 1))
+        masked = bytes(a ^ b for a, b in zip(db, mask))
+        encoded = bytes([masked[0] & (0xff >> (8 * em_len - em_bits))]) + masked[1:] + h + b"\xbc"
+    # The private operation by the Chinese remainder theorem: four times faster than pow(m, d, n).
+    m, (dp, dq, q_inverse) = int.from_bytes(encoded, "big"), crt_exponents(p, q, b64int(key["e"]))
+    mp, mq = pow(m, dp, p), pow(m, dq, q)
+    return ((mq + q * ((mp - mq) * q_inverse % p)) % n).to_bytes(size, "big")
+
+
+@functools.lru_cache(maxsize=None)
+def crt_exponents(p, q, e):
+    return inverse(e, p - 1), inverse(e, q - 1), inverse(q, p)
+
+
+def inverse(a, m):
+    """a⁻¹ mod m: pow(a, -1, m), or before Python 3.8 the extended Euclidean algorithm."""
+    if sys.version_info >= (3, 8):
+        return pow(a, -1, m)
+    old, r, old_s, s_ = a % m, m, 1, 0
+    while r:
+        quotient = old // r
+        old, r, old_s, s_ = r, old - quotient * r, s_, old_s - quotient * s_
+    return old_s % m
+
+
+def public(key):
+    """The public JWK of a private one."""
+    return {name: value for name, value in key.items() if name not in ("d", "p", "q", "dp", "dq", "qi")}
+
+
+STAND_IN_KEYS = {"RSA": ("rsa-1", RFC_7515_A2_KEY), "P-256": ("p256-1", RFC_7515_A3_KEY),
+                 "P-384": ("p384-1", None), "P-521": ("p521-1", RFC_7515_A4_KEY)}
+
+
+def stand_in_key(alg):
+    """(kid, private JWK) the stand-in signs `alg` with."""
+    curve = glean_oauth.JWS_ALGORITHMS[alg][2] if alg.startswith("ES") else "RSA"
+    kid, key = STAND_IN_KEYS[curve]
+    return kid, key or ec_key(curve, "stand-in " + curve)
+
+
+def stand_in_jwks():
+    """The stand-in's JWK Set: one key of each kind it signs with, public parts only."""
+    return {"keys": [dict(public(stand_in_key(alg)[1]), kid=stand_in_key(alg)[0], use="sig")
+                     for alg in ("RS256", "ES256", "ES384", "ES512")]}
 
 
 class Recorded:
@@ -136,6 +285,8 @@ class StandInGlean:
         self.stream_framing = "chunked"  # or "length": the whole stream with a Content-Length, as a buffering proxy sends it
         self.answer_deltas = None  # with --stream: the answer's text deltas (default: a word each)
         self.interim = {}  # path -> the 1xx statuses sent before its answer (102 Processing, 103 Early Hints)
+        self.signing_alg = "RS256"  # how access tokens are signed (None: random bytes for a signature)
+        self.date_skew = 0  # seconds the Date header is ahead of the real time (negative: behind)
         self.refresh_tokens = set()
         self.presented_refresh_tokens = []  # every refresh token a refresh grant sent, in order
         self.issued = []  # every token response, in order
@@ -172,6 +323,7 @@ class StandInGlean:
             "grant_types_supported": ["authorization_code", "refresh_token"],
             "code_challenge_methods_supported": ["S256"],
             "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic"],
+            "jwks_uri": self.url + "/oauth/jwks",
         }, **self.metadata_extra)
 
     def paths(self, method=None):
@@ -261,10 +413,12 @@ class StandInGlean:
 
     def _issue(self, scope=None):
         now = int(time.time())
+        kid, key = stand_in_key(self.signing_alg or "RS256")
         access_token = secrets.token_urlsafe(32) if self.opaque_tokens else make_jwt(
-            {"alg": "RS256", "kid": "stand-in", "typ": "JWT"},
+            {"alg": self.signing_alg or "RS256", "kid": kid, "typ": "JWT"},
             {"iss": self.issuer, "sub": "demo.user@example.com", "aud": self.client_id,
              "iat": now, "exp": now + 3600, "jti": secrets.token_hex(8)},
+            key if self.signing_alg else None,
         )
         self.access_tokens[access_token] = scope
         response = {"access_token": access_token, "token_type": "Bearer", "expires_in": 3600}
@@ -359,7 +513,12 @@ class _StandInHandler(BaseHTTPRequestHandler):
         metadata = lambda r: (200, {}, self.glean.metadata())
         self._serve({"/.well-known/oauth-authorization-server": metadata,
                      "/.well-known/oauth-authorization-server/oauth": metadata,  # RFC 8414 §3.1's form
-                     "/oauth/authorize": self.glean.authorize})
+                     "/oauth/authorize": self.glean.authorize,
+                     "/oauth/jwks": lambda r: (200, {}, stand_in_jwks())})
+
+    def date_time_string(self, timestamp=None):
+        """The Date header, skewed as the test asks: a server whose clock is off."""
+        return super().date_time_string((time.time() if timestamp is None else timestamp) + self.glean.date_skew)
 
     def do_POST(self):
         self._serve({"/oauth/token": self.glean.token, "/rest/api/v1/chat": self.glean.chat,
