@@ -1967,7 +1967,7 @@ def claim_checks(claims, issuer, offset, now):
                                                                                 "in effect")):
         value = claims.get(claim)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < MAX_TIMESTAMP:
-            minutes = int(abs(value - now - offset) // 60)
+            minutes = int(round(abs(value - now - offset) / 60))
             relative = "in {} min".format(minutes) if value > now + offset else "{} min ago".format(minutes)
             lines.append("{}: {} ({}, {}{})".format(label, iso_time(value), before if value > now + offset else after,
                                                    relative, by_server))
@@ -2164,8 +2164,9 @@ class Doctor:
         try:
             CallbackListener(uri).close()  # bound as the sign-in binds it, and let go
         except FlowError as error:
-            return "fail", "{}: {}".format(uri, str(error).split(". ")[0]), "Stop what holds port {} (another sign-in?), or register another loopback " \
-                "redirect URI on the client and set REDIRECT_URI to it.".format(port)
+            return "fail", "{}: {}".format(uri, str(error).split(". ")[0]), "Stop what holds port {} (another " \
+                "sign-in?), or register another loopback redirect URI on the client and set REDIRECT_URI to " \
+                "it.".format(port)
         return "ok", "{} (loopback; port {} is free now)".format(uri, port), ""
 
     def _proxy(self):
@@ -2214,7 +2215,7 @@ class Doctor:
     def _token_store(self):
         store, saved, problem = self.stored()
         if problem:
-            return "fail", problem, "Fix what it says, or start over: python3 glean_oauth.py logout --local, then login."
+            return "fail", problem, "Fix what it says, or start over: logout --local, then login."
         if saved is None:
             return "warn", "no tokens at {} yet".format(store.path), "Sign in with: " + store.command("login")
         info = os.stat(store.path)
@@ -2252,7 +2253,7 @@ class Doctor:
             return "warn", detail + "; missing: " + " ".join(missing or ["chat"]), \
                 "Give the static client these scopes in Glean's admin console, then sign in again (login --force)."
         if "offline_access" not in have and not saved.get("refresh_token"):
-            return "warn", detail + "; no offline_access", "Sign in with --scope \"... offline_access\" (login --force)."
+            return "warn", detail + "; no offline_access", "Sign in asking for offline_access (login --force)."
         return "ok", detail, ""
 
     def _access_token(self):
@@ -2537,7 +2538,8 @@ def key_problem(key, alg):
     try:
         numbers = [_b64int(key.get(field)) for field in (("n", "e") if kty == "RSA" else ("x", "y"))]
     except ValueError:
-        return "{} is malformed: its {} are not base64url numbers".format(name, "n and e" if kty == "RSA" else "x and y")
+        return "{} is malformed: its {} are not base64url numbers".format(name, "n and e" if kty == "RSA" else
+                                                                         "x and y")
     if kty == "RSA" and numbers[0].bit_length() < MIN_RSA_BITS:
         return "{} has {} bits, under the {} RFC 7518 §3.3 asks for".format(name, numbers[0].bit_length(),
                                                                            MIN_RSA_BITS)

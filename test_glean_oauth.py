@@ -191,15 +191,16 @@ def sign(alg, key, message):
         mask = b"".join(hashlib.new(hash_name, h + i.to_bytes(4, "big")).digest() for i in range(len(db) // len(h) + 1))
         masked = bytes(a ^ b for a, b in zip(db, mask))
         encoded = bytes([masked[0] & (0xff >> (8 * em_len - em_bits))]) + masked[1:] + h + b"\xbc"
-    # The private operation by the Chinese remainder theorem: four times faster than pow(m, d, n).
-    m, (dp, dq, q_inverse) = int.from_bytes(encoded, "big"), crt_exponents(p, q, b64int(key["e"]))
-    mp, mq = pow(m, dp, p), pow(m, dq, q)
-    return ((mq + q * ((mp - mq) * q_inverse % p)) % n).to_bytes(size, "big")
+    # The private operation by the Chinese remainder theorem, a prime at a time.
+    m, primes = int.from_bytes(encoded, "big"), (p, q) + tuple(b64int(other["r"]) for other in key.get("oth", ()))
+    return (sum(pow(m, d, r) * c for r, d, c in crt_parts(primes, b64int(key["e"]))) % n).to_bytes(size, "big")
 
 
 @functools.lru_cache(maxsize=None)
-def crt_exponents(p, q, e):
-    return inverse(e, p - 1), inverse(e, q - 1), inverse(q, p)
+def crt_parts(primes, e):
+    """Per prime r of n: (r, d mod r-1, the CRT coefficient that is 1 mod r and 0 mod the others)."""
+    n = functools.reduce(lambda a, b: a * b, primes)
+    return [(r, inverse(e, r - 1), n // r * inverse(n // r, r)) for r in primes]
 
 
 def inverse(a, m):
@@ -215,10 +216,24 @@ def inverse(a, m):
 
 def public(key):
     """The public JWK of a private one."""
-    return {name: value for name, value in key.items() if name not in ("d", "p", "q", "dp", "dq", "qi")}
+    return {name: value for name, value in key.items() if name not in ("d", "p", "q", "dp", "dq", "qi", "oth")}
 
 
-STAND_IN_KEYS = {"RSA": ("rsa-1", RFC_7515_A2_KEY), "P-256": ("p256-1", RFC_7515_A3_KEY),
+def multi_prime_key(*primes):
+    """A private RSA JWK of several primes (RFC 7518 §6.3.2.7's oth): a 2048-bit key of four
+    512-bit primes signs six times as fast as one of two, and the stand-in signs every token."""
+    n = functools.reduce(lambda a, b: a * b, primes)
+    encoded = [int64(prime, 64) for prime in primes]
+    return {"kty": "RSA", "e": "AQAB", "n": int64(n, 256), "p": encoded[0], "q": encoded[1],
+            "oth": [{"r": r} for r in encoded[2:]]}
+
+
+STAND_IN_RSA_KEY = multi_prime_key(
+    0xffe1c4b2a1743fcf8b6fce6e06ddd6fff3b2c085d7ad44f1faed269576c046c6666d823b0bb7fe855e7161cbb2bf0b5bfd0159bab9d3f569841ec38e9ce1ebf5,
+    0xd78561dc40ff21e8cbe5d9312e9c7a492fa8cb610243e10bfb05473b5ca2606a3b4a274cd22918d0d671e21f90ce2f9cfea739432e7498144a6035cd46001ce5,
+    0xd443cf0531d9a13146673f1b9ccfb53819a08ba78cb6b61f6c95aec40930b9934918909b8e988943022ef7aceecb3c114b430ba9c379d96a997dee17a865941f,
+    0xf6f49ee8e397f74014711486f8c4d9adbcf60c15c1457c2b5337e8c5a5a139b0460888f0462f4b569c1932e3a5a3a417fb7eb5cd83da13a2451a7ac2ea4f9523)
+STAND_IN_KEYS = {"RSA": ("rsa-1", STAND_IN_RSA_KEY), "P-256": ("p256-1", RFC_7515_A3_KEY),
                  "P-384": ("p384-1", None), "P-521": ("p521-1", RFC_7515_A4_KEY)}
 
 
@@ -1944,6 +1959,41 @@ def test_an_opaque_access_token_is_reported_and_the_run_goes_on():
     assert "JWT claims:" not in flow.stdout
 
 
+
+def test_verify_puts_the_signature_line_in_place_of_the_docs_and_fetches_the_keys_on_the_kept_connection():
+    with StandInGlean() as glean:
+        flow = run_flow(glean, ["--verify", "--no-chat"])
+        plain = run_flow(glean, ["--no-chat"])
+    assert flow.code == 0, flow.run.output()
+    expected = '\n\nSignature: valid (RS256, key "rsa-1" from {}/oauth/jwks)\n\nRefresh response:\n'.format(glean.url)
+    assert '}' + expected in flow.stdout
+    assert "This does not verify the signature." not in flow.stdout
+    assert "\nThis does not verify the signature.\n" in plain.stdout and "Signature:" not in plain.stdout
+    jwks, = glean.find("/oauth/jwks")
+    assert jwks.connection == glean.find("/oauth/token")[0].connection  # the kept connection, no other
+
+
+def test_verify_says_invalid_and_exits_1_after_the_whole_flow():
+    other_key = dict(public(RFC_7515_A2_KEY), kid="rsa-1", n=b64url((b64int(RFC_7515_A2_KEY["n"]) - 2).to_bytes(256, "big")))
+    with StandInGlean() as glean:
+        glean.overrides["/oauth/jwks"] = (200, {}, {"keys": [other_key]})
+        flow = run_flow(glean, ["--verify", "--no-chat", "--json"])
+    assert flow.code == 1, flow.run.output()
+    assert json.loads(flow.stdout)["signature"] == {"status": "INVALID",
+                                                    "detail": 'the signature does not match key "rsa-1"'}
+    assert "\nSignature: INVALID (the signature does not match key \"rsa-1\")\n" in flow.run.stderr
+    assert "refresh_response" in json.loads(flow.stdout)  # step 10 still ran
+
+
+def test_verify_of_an_opaque_token_says_so_once():
+    with StandInGlean() as glean:
+        glean.opaque_tokens = True
+        flow = run_flow(glean, ["--verify", "--no-chat"])
+    assert flow.code == 0, flow.run.output()
+    assert "\nThe access token is not a JWT, nothing to decode.\nSignature: not checked (the token is not a JWS: " \
+        "three base64url parts, a JSON header first)\n\nRefresh response:" in flow.stdout
+    assert not glean.find("/oauth/jwks")
+
 # --- Step 10: the refresh token -----------------------------------------------------------
 
 
@@ -3167,6 +3217,346 @@ def test_status_of_a_token_with_an_absurd_expiry():
     info = glean_oauth.status_of({"access_token": token}, "/x", time.time())
     assert info["expires_at"] is None and info["user"] == "u"
     assert glean_oauth.valid_for({"access_token": token}, 60, time.time())  # unknown counts as valid
+
+
+# --- Diagnosis: doctor, inspect, --verify and the clock -----------------------------------
+
+
+def doctor(glean, path=None, args=(), **env):
+    """`doctor --json` in this process; returns (exit code, {check: (status, detail, fix)}, the whole output)."""
+    environ = good_environ(glean, **env)
+    code, out, err = run_cli(environ, ["doctor", "--json"] + (["--token-file", str(path)] if path else []) + list(args))
+    checks = json.loads(out)["checks"]
+    assert [check["check"] for check in checks] == list(glean_oauth.DOCTOR_CHECKS)
+    return code, {check["check"]: (check["status"], check["detail"], check["fix"]) for check in checks}, out + err
+
+
+def test_doctor_on_a_healthy_setup_passes_every_check_and_shows_no_token_code_or_secret(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        assert login(glean, path, ["--scope", "chat offline_access"]).code == 0
+        authorization_code = glean.find("/oauth/token")[0].form["code"][0]
+        saved = json.loads(path.read_text())
+        glean.requests.clear()
+        code, checks, output = doctor(glean, path)
+        text_code, text, err = run_cli(good_environ(glean), ["doctor", "--token-file", str(path)])
+    assert code == 0 and text_code == 0, output
+    assert [name for name, (status, _, _) in checks.items() if status != "ok"] == []
+    assert glean.paths() == [glean_oauth.METADATA_PATH, "/oauth/jwks"] * 2  # no sign-in, no refresh
+    for value in (saved["access_token"], saved["refresh_token"], CLIENT_SECRET, authorization_code):
+        assert value not in output + text
+    assert checks["signature"][1] == 'valid (RS256, key "rsa-1" from {}/oauth/jwks)'.format(glean.url)
+    assert checks["metadata"][1] == "served by {}{}".format(glean.url, glean_oauth.METADATA_PATH)
+    assert checks["client_secret"][1] == "set (CLIENT_SECRET; {} characters, never shown)".format(len(CLIENT_SECRET))
+    # The text form: a block to paste as it is, the facts a support ticket needs on top.
+    head = text.splitlines()
+    assert [line.split(":")[0] for line in head[1:5]] == ["Version", "Python", "OS", "Time"]
+    assert re.match(r"Time: +\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", head[4])
+    assert "ok    signature      valid (RS256" in text and text.endswith("\n17 checks: 17 ok, 0 warn, 0 fail\n")
+
+
+def test_doctor_works_before_login_and_without_the_secret(tmp_path):
+    with StandInGlean() as glean:
+        code, checks, output = doctor(glean, tmp_path / "tokens.json", CLIENT_SECRET=None)
+    assert code == 0, output
+    assert checks["client_secret"][:2] == ("warn", "not set: login, a refresh and logout need it")
+    assert checks["token_store"][0] == "warn" and "login" in checks["token_store"][2]
+    assert [checks[name][:2] for name in ("scopes", "access_token", "refresh_token", "signature")] == [
+        ("warn", "not checked: no tokens stored")] * 3 + [("warn", "not checked: no access token stored")]
+    assert checks["metadata"][0] == checks["clock"][0] == "ok"
+
+
+def test_doctor_says_the_authorization_server_may_be_off_when_both_metadata_urls_answer_404():
+    with StandInGlean() as glean:
+        for path in (glean_oauth.METADATA_PATH, glean_oauth.METADATA_PATH + "/oauth"):
+            glean.overrides[path] = (404, {}, "not found\n")
+        code, checks, output = doctor(glean)
+    assert code == 1
+    status, detail, fix = checks["metadata"]
+    assert status == "fail" and "both answered 404: the tenant's OAuth authorization server may be turned off" in detail
+    assert "Ask a Glean admin" in fix
+    assert checks["issuer"][0] == checks["pkce"][0] == "warn"  # cannot be checked, said so
+
+
+def test_doctor_names_a_port_in_use_and_what_to_do():
+    with StandInGlean() as glean, socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code, checks, _ = doctor(glean, REDIRECT_URI="http://127.0.0.1:{}/oauth/callback".format(port))
+    assert code == 1
+    status, detail, fix = checks["redirect_uri"]
+    assert status == "fail" and "Port {} on 127.0.0.1 is already in use".format(port) in detail
+    assert "REDIRECT_URI" in fix
+
+
+@parametrize("skew, status, words", [(600, "fail", "600 s behind"), (-600, "fail", "600 s ahead of"),
+                                      (120, "warn", "120 s behind"), (0, "ok", "within")])
+def test_doctor_compares_the_clock_with_the_servers_date(skew, status, words):
+    with StandInGlean() as glean:
+        glean.date_skew = skew
+        code, checks, _ = doctor(glean)
+    assert checks["clock"][0] == status and re.search(words.replace("600", "(599|600|601)").replace(
+        "120", "(119|120|121)"), checks["clock"][1]), checks["clock"]
+    assert code == (1 if status == "fail" else 0)
+
+
+def test_doctor_fails_an_expired_store_without_a_refresh_token(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        glean.issue_refresh_token = False
+        stored(glean, path, scope="chat")
+        expire(path, -120)
+        code, checks, _ = doctor(glean, path)
+        glean.issue_refresh_token = True
+        stored(glean, path, scope="chat")
+        expire(path, -120)
+        renewable_code, renewable, _ = doctor(glean, path)
+    assert code == 1 and checks["access_token"][0] == "fail" and "no refresh token" in checks["access_token"][1]
+    assert checks["refresh_token"][0] == "warn"
+    assert renewable_code == 0 and renewable["access_token"][0] == "warn" and renewable["refresh_token"][0] == "ok"
+
+
+def test_doctor_warns_of_what_is_not_glean_shaped_or_unsafe(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        glean.metadata_extra.update(issuer=glean.url, code_challenge_methods_supported=None)
+        stored(glean, path, scope="search offline_access")
+        os.chmod(str(path), 0o644)
+        code, checks, _ = doctor(glean, path)
+    assert code == 0
+    assert checks["issuer"][0] == "warn" and "not {}/oauth".format(glean.url) in checks["issuer"][1]
+    assert checks["pkce"][0] == "warn"
+    assert checks["scopes"][0] == "warn" and "missing: chat" in checks["scopes"][1]
+    if os.name == "posix":
+        assert checks["token_store"][0] == "warn" and "other users can read it" in checks["token_store"][1]
+
+
+def test_doctor_fails_a_stored_token_its_issuers_keys_do_not_verify(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path, scope="chat offline_access")
+        glean.overrides["/oauth/jwks"] = (200, {}, {"keys": [dict(public(stand_in_key("ES256")[1]), kid="rsa-1")]})
+        code, checks, _ = doctor(glean, path)
+    assert code == 1
+    assert checks["signature"][:2] == ("fail", 'INVALID (key "rsa-1" is an EC key, and RS256 needs an RSA key)')
+
+
+def test_doctor_names_the_proxy_without_its_password_and_the_ca_it_trusts(monkeypatch, tmp_path):
+    monkeypatch.setenv("HTTPS_PROXY", "http://user:pa55word@127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    glean_oauth._tls_context.cache_clear()
+    code, out, err = run_cli({"CLIENT_ID": CLIENT_ID, "GLEAN_BACKEND_URL": "https://acme-be.glean.com",
+                              "GLEAN_TOKEN_FILE": str(tmp_path / "tokens.json")}, ["doctor"])
+    checks = {line.split()[1]: line for line in out.splitlines() if line[:5].strip() in ("ok", "warn", "fail")}
+    assert "pa55word" not in out + err and "user" not in checks["proxy"]
+    assert checks["proxy"].split(None, 2)[2] == "127.0.0.1:9 (HTTPS_PROXY), tunnelled with CONNECT"
+    assert checks["metadata"].startswith("fail") and "Cannot reach the proxy 127.0.0.1:9" in checks["metadata"]
+    assert checks["tls"].startswith("warn") and "trusted CAs from" in checks["tls"]
+    monkeypatch.setenv("NO_PROXY", "acme-be.glean.com")
+    doctor = glean_oauth.Doctor(glean_oauth.parse_args("doctor", []), {}, None)
+    doctor.backend = "https://acme-be.glean.com"
+    assert doctor.check("proxy")["detail"] == "none: NO_PROXY exempts acme-be.glean.com"
+    assert code == 1
+
+
+def test_doctor_reports_an_interrupted_refresh(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path, scope="chat offline_access")
+        (tmp_path / "tokens.json.refreshing").write_text(json.dumps({"at": time.time(), "pid": 1}))
+        code, checks, _ = doctor(glean, path)
+    assert checks["token_store"][0] == "warn" and "a refresh was interrupted after it was sent" in checks["token_store"][1]
+
+
+def test_a_token_response_says_how_far_the_servers_clock_is_and_status_shows_it(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        glean.date_skew = 600
+        assert login(glean, path, ["--scope", "chat offline_access"]).code == 0
+        code, out, _ = run_cli(good_environ(glean), ["status", "--token-file", str(path)])
+        glean.date_skew = 0
+        assert run_cli(good_environ(glean), ["token", "--token-file", str(path), "--min-valid", "99999"])[0] == 0
+        _, after, _ = run_cli(good_environ(glean), ["status", "--token-file", str(path)])
+    assert code == 0 and re.search(r"\nClock: +this machine's clock is (599|600|601) s behind the server's", out)
+    assert abs(json.loads(path.read_text())["clock_offset_seconds"]) <= 1  # the refresh's answer: right again
+    assert "Clock:" not in after
+
+
+def test_clock_offset_reads_the_date_header_and_jwt_times_are_corrected_by_it():
+    date = "Sun, 06 Nov 1994 08:49:37 GMT"  # RFC 9110 §5.6.7's example: 784111777
+    assert glean_oauth.clock_offset({"Date": date}, 784111777 - 600.2) == 600
+    assert glean_oauth.clock_offset({"Date": "yesterday"}, 0) is None and glean_oauth.clock_offset({}, 0) is None
+    now = time.time()
+    token = make_jwt({"alg": "RS256"}, {"exp": int(now) + 300})  # 5 min left by the server's clock
+    assert glean_oauth.valid_for({"access_token": token}, 0, now)
+    assert not glean_oauth.valid_for({"access_token": token, "clock_offset_seconds": 600}, 0, now)  # 5 min ago here
+    lines = glean_oauth.claim_checks({"exp": int(now) + 300, "nbf": int(now) + 900}, None, 600, now)
+    assert lines[0].startswith("Expires: ") and "(expired, 5 min ago by the server's clock: this machine's clock " \
+        "is 600 s behind the server's)" in lines[0]
+    assert "(not yet valid, in 5 min by" in lines[1]
+
+
+# --- Signatures: JWS checked in pure Python -----------------------------------------------
+
+
+def keys_of(*keys):
+    return lambda: ({"keys": list(keys)}, "test keys")
+
+
+def verdict(token, jwks=None, source="test keys"):
+    result = glean_oauth.check_signature(token, lambda: (stand_in_jwks() if jwks is None else jwks, source))
+    return result.status, result.detail
+
+
+def test_rfc_7515_appendix_a_examples_verify():
+    rsa, p256, p521 = (public(key) for key in (RFC_7515_A2_KEY, RFC_7515_A3_KEY, RFC_7515_A4_KEY))
+    for token, key, alg in ((RFC_7515_A2_JWS, rsa, "RS256"), (RFC_7515_A3_JWS, p256, "ES256"),
+                            (RFC_7515_A4_JWS, p521, "ES512")):
+        assert verdict(token, {"keys": [key]}) == ("valid", "{}, the key with no kid from test keys".format(alg))
+        header, payload, signature = token.split(".")
+        assert verdict(header + "." + payload + "x." + signature, {"keys": [key]})[0] == "INVALID"
+    # The curves themselves: G on each, of order n (checked with the tests' own arithmetic).
+    for curve, (p, b, (x, y), n) in glean_oauth.CURVES.items():
+        assert (y * y - x ** 3 + 3 * x - b) % p == 0 and affine_multiple(curve, n, (x, y)) is None, curve
+
+
+@parametrize("alg", list(glean_oauth.JWS_ALGORITHMS))
+def test_inspect_verifies_each_of_the_nine_algorithms_with_a_jwks_file_and_no_request(alg, tmp_path):
+    kid, key = stand_in_key(alg)
+    token = make_jwt({"alg": alg, "kid": kid}, {"sub": "u", "exp": int(time.time()) + 60}, key)
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(stand_in_jwks()))
+    code, out, err = run_cli({}, ["inspect", "-", "--jwks", str(jwks)], stdin=token + "\n")
+    assert code == 0, err
+    assert [line for line in out.splitlines() if line.startswith("Signature:")] == [
+        'Signature: valid ({}, key "{}" from {})'.format(alg, kid, jwks)]
+    assert out.startswith("\nJWT header:\n") and "\nJWT claims:\n" in out and "\nExpires: " in out
+
+
+def tampered(part, token):
+    header, payload, signature = token.split(".")
+    if part == "header":
+        header = b64url(json.dumps(dict(json.loads(base64.urlsafe_b64decode(header + "==")), typ="at+jwt")).encode())
+    elif part == "payload":
+        payload = b64url(json.dumps({"sub": "admin"}).encode())
+    else:
+        raw = bytearray(base64.urlsafe_b64decode(signature + "=="))
+        raw[len(raw) // 2] ^= 1
+        signature = b64url(bytes(raw))
+    return ".".join((header, payload, signature))
+
+
+@parametrize("alg", ["RS256", "PS384", "ES256", "ES512"])
+@parametrize("part", ["header", "payload", "signature"])
+def test_a_tampered_token_is_invalid(alg, part):
+    kid, key = stand_in_key(alg)
+    token = make_jwt({"alg": alg, "kid": kid}, {"sub": "u"}, key)
+    assert verdict(token)[0] == "valid"
+    assert verdict(tampered(part, token)) == ("INVALID", 'the signature does not match key "{}"'.format(kid))
+
+
+def test_the_rules_in_their_order():
+    kid, key = stand_in_key("RS256")
+    good = make_jwt({"alg": "RS256", "kid": kid}, {"sub": "u"}, key)
+    body = good.split(".", 1)[1]
+    unsigned = b64url(b'{"alg":"none"}') + "." + body.split(".")[0]
+    for third in ("", good.split(".")[2], "!!"):  # alg none: INVALID whatever the third part holds
+        assert verdict(unsigned + "." + third) == ("INVALID", "alg none: the token is not signed at all")
+    assert verdict(b64url(b'{"alg":"HS256"}') + "." + body)[0] == "not checked"  # before any key is looked at
+    assert "shared-key MAC" in verdict(b64url(b'{"alg":"HS256"}') + "." + body, jwks={"keys": []})[1]
+    assert verdict(b64url(b'{"alg":"EdDSA"}') + "." + body)[0] == "not checked"
+    assert verdict("opaque-token")[0] == "not checked"
+    assert verdict(good, {"keys": []}) == ("not checked", "the JWKS from test keys has no signing keys")
+    assert verdict(make_jwt({"alg": "RS256", "kid": "gone"}, {}, key)) == (
+        "INVALID", 'no key "gone" in the JWKS from test keys')
+    es_kid = stand_in_key("ES256")[0]
+    assert verdict(make_jwt({"alg": "RS256", "kid": es_kid}, {}, key)) == (
+        "INVALID", 'key "{}" is an EC key, and RS256 needs an RSA key'.format(es_kid))
+    forbidding = dict(public(key), kid=kid, alg="RS256")
+    assert verdict(make_jwt({"alg": "PS256", "kid": kid}, {}, key), {"keys": [forbidding]}) == (
+        "INVALID", 'key "{}" is for "RS256", not PS256'.format(kid))
+    p384_kid = stand_in_key("ES384")[0]
+    assert verdict(make_jwt({"alg": "ES256", "kid": p384_kid}, {}, stand_in_key("ES256")[1])) == (
+        "INVALID", 'key "{}" is on the curve "P-384", and ES256 needs P-256'.format(p384_kid))
+    small = {"kty": "RSA", "kid": kid, "n": RFC_7515_A2_KEY["p"], "e": "AQAB"}
+    assert "has 1024 bits, under the 2048" in verdict(good, {"keys": [small]})[1]
+
+
+def test_keys_that_cannot_sign_are_skipped_and_the_kid_picks_among_several():
+    kid, key = stand_in_key("ES384")
+    token = make_jwt({"alg": "ES384", "kid": kid}, {}, key)
+    skipped = [{"kty": "oct", "kid": kid, "k": "c2VjcmV0"}, dict(public(key), kid=kid, use="enc")]
+    assert verdict(token, {"keys": skipped}) == ("not checked", "the JWKS from test keys has no signing keys")
+    several = {"keys": skipped + stand_in_jwks()["keys"]}
+    assert verdict(token, several) == ("valid", 'ES384, key "{}" from test keys'.format(kid))
+    no_kid = make_jwt({"alg": "ES384"}, {}, key)  # without a kid, any key that verifies it
+    assert verdict(no_kid, several) == ("valid", 'ES384, key "{}" from test keys'.format(kid))
+
+
+def test_an_ecdsa_signature_or_key_out_of_range_is_invalid():
+    kid, key = stand_in_key("ES256")
+    token = make_jwt({"alg": "ES256", "kid": kid}, {}, key)
+    head, signature = token.rsplit(".", 1)
+    n = glean_oauth.CURVES["P-256"][3]
+    raw = base64.urlsafe_b64decode(signature + "==")
+    for r, s in ((0, raw[32:]), (n.to_bytes(32, "big"), raw[32:]), (raw[:32], n.to_bytes(32, "big"))):
+        r = r if isinstance(r, bytes) else r.to_bytes(32, "big")
+        assert verdict(head + "." + b64url(r + s))[0] == "INVALID"
+    off_curve = dict(public(key), kid=kid, y=int64((b64int(key["y"]) + 1), 32))
+    assert verdict(token, {"keys": [off_curve]})[0] == "INVALID"
+    assert verdict(head + "." + b64url(raw[:40]))[0] == "INVALID"  # not r || s of the curve's size
+
+
+def test_inspect_checks_the_stored_token_with_its_issuers_keys(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path, scope="chat", clock_offset_seconds=600)
+        code, out, err = run_cli(good_environ(glean, GLEAN_TOKEN_FILE=str(path)), ["inspect"])
+        glean.metadata = lambda: {k: v for k, v in StandInGlean.metadata(glean).items() if k != "jwks_uri"}
+        no_keys = run_cli(good_environ(glean, GLEAN_TOKEN_FILE=str(path)), ["inspect"])
+    assert code == 0, err
+    assert 'Signature: valid (RS256, key "rsa-1" from {}/oauth/jwks)\n'.format(glean.url) in out
+    assert "\nIssuer: matches the metadata's issuer\n" in out
+    assert "(valid, in 50 min by the server's clock: this machine's clock is 600 s behind the server's)" in out
+    assert no_keys[0] == 0
+    assert "Signature: not checked (the metadata has no jwks_uri, and no --jwks was given)\n" in no_keys[1]
+
+
+def test_inspect_reports_the_issuer_and_times_without_changing_the_exit_code(tmp_path):
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(stand_in_jwks()))
+    kid, key = stand_in_key("RS256")
+    now = int(time.time())
+    token = make_jwt({"alg": "RS256", "kid": kid}, {"iss": "https://evil.example/oauth", "exp": now - 120,
+                                                      "nbf": now + 600}, key)
+    with StandInGlean() as glean:
+        code, out, err = run_cli(good_environ(glean), ["inspect", "-"], stdin=token)
+    assert code == 0, err
+    assert '\nIssuer: "https://evil.example/oauth" is not the metadata\'s issuer {}\n'.format(glean.issuer) in out
+    assert "(expired, 2 min ago)" in out and "(not yet valid, in 10 min)" in out
+
+
+def test_inspect_takes_a_token_only_on_stdin_and_says_so_without_echoing_it():
+    token = make_jwt({"alg": "RS256"}, {"sub": "u"})
+    code, out, err = run_cli({}, ["inspect", token])
+    assert code == 2 and token not in out + err and "standard input (inspect -)" in err
+    assert run_cli({}, ["inspect", "-"], stdin="\n")[0] == 2
+
+
+def test_jwks_are_fetched_with_the_checks_every_url_gets(tmp_path):
+    token = make_jwt({"alg": "RS256", "kid": "rsa-1"}, {}, RFC_7515_A2_KEY)
+    code, out, err = run_cli({}, ["inspect", "-", "--jwks", "http://keys.example/jwks"], stdin=token)
+    assert code == 1 and "Signature: not checked (its keys could not be fetched: The JWKS URL must be an " \
+        "https:// URL" in out
+    with StandInGlean() as glean:
+        glean.overrides["/big"] = (200, {}, {"keys": [], "pad": "x" * glean_oauth.MAX_JWKS_BYTES})
+        code, out, _ = run_cli({}, ["inspect", "-", "--jwks", glean.url + "/big"], stdin=token)
+    assert code == 1 and "over the 1048576 byte limit" in out
+    (tmp_path / "bad.json").write_text("[1]")
+    code, out, err = run_cli({}, ["inspect", "-", "--jwks", str(tmp_path / "bad.json")], stdin=token)
+    assert code == 2 and out == "" and "is not a JSON object" in err
 
 
 # --- The command line ---------------------------------------------------------------------
