@@ -28,5 +28,5 @@ test: ## run the test suite (installs pytest into .venv, made by $(PYTHON), when
 run: ## run the real flow; needs CLIENT_ID, CLIENT_SECRET and GLEAN_BACKEND_URL
 	$(PYTHON) glean_oauth.py
 
-bench: ## time sign-in runs over TLS with 0, 20 and 100 ms round trips, beside the baseline
+bench: ## time sign-in runs over TLS with 0, 20 and 100 ms round trips beside the baseline, then token and inspect
 	$(PYTHON) test_glean_oauth.py bench

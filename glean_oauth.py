@@ -23,8 +23,9 @@ function, in this order:
 
 Everything else sits below the line that says "beyond the documented flow": what a run
 keeps (--json, --token-file), the token store and the login, token, exec, status and
-logout subcommands, the command line, the checks, the output and its redaction, and the
-listener's and HTTP's machinery.
+logout subcommands, the doctor and inspect diagnostics and the signature checks behind
+--verify, the command line, the checks, the output and its redaction, and the listener's
+and HTTP's machinery.
 
 Standard library only; runs on CPython 3.6 and newer. Copy this one file anywhere.
 
@@ -2606,6 +2607,7 @@ examples:
   python3 glean_oauth.py --json --no-chat | jq -r .tokens.access_token
   python3 glean_oauth.py login --scope "chat offline_access"   then, any time:
   python3 glean_oauth.py exec -- python3 my_script.py     GLEAN_API_TOKEN set for it
+  python3 glean_oauth.py doctor                           what is wrong, for a support ticket
 
 exit codes: 0 done; 1 the flow failed (a request, the callback, the chat call);
 2 bad configuration or usage; 3 sign-in needed (run login); 130 interrupted (Ctrl-C).

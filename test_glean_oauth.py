@@ -3545,6 +3545,19 @@ def test_inspect_takes_a_token_only_on_stdin_and_says_so_without_echoing_it():
     assert run_cli({}, ["inspect", "-"], stdin="\n")[0] == 2
 
 
+def test_inspect_with_a_jwks_file_needs_no_configuration_and_imports_no_network_module(tmp_path):
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(stand_in_jwks()))
+    kid, key = stand_in_key("RS256")
+    token = make_jwt({"alg": "RS256", "kid": kid}, {"sub": "u"}, key)
+    proc = subprocess.run([sys.executable, "-X", "importtime", SCRIPT, "inspect", "-", "--jwks", str(jwks)],
+                          input=token.encode(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env={"PATH": os.environ["PATH"]})
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.decode().splitlines()}
+    assert proc.returncode == 0 and b"Signature: valid (RS256" in proc.stdout
+    assert imported & {"ssl", "http.client", "urllib.request", "socket", "select"} == set()
+
+
 def test_jwks_are_fetched_with_the_checks_every_url_gets(tmp_path):
     token = make_jwt({"alg": "RS256", "kid": "rsa-1"}, {}, RFC_7515_A2_KEY)
     code, out, err = run_cli({}, ["inspect", "-", "--jwks", "http://keys.example/jwks"], stdin=token)
@@ -5017,9 +5030,33 @@ def bench_token(rounds=21):
     print("  network modules a valid token imports: {}".format(", ".join(network) or "none"), flush=True)
 
 
+def bench_inspect(rounds=21):
+    """`inspect -` of an RS256 token with --jwks FILE beside `glean_oauth.py --version`,
+    interleaved: what checking a signature adds to starting the script."""
+    def timed(command, token=b""):
+        started = time.monotonic()
+        proc = subprocess.run(command, input=token, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.returncode == 0 and (not token or b"Signature: valid (RS256" in proc.stdout), proc.stderr
+        return time.monotonic() - started
+
+    kid, key = stand_in_key("RS256")
+    token = make_jwt({"alg": "RS256", "kid": kid}, {"sub": "u", "exp": int(time.time()) + 3600}, key).encode()
+    jwks = os.path.join(tempfile.mkdtemp(), "jwks.json")
+    with open(jwks, "w") as f:
+        json.dump(stand_in_jwks(), f)
+    version, inspect = [], []
+    for _ in range(rounds):
+        version.append(timed([sys.executable, SCRIPT, "--version"]))
+        inspect.append(timed([sys.executable, SCRIPT, "inspect", "-", "--jwks", jwks], token))
+    print("\n`inspect -` with --jwks FILE, medians of {} interleaved runs:".format(rounds))
+    print("  glean_oauth.py --version              {:6.1f} ms".format(median(version) * 1000))
+    print("  glean_oauth.py inspect - (RS256)      {:6.1f} ms  {:.2f}x".format(
+        median(inspect) * 1000, median(inspect) / median(version)), flush=True)
+
+
 def bench(rounds=5, rtts=(0.0, 0.02, 0.1)):
     """`make bench`: print, per round-trip time and client, the medians of `rounds` runs;
-    then the `token` timings."""
+    then the `token` and `inspect` timings."""
     clients = bench_clients()
     print("Sign-in runs over TLS, every hop delayed; medians of {} runs each.".format(rounds))
     print("{:>6}  {:<28} {:>5} {:>5} {:>5} {:>9} {:>15}".format(
@@ -5034,6 +5071,7 @@ def bench(rounds=5, rtts=(0.0, 0.02, 0.1)):
                     rtt * 1000, name, figures["connections"], figures["handshakes"], figures["requests"],
                     figures["wall"], figures["callback_to_exit"]), flush=True)
     bench_token()
+    bench_inspect()
     return 0
 
 
