@@ -1758,9 +1758,15 @@ def expires_at(saved):
 
 
 def stored_offset(saved):
-    """The server's clock lead stored with the tokens, in seconds; 0 when unknown."""
-    offset = saved.get("clock_offset_seconds")
-    return offset if isinstance(offset, int) and not isinstance(offset, bool) and abs(offset) < MAX_TIMESTAMP else 0
+    """The server's clock lead stored with the tokens, in seconds; 0 when unknown, or when
+    over a day: a Date that far off is a broken header (a proxy's, say), not a clock."""
+    offset = whole_seconds(saved.get("clock_offset_seconds"))
+    return offset if offset is not None and abs(offset) <= MAX_CLOCK_CORRECTION else 0
+
+
+def whole_seconds(value):
+    """`value` when it is a whole number (what the store keeps seconds as), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def jwt_claims(access_token):
@@ -1813,7 +1819,7 @@ def status_of(saved, path, now):
         "expires_in_seconds": int(when - now) if when is not None else None,
         "expiry": expiry_text(saved, now).replace("the access token ", ""),
         "refresh_token": "present" if saved.get("refresh_token") else "none (sign in again once the access token expires)",
-        "clock_offset_seconds": stored_offset(saved) if "clock_offset_seconds" in saved else None,
+        "clock_offset_seconds": whole_seconds(saved.get("clock_offset_seconds")),
     }
 
 
@@ -1821,6 +1827,7 @@ def status_of(saved, path, now):
 
 
 MAX_JWKS_BYTES = 1024 * 1024  # a JWK Set holds a few keys: a few kilobytes
+MAX_CLOCK_CORRECTION = 24 * 3600  # a server's Date further off than this is not believed
 CLOCK_WARN_SECONDS, CLOCK_FAIL_SECONDS = 60, 300  # a clock that far off breaks exp and nbf checks
 DOCTOR_CHECKS = ("python", "client_id", "client_secret", "backend_url", "metadata", "issuer", "pkce", "auth_method",
                  "redirect_uri", "proxy", "tls", "clock", "token_store", "scopes", "access_token", "refresh_token",
@@ -1918,7 +1925,10 @@ def inspect_command(argv, environ, console, stdin):
     local_keys = jwks_file(args.jwks) if args.jwks and not re.match(r"(?i)https?://", args.jwks) else None
     saved = {}
     if args.token == "-":
-        token = stdin.read().strip()
+        token = stdin.read(MAX_JWKS_BYTES + 1).strip()
+        if len(token) > MAX_JWKS_BYTES:
+            raise FlowError("The token on standard input is over {} characters; no token is.".format(MAX_JWKS_BYTES),
+                            EXIT_USAGE)
         if not token:
             raise FlowError("No token on standard input: pipe one in, e.g. ... token | glean_oauth.py inspect -",
                             EXIT_USAGE)
@@ -1934,7 +1944,7 @@ def inspect_command(argv, environ, console, stdin):
     if header is None:
         check(token)
         console.line(check.verdict.line)
-    for line in claim_checks(claims or {}, found.get("issuer"), saved.get("clock_offset_seconds"), time.time()):
+    for line in claim_checks(claims or {}, found.get("issuer"), stored_offset(saved), time.time()):
         console.line(line)
     return check.exit_code
 
@@ -1955,14 +1965,13 @@ def inspect_keys(args, backend, found, console, environ):
 
 def claim_checks(claims, issuer, offset, now):
     """Lines on the token's iss (against the metadata's issuer, when known), exp and nbf
-    (server times: against this clock plus `offset`, the server's lead, when known).
+    (server times: against this clock plus `offset`, the server's lead in seconds, 0 when unknown).
     Reported only: they never change the exit code."""
     lines = []
     iss = claims.get("iss")
     if issuer and iss is not None:
         lines.append("Issuer: " + ("matches the metadata's issuer" if iss == issuer else "{} is not the metadata's "
                                    "issuer {}".format(one_line(json.dumps(iss)), one_line(issuer))))
-    offset = offset if isinstance(offset, int) and not isinstance(offset, bool) else 0
     by_server = " by the server's clock: {}".format(clock_text(offset)) if offset else ""
     for claim, label, before, after in (("exp", "Expires", "valid", "expired"), ("nbf", "Not before", "not yet valid",
                                                                                 "in effect")):
@@ -2021,6 +2030,9 @@ class Doctor:
             status, detail, fix = getattr(self, "_" + name)()
         except FlowError as error:
             status, detail, fix = "fail", str(error), ""
+        except Exception as error:  # a bug in one check must not cost the others
+            status, detail, fix = "fail", "the check itself failed: {}: {}".format(type(error).__name__, error), \
+                "A bug in glean_oauth.py: please report it, with this block."
         return {"check": name, "status": status, "detail": one_line(detail), "fix": one_line(fix)}
 
     def about(self):
@@ -2313,6 +2325,8 @@ DIGEST_INFO = {
     "sha512": bytes.fromhex("3051300d060960864801650304020305000440"),
 }
 MIN_RSA_BITS = 2048  # RFC 7518 §3.3 and §3.5: a smaller key must not be used
+MAX_RSA_BITS = 16384  # beyond any real key; a JWKS's huge n or e would make one check take minutes
+MAX_RSA_EXPONENT = 2 ** 32  # e is 65537 in practice; Go's crypto/rsa refuses more than 2^31 - 1
 
 
 def _hex(*parts):
@@ -2541,9 +2555,11 @@ def key_problem(key, alg):
     except ValueError:
         return "{} is malformed: its {} are not base64url numbers".format(name, "n and e" if kty == "RSA" else
                                                                          "x and y")
-    if kty == "RSA" and numbers[0].bit_length() < MIN_RSA_BITS:
-        return "{} has {} bits, under the {} RFC 7518 §3.3 asks for".format(name, numbers[0].bit_length(),
-                                                                           MIN_RSA_BITS)
+    if kty == "RSA" and not MIN_RSA_BITS <= numbers[0].bit_length() <= MAX_RSA_BITS:
+        return "{} has {} bits, not the {} to {} RFC 7518 §3.3 allows here".format(
+            name, numbers[0].bit_length(), MIN_RSA_BITS, MAX_RSA_BITS)
+    if kty == "RSA" and not (3 <= numbers[1] <= MAX_RSA_EXPONENT and numbers[1] % 2):
+        return "{} has an exponent e that no RSA key has (an odd number from 3 to 2^32)".format(name)
     return None
 
 

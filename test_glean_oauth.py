@@ -3361,6 +3361,14 @@ def test_doctor_names_the_proxy_without_its_password_and_the_ca_it_trusts(monkey
     assert code == 1
 
 
+def test_a_check_that_breaks_costs_no_other_check(monkeypatch):
+    monkeypatch.setattr(glean_oauth.Doctor, "_issuer", lambda self: 1 / 0)
+    with StandInGlean() as glean:
+        code, checks, _ = doctor(glean)
+    assert code == 1 and checks["issuer"][:2] == ("fail", "the check itself failed: ZeroDivisionError: division by zero")
+    assert checks["pkce"][0] == checks["clock"][0] == "ok"  # the checks after it still ran
+
+
 def test_doctor_reports_an_interrupted_refresh(tmp_path):
     path = tmp_path / "tokens.json"
     with StandInGlean() as glean:
@@ -3392,6 +3400,8 @@ def test_clock_offset_reads_the_date_header_and_jwt_times_are_corrected_by_it():
     token = make_jwt({"alg": "RS256"}, {"exp": int(now) + 300})  # 5 min left by the server's clock
     assert glean_oauth.valid_for({"access_token": token}, 0, now)
     assert not glean_oauth.valid_for({"access_token": token, "clock_offset_seconds": 600}, 0, now)  # 5 min ago here
+    far_off = {"access_token": token, "clock_offset_seconds": -3 * 86400}  # a broken Date: not believed
+    assert glean_oauth.expires_at(far_off) == int(now) + 300
     lines = glean_oauth.claim_checks({"exp": int(now) + 300, "nbf": int(now) + 900}, None, 600, now)
     assert lines[0].startswith("Expires: ") and "(expired, 5 min ago by the server's clock: this machine's clock " \
         "is 600 s behind the server's)" in lines[0]
@@ -3481,7 +3491,20 @@ def test_the_rules_in_their_order():
     assert verdict(make_jwt({"alg": "ES256", "kid": p384_kid}, {}, stand_in_key("ES256")[1])) == (
         "INVALID", 'key "{}" is on the curve "P-384", and ES256 needs P-256'.format(p384_kid))
     small = {"kty": "RSA", "kid": kid, "n": RFC_7515_A2_KEY["p"], "e": "AQAB"}
-    assert "has 1024 bits, under the 2048" in verdict(good, {"keys": [small]})[1]
+    assert verdict(good, {"keys": [small]}) == ("INVALID", 'key "rsa-1" has 1024 bits, not the 2048 to 16384 RFC '
+                                                           '7518 §3.3 allows here')
+
+
+@parametrize("n, e", [(b"\xff" * 2049, b"\x01\x00\x01"), (None, b"\xff" * 4096), (None, b"\x01\x00\x00"),
+                      (None, b"\x01")])
+def test_a_hostile_jwks_cannot_make_the_check_take_long(n, e):
+    kid, key = stand_in_key("RS256")
+    token = make_jwt({"alg": "RS256", "kid": kid}, {}, key)
+    hostile = dict(public(key), kid=kid, e=b64url(e), **({"n": b64url(n)} if n else {}))
+    started = time.monotonic()
+    status, detail = verdict(token, {"keys": [hostile]})
+    assert time.monotonic() - started < 0.5
+    assert status == "INVALID" and ("bits, not the 2048 to 16384" in detail or "an exponent e that no RSA" in detail)
 
 
 def test_keys_that_cannot_sign_are_skipped_and_the_kid_picks_among_several():
@@ -3543,6 +3566,8 @@ def test_inspect_takes_a_token_only_on_stdin_and_says_so_without_echoing_it():
     code, out, err = run_cli({}, ["inspect", token])
     assert code == 2 and token not in out + err and "standard input (inspect -)" in err
     assert run_cli({}, ["inspect", "-"], stdin="\n")[0] == 2
+    code, out, err = run_cli({}, ["inspect", "-"], stdin="e30." * (glean_oauth.MAX_JWKS_BYTES // 4 + 1))
+    assert (code, out) == (2, "") and "over 1048576 characters" in err
 
 
 def test_inspect_with_a_jwks_file_needs_no_configuration_and_imports_no_network_module(tmp_path):
