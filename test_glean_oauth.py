@@ -3223,9 +3223,10 @@ def test_status_of_a_token_with_an_absurd_expiry():
 
 
 def doctor(glean, path=None, args=(), **env):
-    """`doctor --json` in this process; returns (exit code, {check: (status, detail, fix)}, the whole output)."""
-    environ = good_environ(glean, **env)
-    code, out, err = run_cli(environ, ["doctor", "--json"] + (["--token-file", str(path)] if path else []) + list(args))
+    """`doctor --json` in this process, with the store `path` (default: one not made yet, never
+    the user's own); returns (exit code, {check: (status, detail, fix)}, the whole output)."""
+    path = path or os.path.join(tempfile.mkdtemp(), "tokens.json")
+    code, out, err = run_cli(good_environ(glean, **env), ["doctor", "--json", "--token-file", str(path)] + list(args))
     checks = json.loads(out)["checks"]
     assert [check["check"] for check in checks] == list(glean_oauth.DOCTOR_CHECKS)
     return code, {check["check"]: (check["status"], check["detail"], check["fix"]) for check in checks}, out + err
