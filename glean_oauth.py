@@ -1990,8 +1990,8 @@ def doctor_command(argv, environ, console, stdin):
     refreshes, never shows a token, a code or the secret. Exit 1 when a check failed."""
     args = parse_args("doctor", argv)
     doctor = Doctor(args, environ, console)
+    about = doctor.about()  # the time the checks started, for the ticket
     checks = [doctor.check(name) for name in DOCTOR_CHECKS]
-    about = doctor.about()
     if args.json:
         console.result(dict(about, checks=checks))
     else:
@@ -2083,7 +2083,7 @@ class Doctor:
                 "Set CLIENT_SECRET, or CLIENT_SECRET_FILE to a file only you can read."
         where = "--client-secret-file" if (self.args.client_secret_file or "").strip() else \
             "CLIENT_SECRET" if self.environ.get("CLIENT_SECRET", "").strip() else "CLIENT_SECRET_FILE"
-        return "ok", "set ({}; {} characters, never shown)".format(where, len(secret)), ""
+        return "ok", "set ({}; never shown)".format(where), ""
 
     def _backend_url(self):
         if self.named_problem:
