@@ -3362,6 +3362,32 @@ def test_doctor_names_the_proxy_without_its_password_and_the_ca_it_trusts(monkey
     assert code == 1
 
 
+def test_doctor_says_where_trusted_cas_come_from_and_whether_the_certificate_verified(tmp_path):
+    def checks(env):
+        proc = run_script(script_env(glean, GLEAN_TOKEN_FILE=str(tmp_path / "tokens.json"), **env),
+                          ["doctor", "--json"])
+        return proc.returncode, {c["check"]: (c["status"], c["detail"]) for c in json.loads(proc.stdout)["checks"]}
+
+    with StandInGlean(tls=True) as glean:
+        trusted_code, trusted = checks({"SSL_CERT_FILE": certificate_file()})
+        untrusted_code, untrusted = checks({"SSL_CERT_FILE": None, "SSL_CERT_DIR": tempfile.mkdtemp()})
+    assert trusted_code == 0 and trusted["tls"][0] == "ok"
+    assert trusted["tls"][1].startswith("the backend's certificate verified; trusted CAs from SSL_CERT_FILE {}, "
+                                        "OpenSSL".format(certificate_file()))
+    assert untrusted_code == 1 and untrusted["tls"][0] == "fail" and untrusted["metadata"][0] == "fail"
+    assert untrusted["tls"][1].startswith("the backend's certificate is not trusted; trusted CAs from SSL_CERT_DIR")
+
+
+def test_doctor_names_the_metadata_url_that_served_and_an_auth_method_not_offered():
+    with StandInGlean() as glean:
+        glean.overrides[glean_oauth.METADATA_PATH] = (404, {}, "not found\n")
+        code, checks, _ = doctor(glean, args=["--auth-method", "none"])
+    assert checks["metadata"][:2] == ("ok", "served by {}{}/oauth (the RFC 8414 path form; the root one answered "
+                                            "404)".format(glean.url, glean_oauth.METADATA_PATH))
+    assert code == 1 and checks["auth_method"][0] == "fail"
+    assert checks["auth_method"][2] == "Choose one it offers with --auth-method (client_secret_post, client_secret_basic)."
+
+
 def test_a_check_that_breaks_costs_no_other_check(monkeypatch):
     monkeypatch.setattr(glean_oauth.Doctor, "_issuer", lambda self: 1 / 0)
     with StandInGlean() as glean:
