@@ -3545,18 +3545,35 @@ def test_keys_that_cannot_sign_are_skipped_and_the_kid_picks_among_several():
     assert verdict(no_kid, several) == ("valid", 'ES384, key "{}" from test keys'.format(kid))
 
 
-def test_an_ecdsa_signature_or_key_out_of_range_is_invalid():
+def test_an_ecdsa_signature_or_key_out_of_range_is_refused_before_any_arithmetic(monkeypatch):
     kid, key = stand_in_key("ES256")
     token = make_jwt({"alg": "ES256", "kid": kid}, {}, key)
     head, signature = token.rsplit(".", 1)
     n = glean_oauth.CURVES["P-256"][3]
     raw = base64.urlsafe_b64decode(signature + "==")
-    for r, s in ((0, raw[32:]), (n.to_bytes(32, "big"), raw[32:]), (raw[:32], n.to_bytes(32, "big"))):
-        r = r if isinstance(r, bytes) else r.to_bytes(32, "big")
+    arithmetic = []
+    monkeypatch.setattr(glean_oauth, "_shamir", lambda *args: arithmetic.append(args))
+    for r, s in ((bytes(32), raw[32:]), (n.to_bytes(32, "big"), raw[32:]), (raw[:32], n.to_bytes(32, "big"))):
         assert verdict(head + "." + b64url(r + s))[0] == "INVALID"
     off_curve = dict(public(key), kid=kid, y=int64((b64int(key["y"]) + 1), 32))
     assert verdict(token, {"keys": [off_curve]})[0] == "INVALID"
     assert verdict(head + "." + b64url(raw[:40]))[0] == "INVALID"  # not r || s of the curve's size
+    assert arithmetic == []
+
+
+@parametrize("alg", ["RS256", "PS256"])
+def test_an_rsa_signature_of_n_or_more_is_invalid_though_it_computes_the_same(alg):
+    kid, key = stand_in_key(alg)
+    n = b64int(key["n"])
+    for attempt in range(64):  # a signature s with s + n still 256 bytes long: about one in two
+        token = make_jwt({"alg": alg, "kid": kid}, {"sub": attempt}, key)
+        head, signature = token.rsplit(".", 1)
+        s = b64int(signature)
+        if s + n < 2 ** 2048:
+            break
+    assert verdict(token)[0] == "valid"
+    assert verdict(head + "." + b64url((s + n).to_bytes(256, "big"))) == (
+        "INVALID", 'the signature does not match key "{}"'.format(kid))  # pow(s + n, e, n) == pow(s, e, n)
 
 
 def test_inspect_checks_the_stored_token_with_its_issuers_keys(tmp_path):
