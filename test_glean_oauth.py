@@ -3396,6 +3396,62 @@ def test_a_check_that_breaks_costs_no_other_check(monkeypatch):
     assert checks["pkce"][0] == checks["clock"][0] == "ok"  # the checks after it still ran
 
 
+def test_doctor_says_where_each_setting_comes_from_and_what_is_missing(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        code, unset, _ = doctor(glean, path, CLIENT_ID=None, GLEAN_BACKEND_URL=None)
+        stored(glean, path, scope="chat offline_access")
+        _, from_store, _ = doctor(glean, path, CLIENT_ID=None, GLEAN_BACKEND_URL=None, CLIENT_SECRET=None)
+        _, other, _ = doctor(glean, path, CLIENT_ID="another-client", REDIRECT_URI=None)
+        _, public_client, _ = doctor(glean, path, args=["--auth-method", "none"], CLIENT_SECRET=None)
+        _, two, _ = doctor(glean, path, GLEAN_SERVER_URL="https://elsewhere-be.glean.com")
+    assert code == 1 and unset["client_id"] == ("fail", "not set", "Set CLIENT_ID to your static OAuth client's id, "
+                                                                      "or give --client-id.")
+    assert unset["backend_url"][:2] == ("fail", "not set") and unset["metadata"][:2] == ("warn", "not checked: no "
+                                                                                                 "backend URL")
+    assert from_store["client_id"][:2] == ("ok", "{} (from the token store)".format(CLIENT_ID))
+    assert from_store["backend_url"][:2] == ("ok", "{} (from the token store)".format(glean.url))
+    assert other["client_id"][:2] == ("warn", "another-client (CLIENT_ID), but the stored tokens were issued to "
+                                              "{}".format(CLIENT_ID))
+    assert other["redirect_uri"][1] in ("http://127.0.0.1:9090/oauth/callback (loopback; port 9090 is free now)",
+                                        "http://127.0.0.1:9090/oauth/callback: Port 9090 on 127.0.0.1 is already in "
+                                        "use (another run of this script?)")
+    assert public_client["client_secret"][:2] == ("ok", "not needed: the auth method is none")
+    assert two["backend_url"][0] == "fail" and "name different backends" in two["backend_url"][1]
+
+
+def test_doctor_says_what_the_stored_tokens_lack(tmp_path):
+    path, nowhere = tmp_path / "tokens.json", "http://127.0.0.1:9"  # a port that refuses at once
+    with StandInGlean() as glean:
+        glean.opaque_tokens = True
+        saved = stored(glean, path, scope="chat", backend_url=nowhere)
+        path.write_text(json.dumps({k: v for k, v in saved.items() if k not in ("expires_at", "scope")}))
+        _, opaque, _ = doctor(glean, path, GLEAN_BACKEND_URL=nowhere)
+        glean.opaque_tokens, glean.issue_refresh_token = False, False
+        stored(glean, path, scope="chat", backend_url=nowhere)
+        _, unreachable, _ = doctor(glean, path, GLEAN_BACKEND_URL=nowhere)
+    assert opaque["scopes"][:2] == ("warn", "granted: (not said); requested: chat")
+    assert opaque["access_token"][:2] == ("warn", "its expiry is unknown (no expires_in, not a JWT with exp)")
+    assert opaque["signature"][:2] == ("warn", "not checked (the token is not a JWS: three base64url parts, a JSON "
+                                               "header first)")
+    assert unreachable["metadata"][0] == "fail"  # refused: the words are the system's
+    assert unreachable["scopes"][:2] == ("warn", "granted: chat; requested: chat; no offline_access")
+    assert unreachable["signature"][:2] == ("warn", "not checked (no metadata to find the jwks_uri in)")
+    assert unreachable["clock"][:2] == ("warn", "not checked: no Date header from the server")
+
+
+def test_doctor_shows_a_metadata_error_and_a_store_for_another_backend(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path, scope="chat offline_access", backend_url="https://elsewhere-be.glean.com")
+        glean.overrides[glean_oauth.METADATA_PATH] = (500, {}, "<html>oops</html>")
+        code, checks, _ = doctor(glean, path, args=["--backend-url", glean.url])
+    assert code == 1 and checks["metadata"][:2] == ("fail", "{}{} answered 500: <html>oops</html>".format(
+        glean.url, glean_oauth.METADATA_PATH))
+    assert checks["token_store"][0] == "warn" and checks["token_store"][1].endswith(": not for " + glean.url)
+    assert checks["token_store"][2] == "Sign in there with: python3 glean_oauth.py login --token-file " + str(path)
+
+
 def test_doctor_reports_an_interrupted_refresh(tmp_path):
     path = tmp_path / "tokens.json"
     with StandInGlean() as glean:
@@ -3503,7 +3559,10 @@ def test_the_rules_in_their_order():
         assert verdict(unsigned + "." + third) == ("INVALID", "alg none: the token is not signed at all")
     assert verdict(b64url(b'{"alg":"HS256"}') + "." + body)[0] == "not checked"  # before any key is looked at
     assert "shared-key MAC" in verdict(b64url(b'{"alg":"HS256"}') + "." + body, jwks={"keys": []})[1]
-    assert verdict(b64url(b'{"alg":"EdDSA"}') + "." + body)[0] == "not checked"
+    assert verdict(b64url(b'{"alg":"EdDSA"}') + "." + body) == ("not checked", 'alg "EdDSA": not one this file '
+                                                                "implements (RS256, RS384, RS512, PS256, PS384, "
+                                                                "PS512, ES256, ES384, ES512)")
+    assert verdict(good.rsplit(".", 1)[0] + ".a+b") == ("INVALID", "the signature is not base64url")
     assert verdict("opaque-token")[0] == "not checked"
     assert verdict(good, {"keys": []}) == ("not checked", "the JWKS from test keys has no signing keys")
     assert verdict(make_jwt({"alg": "RS256", "kid": "gone"}, {}, key)) == (
@@ -3543,6 +3602,10 @@ def test_keys_that_cannot_sign_are_skipped_and_the_kid_picks_among_several():
     assert verdict(token, several) == ("valid", 'ES384, key "{}" from test keys'.format(kid))
     no_kid = make_jwt({"alg": "ES384"}, {}, key)  # without a kid, any key that verifies it
     assert verdict(no_kid, several) == ("valid", 'ES384, key "{}" from test keys'.format(kid))
+    others = {"keys": [dict(public(stand_in_key("ES384")[1]), kid="a", x="!"), stand_in_jwks()["keys"][0]]}
+    assert verdict(no_kid, others) == ("INVALID", 'no key in the JWKS from test keys verifies it: key "a" is '
+                                                  'malformed: its x and y are not base64url numbers; key "rsa-1" is '
+                                                  'an RSA key, and ES384 needs an EC key')
 
 
 def test_an_ecdsa_signature_or_key_out_of_range_is_refused_before_any_arithmetic(monkeypatch):
@@ -3609,7 +3672,8 @@ def test_inspect_takes_a_token_only_on_stdin_and_says_so_without_echoing_it():
     token = make_jwt({"alg": "RS256"}, {"sub": "u"})
     code, out, err = run_cli({}, ["inspect", token])
     assert code == 2 and token not in out + err and "standard input (inspect -)" in err
-    assert run_cli({}, ["inspect", "-"], stdin="\n")[0] == 2
+    assert run_cli({}, ["inspect", "-"], stdin="\n")[:2] == (2, "")
+    assert "No token on standard input" in run_cli({}, ["inspect", "-"], stdin="\n")[2]
     code, out, err = run_cli({}, ["inspect", "-"], stdin="e30." * (glean_oauth.MAX_JWKS_BYTES // 4 + 1))
     assert (code, out) == (2, "") and "over 1048576 characters" in err
 
@@ -3639,6 +3703,20 @@ def test_jwks_are_fetched_with_the_checks_every_url_gets(tmp_path):
     (tmp_path / "bad.json").write_text("[1]")
     code, out, err = run_cli({}, ["inspect", "-", "--jwks", str(tmp_path / "bad.json")], stdin=token)
     assert code == 2 and out == "" and "is not a JSON object" in err
+    code, out, err = run_cli({}, ["inspect", "-", "--jwks", str(tmp_path / "none.json")], stdin=token)
+    assert code == 2 and out == "" and err.startswith("Cannot read the JWKS file {}: ".format(tmp_path / "none.json"))
+    code, out, err = run_cli({}, ["inspect", "-"], stdin=token)
+    assert code == 0 and "Signature: not checked (no --jwks, and no backend to find the jwks_uri of: set " \
+        "GLEAN_BACKEND_URL or give --jwks)\n" in out
+    with StandInGlean() as glean:
+        glean.overrides["/oauth/jwks"] = (503, {}, "busy")
+        unavailable = run_cli(good_environ(glean), ["inspect", "-"], stdin=token)
+        glean.metadata_extra["jwks_uri"] = "http://keys.example/jwks"
+        plain = run_cli(good_environ(glean), ["inspect", "-"], stdin=token)
+    assert unavailable[0] == 1 and "Signature: not checked (its keys could not be fetched: Request to {}/oauth/jwks " \
+        "failed (503): busy)\n".format(glean.url) in unavailable[1]
+    assert plain[0] == 1 and "Signature: not checked (its keys could not be fetched: The metadata's jwks_uri must " \
+        "be an https:// URL" in plain[1]
 
 
 # --- The command line ---------------------------------------------------------------------
