@@ -3528,6 +3528,23 @@ def test_inspect_verifies_each_of_the_nine_algorithms_with_a_jwks_file_and_no_re
     assert out.startswith("\nJWT header:\n") and "\nJWT claims:\n" in out and "\nExpires: " in out
 
 
+RFC_8037_A4_JWS = (  # RFC 8037 Appendix A.4: Ed25519, which no JWK this file uses can carry
+    "eyJhbGciOiJFZERTQSJ9.RXhhbXBsZSBvZiBFZDI1NTE5IHNpZ25pbmc.hgyY0il_MGCjP0JzlnLWG1PPOt7-09PGcvMg3AIbQR6dWbhijcNR4ki4iylG"
+    "jg5BhVsPt9g7sVvpAr_MuM0KAg")
+RFC_8037_A2_KEY = {"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}
+
+
+def test_rfc_8037s_eddsa_example_is_not_checked_and_its_key_is_skipped():
+    assert verdict(RFC_8037_A4_JWS, {"keys": [RFC_8037_A2_KEY]}) == (
+        "not checked", 'alg "EdDSA": not one this file implements (RS256, RS384, RS512, PS256, PS384, PS512, ES256, '
+                       'ES384, ES512)')
+    kid, key = stand_in_key("ES256")
+    token = make_jwt({"alg": "ES256", "kid": kid}, {}, key)
+    assert verdict(token, {"keys": [dict(RFC_8037_A2_KEY, kid=kid)]}) == (
+        "not checked", "the JWKS from test keys has no signing keys")
+    assert verdict(token, {"keys": [dict(RFC_8037_A2_KEY, kid=kid)] + stand_in_jwks()["keys"]})[0] == "valid"
+
+
 def tampered(part, token):
     header, payload, signature = token.split(".")
     if part == "header":
