@@ -3180,23 +3180,29 @@ def lifecycle_scenario(python, folder):
     path = pathlib.Path(folder) / "tokens.json"
     with StandInGlean() as glean:
         glean.metadata_extra["revocation_endpoint"] = glean.url + "/oauth/revoke"
-        signed_in = login(glean, path, python=python)
+        glean.signing_alg = "ES256"  # the curve arithmetic, on each Python
+        signed_in = login(glean, path, ["--scope", "chat offline_access"], python=python)
         expire(path)
         token = run_script(script_env(glean), ["token", "--token-file", str(path)], python=python)
         ran = run_script(script_env(glean), ["exec", "--token-file", str(path), "--", python, "-c",
                                              "import os; print(os.environ['GLEAN_API_TOKEN'])"], python=python)
         shown = run_script(script_env(glean), ["status", "--token-file", str(path)], python=python)
+        diagnosed = run_script(script_env(glean), ["doctor", "--json", "--token-file", str(path)], python=python)
+        inspected = run_script(script_env(glean), ["inspect", "--token-file", str(path)], python=python)
         out = run_script(script_env(glean), ["logout", "--token-file", str(path)], python=python)
-    return glean, path.exists(), signed_in, token, ran, shown, out
+    return glean, path.exists(), signed_in, token, ran, shown, out, diagnosed, inspected
 
 
 @parametrize("version", PYTHONS)
-def test_login_token_exec_on_every_python(version):
-    glean, stored, signed_in, token, ran, shown, out = on_every_python(lifecycle_scenario, version)
+def test_login_token_exec_doctor_inspect_on_every_python(version):
+    glean, stored, signed_in, token, ran, shown, out, diagnosed, inspected = on_every_python(lifecycle_scenario, version)
     assert signed_in.code == 0, signed_in.run.output()
     assert token.returncode == 0 and token.stdout == ran.stdout, token.stderr + ran.stderr
     assert shown.returncode == 0 and out.returncode == 0 and not stored
     assert len(glean.revoked) == 2
+    assert diagnosed.returncode == 0, diagnosed.stdout + diagnosed.stderr
+    assert [c["status"] for c in json.loads(diagnosed.stdout.decode())["checks"]] == ["ok"] * 17
+    assert inspected.returncode == 0 and b'\nSignature: valid (ES256, key "p256-1" from ' in inspected.stdout
 
 
 def test_a_failed_revocation_keeps_the_tokens(tmp_path):
