@@ -3187,22 +3187,23 @@ def lifecycle_scenario(python, folder):
         ran = run_script(script_env(glean), ["exec", "--token-file", str(path), "--", python, "-c",
                                              "import os; print(os.environ['GLEAN_API_TOKEN'])"], python=python)
         shown = run_script(script_env(glean), ["status", "--token-file", str(path)], python=python)
+        # doctor: its HTTP, its platform facts and the ES256 check of the stored token's signature.
         diagnosed = run_script(script_env(glean), ["doctor", "--json", "--token-file", str(path)], python=python)
-        inspected = run_script(script_env(glean), ["inspect", "--token-file", str(path)], python=python)
         out = run_script(script_env(glean), ["logout", "--token-file", str(path)], python=python)
-    return glean, path.exists(), signed_in, token, ran, shown, out, diagnosed, inspected
+    return glean, path.exists(), signed_in, token, ran, shown, out, diagnosed
 
 
 @parametrize("version", PYTHONS)
-def test_login_token_exec_doctor_inspect_on_every_python(version):
-    glean, stored, signed_in, token, ran, shown, out, diagnosed, inspected = on_every_python(lifecycle_scenario, version)
+def test_login_token_exec_doctor_on_every_python(version):
+    glean, stored, signed_in, token, ran, shown, out, diagnosed = on_every_python(lifecycle_scenario, version)
     assert signed_in.code == 0, signed_in.run.output()
     assert token.returncode == 0 and token.stdout == ran.stdout, token.stderr + ran.stderr
     assert shown.returncode == 0 and out.returncode == 0 and not stored
     assert len(glean.revoked) == 2
     assert diagnosed.returncode == 0, diagnosed.stdout + diagnosed.stderr
-    assert [c["status"] for c in json.loads(diagnosed.stdout.decode())["checks"]] == ["ok"] * 17
-    assert inspected.returncode == 0 and b'\nSignature: valid (ES256, key "p256-1" from ' in inspected.stdout
+    checks = json.loads(diagnosed.stdout.decode())["checks"]
+    assert [c["status"] for c in checks] == ["ok"] * 17
+    assert checks[-1]["detail"].startswith('valid (ES256, key "p256-1" from ')
 
 
 def test_a_failed_revocation_keeps_the_tokens(tmp_path):
