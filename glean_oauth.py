@@ -2262,11 +2262,13 @@ class Doctor:
         detail = "granted: {}; requested: {}".format(granted or "(not said)", requested or "(none named)")
         if granted is None:
             return "warn", detail, "Nothing to do if the Chat API answers; the server did not say what it granted."
+        detail += " (chat: {}, offline_access: {})".format(*("yes" if scope in have else "no"
+                                                            for scope in ("chat", "offline_access")))
         if missing or "chat" not in have:
-            return "warn", detail + "; missing: " + " ".join(missing or ["chat"]), \
+            return "warn", detail + ("; not granted: " + " ".join(missing) if missing else ""), \
                 "Give the static client these scopes in Glean's admin console, then sign in again (login --force)."
         if "offline_access" not in have and not saved.get("refresh_token"):
-            return "warn", detail + "; no offline_access", "Sign in asking for offline_access (login --force)."
+            return "warn", detail, "Sign in asking for offline_access (login --force)."
         return "ok", detail, ""
 
     def _access_token(self):

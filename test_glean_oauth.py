@@ -3360,7 +3360,8 @@ def test_doctor_warns_of_what_is_not_glean_shaped_or_unsafe(tmp_path):
     assert code == 0
     assert checks["issuer"][0] == "warn" and "not {}/oauth".format(glean.url) in checks["issuer"][1]
     assert checks["pkce"][0] == "warn"
-    assert checks["scopes"][0] == "warn" and "missing: chat" in checks["scopes"][1]
+    assert checks["scopes"][:2] == ("warn", "granted: search offline_access; requested: search offline_access "
+                                            "(chat: no, offline_access: yes)")
     if os.name == "posix":
         assert checks["token_store"][0] == "warn" and "other users can read it" in checks["token_store"][1]
 
@@ -3462,13 +3463,18 @@ def test_doctor_says_what_the_stored_tokens_lack(tmp_path):
         glean.opaque_tokens, glean.issue_refresh_token = False, False
         stored(glean, path, scope="chat", backend_url=nowhere)
         _, unreachable, _ = doctor(glean, path, GLEAN_BACKEND_URL=nowhere)
+        stored(glean, path, scope="chat", backend_url=nowhere, requested_scope="CHAT Search")
+        _, fewer, _ = doctor(glean, path, GLEAN_BACKEND_URL=nowhere)
     assert opaque["scopes"][:2] == ("warn", "granted: (not said); requested: chat")
     assert opaque["access_token"][:2] == ("warn", "its expiry is unknown (no expires_in, not a JWT with exp)")
     assert opaque["signature"][:2] == ("warn", "not checked (the token is not a JWS: three base64url parts, a JSON "
                                                "header first)")
     assert unreachable["metadata"][0] == "fail"  # refused: the words are the system's
-    assert unreachable["scopes"][:2] == ("warn", "granted: chat; requested: chat; no offline_access")
+    assert unreachable["scopes"][:2] == ("warn", "granted: chat; requested: chat (chat: yes, offline_access: no)")
     assert unreachable["signature"][:2] == ("warn", "not checked (no metadata to find the jwks_uri in)")
+    assert fewer["scopes"] == ("warn", "granted: chat; requested: CHAT Search (chat: yes, offline_access: no); not "
+                                       "granted: Search", "Give the static client these scopes in Glean's admin "
+                                                          "console, then sign in again (login --force).")
     assert unreachable["clock"][:2] == ("warn", "not checked: no Date header from the server")
 
 
