@@ -2752,7 +2752,8 @@ def build_parser(command=None):
         if flag == "--min-valid" and command == "exec":
             options["default"] = EXEC_MIN_VALID  # a program may run a while: hand it a token with time left
         if flag == "--auth-method" and command == "doctor":
-            options["default"] = None  # doctor takes the stored one, else the doc's
+            options.update(default=None, help="the auth method to check for (default: the stored one, else "
+                                              "client_secret_post, the doc's)")
         parser.add_argument(flag, **options)
     if command == "inspect":
         parser.add_argument("token", nargs="?", metavar="-", help="read the token from standard input")
