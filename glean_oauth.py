@@ -2637,7 +2637,8 @@ $XDG_CONFIG_HOME/glean-oauth/tokens.json (~/.config/glean-oauth/tokens.json;
 %APPDATA%\\glean-oauth\\tokens.json on Windows); another tenant's tokens go beside it,
 in tokens.<host>.json. It never holds the client secret:
 a refresh for a confidential client takes CLIENT_SECRET from the environment.
-
+"""
+SUBCOMMAND_EXIT_CODES = """
 exit codes: 0 done; 1 a request failed; 2 bad configuration or usage;
 3 sign-in needed (nothing stored, or the refresh token was refused: run login);
 130 interrupted (Ctrl-C).
@@ -2712,7 +2713,7 @@ COMMANDS = {
              "REFRESH_TOKEN are not passed on to it)"),
     "status": (status_command, "show what is stored: backend, client, user, scopes, expiry (never a token)",
                ["--backend-url", "--token-file", "--json"], "exit codes: 0 the access token is valid or can be renewed; 1 the store "
-                                           "cannot be read; 3 sign-in needed"),
+                                           "cannot be read; 2 bad usage; 3 sign-in needed"),
     "logout": (logout_command, "revoke the tokens where the server can, and delete them (--local: only delete them)",
                ["--backend-url", "--token-file", "--http-timeout", "--local", "--all", "--client-secret-file"], None),
     "doctor": (doctor_command, "check the client's setup, the server and the store; a block for a support ticket",
@@ -2725,7 +2726,7 @@ COMMANDS = {
                 "examples:\n  python3 glean_oauth.py inspect\n"
                 "  python3 glean_oauth.py token | python3 glean_oauth.py inspect - --jwks keys.json\n"
                 "exit codes: 0 the signature is valid or was not checked; 1 it is INVALID, or its keys could not\n"
-                "be fetched; 2 bad usage"),
+                "be fetched; 2 bad usage; 3 no token stored (run login)"),
 }
 
 
@@ -2745,7 +2746,8 @@ def build_parser(command=None):
     else:
         _, description, flags, epilog = COMMANDS[command]
         parser = _Parser(prog="glean_oauth.py " + command, description=description,
-                         epilog=(epilog + "\n\n" if epilog else "") + SUBCOMMAND_EPILOG,
+                         epilog=(epilog + "\n\n" if epilog else "") + SUBCOMMAND_EPILOG + (
+                             "" if "exit codes:" in (epilog or "") else SUBCOMMAND_EXIT_CODES),
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     for flag in flags:
         options = dict(FLAGS[flag], **({"choices": list(CLIENT_AUTH)} if flag == "--auth-method" else {}))

@@ -3866,6 +3866,12 @@ def test_the_script_runs_by_its_shebang():
     assert proc.stdout == "glean_oauth.py {}\n".format(glean_oauth.__version__).encode()
 
 
+@parametrize("command", list(glean_oauth.COMMANDS))
+def test_each_subcommands_help_gives_its_exit_codes_once(command):
+    proc = run_script({}, [command, "--help"])
+    assert proc.returncode == 0 and proc.stdout.decode().count("exit codes:") == 1
+
+
 @posix_only(SHELL)
 def test_help_with_stdin_closed_still_helps():
     proc = shell('"$PY" "$SCRIPT" --help <&-', dict(os.environ, PY=sys.executable, SCRIPT=SCRIPT))
