@@ -1984,7 +1984,6 @@ def test_an_opaque_access_token_is_reported_and_the_run_goes_on():
     assert "JWT claims:" not in flow.stdout
 
 
-
 def test_verify_puts_the_signature_line_in_place_of_the_docs_and_fetches_the_keys_on_the_kept_connection():
     with StandInGlean() as glean:
         flow = run_flow(glean, ["--verify", "--no-chat"])
@@ -3488,6 +3487,34 @@ def test_doctor_shows_a_metadata_error_and_a_store_for_another_backend(tmp_path)
         glean.url, glean_oauth.METADATA_PATH))
     assert checks["token_store"][0] == "warn" and checks["token_store"][1].endswith(": not for " + glean.url)
     assert checks["token_store"][2] == "Sign in there with: python3 glean_oauth.py login --token-file " + str(path)
+
+
+def test_doctor_on_metadata_without_what_the_flow_needs_and_a_store_it_cannot_use(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        glean.metadata = lambda: {k: v for k, v in StandInGlean.metadata(glean).items() if k != "issuer"}
+        glean.metadata_extra.update(code_challenge_methods_supported=["plain"])
+        path.write_text("{not json")
+        os.chmod(str(path), 0o600)
+        code, broken, _ = doctor(glean, path)
+        glean.metadata_extra.update(code_challenge_methods_supported=None)
+        stored(glean, path, scope="chat")
+        saved = json.loads(path.read_text())
+        del saved["access_token"]
+        path.write_text(json.dumps(saved))
+        _, tokenless, _ = doctor(glean, path)
+        _, no_file, _ = doctor(glean, path, CLIENT_SECRET=None, CLIENT_SECRET_FILE=str(tmp_path / "secret"))
+    assert code == 1
+    assert no_file["client_secret"][:2] == ("fail", "Cannot read the client secret file {}: No such file or "
+                                                    "directory.".format(tmp_path / "secret"))
+    assert broken["issuer"][:2] == ("warn", "the metadata names no issuer (RFC 8414 §2 requires one)")
+    assert broken["pkce"][:2] == ("fail", 'PKCE S256 is not in the metadata\'s code_challenge_methods_supported '
+                                          '(["plain"])')
+    assert broken["token_store"][0] == "fail" and str(path) in broken["token_store"][1]
+    assert broken["token_store"][2] == "Fix what it says, or start over: logout --local, then login."
+    assert tokenless["pkce"][:2] == ("warn", "the metadata has no code_challenge_methods_supported: PKCE S256 is "
+                                             "not known to be supported")
+    assert tokenless["access_token"][:2] == ("fail", "the store holds no access token")
 
 
 def test_doctor_reports_an_interrupted_refresh(tmp_path):
