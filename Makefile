@@ -5,12 +5,13 @@ VENV := .venv
 .PHONY: help demo test run bench
 
 help: ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/; s/\$$\(PYTHON\)/$(PYTHON)/g'
 
-demo: ## run glean_oauth.py end to end against a stand-in Glean server (no tenant needed)
+demo: ## run glean_oauth.py end to end against a stand-in Glean server (no tenant, no pytest needed)
 	$(PYTHON) test_glean_oauth.py demo
 
 test: ## run the test suite (installs pytest into .venv, made by $(PYTHON), when $(PYTHON) lacks it)
+	@command -v $(PYTHON) >/dev/null || { echo "make test: $(PYTHON) is not found; give PYTHON=/path/to/python3 (3.6 or newer)" >&2; exit 2; }
 	@if $(PYTHON) -c 'import pytest' 2>/dev/null; then py='$(PYTHON)'; else \
 	  want=$$($(PYTHON) -c 'import sys; print(sys.version)'); \
 	  have=$$($(VENV)/bin/python -c 'import sys; print(sys.version)' 2>/dev/null || true); \

@@ -54,11 +54,16 @@ try:
     import pytest
 
     parametrize = pytest.mark.parametrize
-except ImportError:  # the demo needs only the stand-in server, not pytest
-    pytest = None
+except ImportError:  # the demo needs only the stand-in server, not pytest: every decorator
+    pytest = None    # that runs at import goes through parametrize or skip_if
 
     def parametrize(names, values):
         return lambda test: test
+
+
+def skip_if(condition, reason):
+    """pytest.mark.skipif, or nothing where pytest is not there (the demo)."""
+    return pytest.mark.skipif(condition, reason=reason) if pytest else (lambda test: test)
 
 
 import glean_oauth
@@ -1030,7 +1035,7 @@ def find_python(version):
 
 def posix_only(reason):
     """Skip a test that is POSIX's by nature on Windows, saying why."""
-    return pytest.mark.skipif(os.name != "posix", reason=reason) if pytest else (lambda test: test)
+    return skip_if(os.name != "posix", reason)
 
 
 SIGNALS = "sending Ctrl-C (SIGINT) to another process is POSIX's"
@@ -1041,8 +1046,7 @@ SYMLINKS = "Wine makes no symlinks, and Windows needs a privilege to"
 
 
 # A file or folder of "another user" is made with chown, which only root may do.
-as_root = pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0,
-                             reason="giving a file to another user takes root, on POSIX") if pytest else (lambda test: test)
+as_root = skip_if(os.name != "posix" or os.geteuid() != 0, "giving a file to another user takes root, on POSIX")
 
 
 def login(glean, path, args=(), python=sys.executable, **env):
@@ -2300,7 +2304,7 @@ def test_json_says_which_refresh_token_is_live(tmp_path):
 # --- The token store ----------------------------------------------------------------------
 
 
-@pytest.mark.skipif(os.name != "posix", reason="a folder is synced on POSIX only")
+@skip_if(os.name != "posix", "a folder is synced on POSIX only")
 def test_a_write_syncs_the_file_then_its_folder_and_a_folder_that_cannot_be_synced_is_passed_over(
         tmp_path, monkeypatch):
     synced, real_fsync = [], os.fsync
@@ -2437,7 +2441,7 @@ def test_a_relative_xdg_config_home_is_ignored(tmp_path):
     assert path == os.path.join(home, ".config", "glean-oauth", "tokens.json")
 
 
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+@skip_if(not hasattr(os, "mkfifo"), "no FIFOs on this platform")
 def test_a_fifo_is_refused_at_once(tmp_path):
     path = tmp_path / "tokens.json"
     os.mkfifo(str(path), 0o600)
@@ -2871,7 +2875,7 @@ def test_token_formats_for_curl_mcp_hosts_and_shells(tmp_path):
         assert shell.stdout.decode() == "{}\n{}\n".format(token, glean.url)
 
 
-@pytest.mark.skipif(not shutil.which("curl"), reason="no curl on this machine")
+@skip_if(not shutil.which("curl"), "no curl on this machine")
 def test_curl_reads_the_token_from_its_config_on_stdin(tmp_path):
     path = tmp_path / "tokens.json"
     with StandInGlean() as glean:
@@ -4840,7 +4844,7 @@ print(os.WEXITSTATUS(status))
 """
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
+@skip_if(not hasattr(os, "fork"), "no fork() on this platform")
 def test_a_forked_child_never_uses_its_parents_connection():
     with StandInGlean(tls=True) as glean:
         url = glean.url + "/.well-known/oauth-authorization-server"
