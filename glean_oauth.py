@@ -157,12 +157,12 @@ def load_config(argv, environ, ask_secret=None, command=None, console=None):
     config = Settings(
         client_id=_setting(flags.client_id, environ, "CLIENT_ID"),
         client_secret=client_secret(environ, flags.client_secret_file, console),
-        backend_url=named_backend(environ, flags.backend_url)[0],
+        backend_url=backend_setting(environ, flags.backend_url)[0],
         redirect_uri=_setting(flags.redirect_uri, environ, "REDIRECT_URI", DEFAULT_REDIRECT_URI),
         auth_method=flags.auth_method,
     )
-    ask = check_required(config, ask_secret)  # a value still equal to the doc's placeholder counts as unset
-    check_backend_url(config.backend_url)
+    ask = check_required(config, ask_secret, backend_setting(environ, flags.backend_url)[1])  # "..." is unset too
+    config.backend_url = named_backend(environ, flags.backend_url)[0]  # https:// for a bare host; the origin only
     check_redirect_uri(config.redirect_uri)
     read_more_settings(config, flags, environ, command)  # scopes, timeouts, streaming, the token file
     if ask:
@@ -210,7 +210,10 @@ class Client:
 
 def discover(config, console, show=True):
     """Doc step 2: fetch, print (unless not `show`) and check the metadata; return it."""
-    metadata = discover_metadata(config, console)
+    try:
+        metadata = discover_metadata(config, console)
+    except FlowError as error:  # https://acme.glean.com is likely the web host: say which backend was meant
+        raise hinted(error, be_host_hint(config.backend_url))
     if show:
         print_metadata(metadata, console)
     check_metadata(metadata, config.auth_method, config.backend_url)
@@ -799,11 +802,9 @@ class Tenants:
 
     def backend_of(self, store):
         try:
-            saved = store.read()
+            return backend_of(store.read() or {})
         except FlowError:
             return None  # unreadable: the command that reads it says why
-        value = (saved or {}).get("backend_url")
-        return value.rstrip("/") if value else None
 
     def select(self, named=None, named_by=None):
         """The store of the tenant a command is for: the one `named`, else the only one.
@@ -836,6 +837,16 @@ class Tenants:
         root, ext = os.path.splitext(self.base.path)
         host = urllib.parse.urlsplit(backend).netloc or "backend"
         return TokenStore("{}.{}{}".format(root, re.sub(r"[^A-Za-z0-9.-]", "_", host), ext), self.base.named_by)
+
+
+def backend_of(saved):
+    """The backend the stored tokens are for, as backend_origin reads it (a store written
+    by an earlier version may differ in case or a trailing /), or None."""
+    value = saved.get("backend_url")
+    try:
+        return backend_origin(value) if value else None
+    except FlowError:
+        return value  # not a backend's origin: never the one named
 
 
 def settings_of(config, metadata):
@@ -1327,7 +1338,7 @@ def current_sign_in(config):
         saved = config.store.read()
     except FlowError:
         return None  # the sign-in replaces what cannot be read
-    if not saved or (saved.get("backend_url"), saved.get("client_id")) != (config.backend_url, config.client_id):
+    if not saved or (backend_of(saved), saved.get("client_id")) != (config.backend_url, config.client_id):
         return None
     asked, had = (set((scope or "").lower().split()) for scope in (config.scope, saved.get("requested_scope")))
     renewable = valid_for(saved, 0, time.time()) or saved.get("refresh_token")
@@ -1424,7 +1435,7 @@ def status_command(argv, environ, console, stdin):
     now = time.time()
     info = status_of(saved, store.path, now)
     info["refresh_interrupted"] = store.interrupted_refresh()
-    other_backend = bool(backend) and saved.get("backend_url") not in (None, backend)
+    other_backend = bool(backend) and backend_of(saved) != backend
     usable = valid_for(saved, 0, now) or bool(saved.get("refresh_token"))
     if args.json:
         console.result(info)
@@ -1646,9 +1657,9 @@ def load_store(store, environ, console=None, named=None):
     if saved is None:
         raise SignInNeeded("No tokens are stored at {}.".format(store.path), store)
     backend, named_by = named or named_backend(environ)
-    if backend and saved.get("backend_url") not in (None, backend):
+    if backend and backend_of(saved) != backend:  # a store that names no backend serves none that is named
         raise SignInNeeded("The tokens at {} are for {}, not for {} {}.".format(
-            store.path, one_line(saved["backend_url"]), named_by, backend), store)
+            store.path, one_line(str(backend_of(saved) or "no backend named")), named_by, backend), store)
     return saved
 
 
@@ -1692,13 +1703,13 @@ def stored_client(saved, environ, http_timeout, store, secret_file=None, console
     if auth_method not in CLIENT_AUTH:
         raise store.unusable("it names an unknown auth method {}".format(one_line(auth_method)))
     named = environ.get("CLIENT_ID", "").strip()
-    if named and named != saved["client_id"] and named != PLACEHOLDERS["CLIENT_ID"]:
+    if not unset("CLIENT_ID", named) and named != saved["client_id"]:
         raise FlowError("CLIENT_ID is {}, but the tokens at {} were issued to the client {}: its secret is not "
                         "this one's. Unset CLIENT_ID, or sign in as {} with: {}".format(
                             named, store.path, one_line(saved["client_id"]), named, store.command("login")),
                         EXIT_USAGE)
     secret = client_secret(environ, secret_file, console)
-    if auth_method != "none" and secret in ("", PLACEHOLDERS["CLIENT_SECRET"]):
+    if auth_method != "none" and unset("CLIENT_SECRET", secret):
         raise FlowError("Set CLIENT_SECRET or CLIENT_SECRET_FILE: the client {} authenticates with {}, and its "
                         "secret is never stored.".format(one_line(saved["client_id"]), auth_method), EXIT_USAGE)
     return Client(saved["client_id"], secret, auth_method, http_timeout)
@@ -1832,6 +1843,21 @@ CLOCK_WARN_SECONDS, CLOCK_FAIL_SECONDS = 60, 300  # a clock that far off breaks 
 DOCTOR_CHECKS = ("python", "client_id", "client_secret", "backend_url", "metadata", "issuer", "pkce", "auth_method",
                  "redirect_uri", "proxy", "tls", "clock", "token_store", "scopes", "access_token", "refresh_token",
                  "signature")  # doctor's order; new ones go at the end, never between
+# What a check needs that an earlier one finds: without it, the check is skipped (no warn,
+# no fix of its own) and names the check to fix instead.
+DOCTOR_NEEDS = {"metadata": ["backend_url"], "issuer": ["metadata"], "pkce": ["metadata"], "auth_method": ["metadata"],
+                "proxy": ["backend_url"], "tls": ["backend_url"], "scopes": ["token_store"],
+                "access_token": ["token_store"], "refresh_token": ["token_store"], "signature": ["access_token"]}
+SKIPPED = "not checked: needs the {} check"
+# The fix for a check that failed with a FlowError of the flow's own (its message says what is wrong).
+DOCTOR_FIXES = {
+    "backend_url": "Set GLEAN_BACKEND_URL to your backend's origin: the \"Server instance (QE)\" on Glean's About page, "
+                   "usually https://<name>-be.glean.com.",
+    "client_secret": "Make the secret file readable by you alone (chmod 600), or set CLIENT_SECRET.",
+    "redirect_uri": "Set REDIRECT_URI to the loopback redirect URI registered on your client.",
+    "proxy": "Set HTTPS_PROXY to http://HOST:PORT, or unset it.",
+    "tls": "Point SSL_CERT_FILE at a PEM CA bundle, or unset it.",
+}
 
 
 def clock_offset(headers, received_at):
@@ -1956,7 +1982,7 @@ def inspect_keys(args, backend, found, console, environ):
         return fetch_jwks(args.jwks, http_timeout_setting(args, environ)), args.jwks
     if not backend:
         return None, "no --jwks, and no backend to find the jwks_uri of: set GLEAN_BACKEND_URL or give --jwks"
-    check_backend_url(backend)
+    backend = backend_origin(backend)
     settings = Settings(backend_url=backend, http_timeout=http_timeout_setting(args, environ))
     metadata = discover_metadata(settings, console)
     found["issuer"] = metadata.get("issuer") if isinstance(metadata.get("issuer"), str) else found["issuer"]
@@ -2004,8 +2030,8 @@ def doctor_command(argv, environ, console, stdin):
             console.line("{:<5} {:<14} {}".format(check["status"], check["check"], check["detail"]))
             if check["fix"]:
                 console.line("{:<20} fix: {}".format("", check["fix"]))
-        counts = [sum(check["status"] == status for check in checks) for status in ("ok", "warn", "fail")]
-        console.line("\n{} checks: {} ok, {} warn, {} fail".format(len(checks), *counts))
+        counts = [sum(check["status"] == status for check in checks) for status in ("ok", "warn", "fail", "skip")]
+        console.line("\n{} checks: {} ok, {} warn, {} fail, {} skipped".format(len(checks), *counts))
     return EXIT_FAILURE if any(check["status"] == "fail" for check in checks) else EXIT_OK
 
 
@@ -2026,10 +2052,12 @@ class Doctor:
 
     def check(self, name):
         """One check as doctor prints it: {"check", "status", "detail", "fix"}."""
+        missing = [need for need in DOCTOR_NEEDS.get(name, []) if not self.found(need)]
         try:
-            status, detail, fix = getattr(self, "_" + name)()
+            status, detail, fix = ("skip", SKIPPED.format(missing[0]), "") if missing \
+                else getattr(self, "_" + name)()
         except FlowError as error:
-            status, detail, fix = "fail", str(error), ""
+            status, detail, fix = "fail", str(error), DOCTOR_FIXES.get(name, "Fix what it says, then run doctor again.")
         except Exception as error:  # a bug in one check must not cost the others
             status, detail, fix = "fail", "the check itself failed: {}: {}".format(type(error).__name__, error), \
                 "A bug in glean_oauth.py: please report it, with this block."
@@ -2042,6 +2070,12 @@ class Doctor:
                 "python": "{} {}".format(platform.python_implementation(), platform.python_version()),
                 "os": "{} {} ({})".format(platform.system(), platform.release(), platform.machine()),
                 "time": iso_time(time.time())}
+
+    def found(self, need):
+        """Whether an earlier check found what `need` (in DOCTOR_NEEDS) names."""
+        saved = self.saved()
+        return {"backend_url": bool(self.backend), "metadata": self.metadata is not None, "token_store": bool(saved),
+                "access_token": isinstance(saved.get("access_token"), str) and bool(saved["access_token"])}[need]
 
     def stored(self):
         """(store, saved or None, the problem reading it or None), read once."""
@@ -2064,21 +2098,21 @@ class Doctor:
     def _client_id(self):
         value = _setting(self.args.client_id, self.environ, "CLIENT_ID")
         stored = self.saved().get("client_id")
-        if value in ("", PLACEHOLDERS["CLIENT_ID"]):
+        if unset("CLIENT_ID", value):
             if stored:
                 return "ok", "{} (from the token store)".format(stored), ""
             return "fail", "not set", "Set CLIENT_ID to your static OAuth client's id, or give --client-id."
         where = "--client-id" if self.args.client_id else "CLIENT_ID"
         if stored and stored != value:
             return "warn", "{} ({}), but the stored tokens were issued to {}".format(value, where, stored), \
-                "Unset CLIENT_ID, or sign in as {} with: python3 glean_oauth.py login".format(value)
+                "Unset CLIENT_ID, or sign in as {} with: {}".format(value, self.stored()[0].command("login"))
         return "ok", "{} ({})".format(value, where), ""
 
     def _client_secret(self):
         secret = client_secret(self.environ, self.args.client_secret_file)
         if self.auth_method() == "none":
             return "ok", "not needed: the auth method is none", ""
-        if secret in ("", PLACEHOLDERS["CLIENT_SECRET"]):
+        if unset("CLIENT_SECRET", secret):
             return "warn", "not set: login, a refresh and logout need it", \
                 "Set CLIENT_SECRET, or CLIENT_SECRET_FILE to a file only you can read."
         where = "--client-secret-file" if (self.args.client_secret_file or "").strip() else \
@@ -2093,13 +2127,10 @@ class Doctor:
             backend, named_by = self.saved().get("backend_url") or "", "from the token store"
         if not backend:
             return "fail", "not set", "Set GLEAN_BACKEND_URL to your Glean backend, e.g. https://acme-be.glean.com."
-        check_backend_url(backend)
-        self.backend = backend
+        self.backend = backend_origin(backend, "The token store's backend_url")
         return "ok", "{} ({})".format(backend, named_by), ""
 
     def _metadata(self):
-        if not self.backend:
-            return "warn", "not checked: no backend URL", "Set GLEAN_BACKEND_URL."
         url = self.backend + METADATA_PATH
         try:
             answer, served = self.get(url), url
@@ -2107,21 +2138,40 @@ class Doctor:
                 answer, served = self.get(url + ISSUER_PATH), url + ISSUER_PATH
         except FlowError as error:
             self.failure = error
-            raise
+            return "fail", str(error), self.unreachable_fix(error)
         if answer.status == 404:
             return "fail", "{} and {} both answered 404: the tenant's OAuth authorization server may be turned " \
-                "off".format(url, served), "Ask a Glean admin whether OAuth is enabled for this tenant, and " \
-                "check GLEAN_BACKEND_URL."
+                "off".format(url, served), (be_host_hint(self.backend).strip() + " Else ask" if be_host_hint(
+                    self.backend) else "Ask") + " a Glean admin whether OAuth is enabled for this tenant, and check " \
+                "GLEAN_BACKEND_URL."
         metadata = json_object(served, answer) if 200 <= answer.status < 300 else None
         if metadata is None:
             return "fail", "{} answered {}: {}".format(served, answer.status, excerpt(answer.body)), \
-                "Check GLEAN_BACKEND_URL: it must be the backend (…-be.glean.com), not the web app."
+                "Check GLEAN_BACKEND_URL: it must be the backend (…-be.glean.com), not the web app." + \
+                be_host_hint(self.backend)
         for key in ENDPOINTS:
             if key in metadata or key != "revocation_endpoint":
                 check_endpoint(metadata.get(key), "The metadata's " + key, self.backend)
         self.metadata = metadata
         return "ok", "served by {}{}".format(served, "" if served == url else " (the RFC 8414 path form; "
                                              "the root one answered 404)"), ""
+
+    def unreachable_fix(self, error):
+        """What to do when the metadata request got no answer, by what stopped it."""
+        import socket
+
+        source, cause = self.named[1] or "GLEAN_BACKEND_URL", error.__context__
+        if "(HTTPS_PROXY)" in str(error):
+            fix = "Check HTTPS_PROXY and NO_PROXY: the proxy must be reachable and let the backend through."
+        elif "TLS certificate" in str(error):
+            fix = "Behind a corporate proxy or CA, set SSL_CERT_FILE to its CA bundle (PEM)."
+        elif isinstance(cause, socket.gaierror):
+            fix = "The host name does not resolve: check the host in {}.".format(source)
+        elif isinstance(cause, ConnectionRefusedError):
+            fix = "Nothing answers there: check the host and port in {}, and that the backend is up.".format(source)
+        else:
+            fix = "Check {} and the network (GLEAN_HTTP_TIMEOUT sets how long to wait).".format(source)
+        return fix + be_host_hint(self.backend)
 
     def get(self, url):
         """GET `url`; the server's clock is read from the answer's Date."""
@@ -2134,8 +2184,6 @@ class Doctor:
         return self.args.auth_method or self.saved().get("auth_method") or "client_secret_post"
 
     def _issuer(self):
-        if self.metadata is None:
-            return "warn", "not checked: no metadata", "See the metadata check."
         issuer, glean_shape = self.metadata.get("issuer"), self.backend + ISSUER_PATH
         if not isinstance(issuer, str) or not issuer:
             return "warn", "the metadata names no issuer (RFC 8414 §2 requires one)", "Ask Glean support."
@@ -2157,8 +2205,6 @@ class Doctor:
 
     def listed(self, key, value, what, fix):
         """Whether the metadata's list `key` names `value`."""
-        if self.metadata is None:
-            return "warn", "not checked: no metadata", "See the metadata check."
         values = self.metadata.get(key)
         if values is None:
             return "warn", "the metadata has no {}: {} is not known to be supported".format(key, what), \
@@ -2183,8 +2229,6 @@ class Doctor:
         return "ok", "{} (loopback; port {} is free now)".format(uri, port), ""
 
     def _proxy(self):
-        if not self.backend:
-            return "warn", "not checked: no backend URL", "Set GLEAN_BACKEND_URL."
         parts = urllib.parse.urlsplit(self.backend)
         proxy = _proxy_for(parts.scheme, parts.hostname)
         if proxy:
@@ -2214,12 +2258,11 @@ class Doctor:
         if self.failure and "TLS certificate" in str(self.failure):
             return "fail", "the backend's certificate is not trusted; trusted CAs from {}".format(source), \
                 "Behind a corporate proxy or CA, set SSL_CERT_FILE to its CA bundle (PEM)."
-        return "warn", "not checked: the backend did not answer; trusted CAs from {}".format(source), \
-            "See the metadata check."
+        return "skip", SKIPPED.format("metadata") + "; trusted CAs from " + source, ""
 
     def _clock(self):
-        if self.offset is None:
-            return "warn", "not checked: no Date header from the server", "See the metadata check."
+        if self.offset is None:  # no answer with a Date
+            return "skip", SKIPPED.format("metadata"), ""
         if abs(self.offset) <= CLOCK_WARN_SECONDS:
             return "ok", "within {} s of the server's (its Date header)".format(abs(self.offset)), ""
         fix = "Set this machine's clock right (turn on NTP): tokens' exp and nbf are the server's times."
@@ -2245,38 +2288,40 @@ class Doctor:
         interrupted = store.interrupted_refresh()
         if interrupted:
             return "warn", "{}: a refresh was interrupted after it was sent ({})".format(detail, interrupted), \
-                "Run python3 glean_oauth.py token: it says whether the refresh token still works."
+                "Run {}: it says whether the refresh token still works.".format(store.command("token"))
         if os.name == "posix" and info.st_mode & 0o044:
             return "warn", detail + ": other users can read it", "Run chmod 600 " + _shell_word(store.path)
-        if self.backend and saved.get("backend_url") not in (None, self.backend):
+        if self.backend and backend_of(saved) != self.backend:
             return "warn", detail + ": not for " + self.backend, "Sign in there with: " + store.command("login")
         return "ok", detail, ""
 
     def _scopes(self):
-        saved = self.stored()[1]
-        if not saved:
-            return "warn", "not checked: no tokens stored", "Sign in with login."
+        saved = self.saved()
         granted, requested = granted_scope(saved), saved.get("requested_scope") or ""
         have = set((granted or "").lower().split())
-        missing = [scope for scope in requested.split() if scope.lower() not in have]
         detail = "granted: {}; requested: {}".format(granted or "(not said)", requested or "(none named)")
         if granted is None:
             return "warn", detail, "Nothing to do if the Chat API answers; the server did not say what it granted."
         detail += " (chat: {}, offline_access: {})".format(*("yes" if scope in have else "no"
                                                             for scope in ("chat", "offline_access")))
+        # No offline_access but a refresh token all the same: nothing is missing that matters.
+        renewable = saved.get("refresh_token") and "offline_access" not in have
+        missing = [scope for scope in requested.split() if scope.lower() not in have
+                   and not (renewable and scope.lower() == "offline_access")]
+        detail += "; not granted: " + " ".join(missing) if missing else ""
+        detail += "; a refresh token was issued anyway" if renewable else ""
         if missing or "chat" not in have:
-            return "warn", detail + ("; not granted: " + " ".join(missing) if missing else ""), \
-                "Give the static client these scopes in Glean's admin console, then sign in again (login --force)."
+            return "warn", detail, "Give the static client these scopes in Glean's admin console, then sign in " \
+                "again with: " + self.stored()[0].command("login --force")
         if "offline_access" not in have and not saved.get("refresh_token"):
-            return "warn", detail, "Sign in asking for offline_access (login --force)."
+            return "warn", detail, "Sign in asking for offline_access: " + self.stored()[0].command(
+                'login --force --scope "{}"'.format(" ".join(_scope_union(requested.split() + ["offline_access"]))))
         return "ok", detail, ""
 
     def _access_token(self):
-        saved = self.stored()[1]
-        if not saved:
-            return "warn", "not checked: no tokens stored", "Sign in with login."
+        saved, store = self.saved(), self.stored()[0]
         if not saved.get("access_token"):
-            return "fail", "the store holds no access token", "Sign in again with login --force."
+            return "fail", "the store holds no access token", "Sign in again with: " + store.command("login --force")
         now, when = time.time(), expires_at(saved)
         if when is None:
             return "warn", "its expiry is unknown (no expires_in, not a JWT with exp)", "Nothing, if it works."
@@ -2286,23 +2331,19 @@ class Doctor:
             return "warn", expiry_text(saved, now).replace("the access token ", "") + "; the refresh token can " \
                 "renew it", "Nothing: token, exec and TokenProvider refresh it when they need it."
         return "fail", expiry_text(saved, now).replace("the access token ", "") + ", and there is no refresh token", \
-            "Sign in again with: " + self.stored()[0].command("login")
+            "Sign in again with: " + store.command("login")
 
     def _refresh_token(self):
-        saved = self.stored()[1]
-        if not saved:
-            return "warn", "not checked: no tokens stored", "Sign in with login."
-        if saved.get("refresh_token"):
+        if self.saved().get("refresh_token"):
             return "ok", "present (never shown)", ""
         return "warn", "none: the access token cannot be renewed", OFFLINE_ACCESS_HINT
 
     def _signature(self):
-        saved = self.stored()[1]
-        if not saved or not isinstance(saved.get("access_token"), str):
-            return "warn", "not checked: no access token stored", "Sign in with login."
         check = SignatureCheck(lambda: metadata_keys(self.metadata, self.backend, self.http_timeout)
-                               if self.metadata else (None, "no metadata to find the jwks_uri in"))
-        check(saved["access_token"])
+                               if self.metadata else (None, SKIPPED.format("metadata")))
+        check(self.saved()["access_token"])
+        if check.verdict.detail == SKIPPED.format("metadata"):
+            return "skip", check.verdict.detail, ""
         status = {"valid": "ok", "INVALID": "fail"}.get(check.verdict.status, "warn")
         fixes = {"ok": "", "fail": "The token is not signed by a key its issuer publishes: sign in again, and "
                                    "check GLEAN_BACKEND_URL.", "warn": "Nothing, if the Chat API takes the token."}
@@ -2865,31 +2906,106 @@ def _setting(flag_value, environ, name, default=""):
     return value or default
 
 
+BACKEND_SOURCES = ("--backend-url", "GLEAN_BACKEND_URL", "GLEAN_SERVER_URL")  # in the order they win
+WEB_APP_HOSTS = ("app.glean.com", "glean.com", "www.glean.com")  # Glean's web app, never a backend
+
+
+def backend_setting(environ, flag_value=None):
+    """The backend URL as given and what gave it: --backend-url, else GLEAN_BACKEND_URL,
+    else GLEAN_SERVER_URL (what Glean's newer tools read); ("", None) when none does."""
+    for name, value in zip(BACKEND_SOURCES, (flag_value or "", environ.get("GLEAN_BACKEND_URL", ""),
+                                             environ.get("GLEAN_SERVER_URL", ""))):
+        if value.strip():
+            return value.strip().rstrip("/"), name
+    return "", None
+
+
 def named_backend(environ, flag_value=None):
-    """The backend asked for, and what named it: --backend-url, else GLEAN_BACKEND_URL, else
-    GLEAN_SERVER_URL (what Glean's newer tools read); ("", None) when none does. The two
-    variables set to two backends is a usage error that names both."""
-    if flag_value is not None and flag_value.strip():
-        return flag_value.strip().rstrip("/"), "--backend-url"
-    backend = environ.get("GLEAN_BACKEND_URL", "").strip().rstrip("/")
-    server = environ.get("GLEAN_SERVER_URL", "").strip().rstrip("/")
-    if backend and server and backend != server:
-        raise FlowError("GLEAN_BACKEND_URL ({}) and GLEAN_SERVER_URL ({}) name different backends: unset one, or "
-                        "give --backend-url.".format(backend, server), EXIT_USAGE)
-    return (backend, "GLEAN_BACKEND_URL") if backend else (server, "GLEAN_SERVER_URL") if server else ("", None)
+    """The backend asked for, read by backend_origin, and what named it; ("", None) when
+    none does. The two variables set to two backends is a usage error that names both."""
+    backend, named_by = backend_setting(environ, flag_value)
+    if named_by == "GLEAN_BACKEND_URL" and environ.get("GLEAN_SERVER_URL", "").strip():
+        server = backend_origin(environ["GLEAN_SERVER_URL"], "GLEAN_SERVER_URL")
+        if server != backend_origin(backend, named_by):
+            raise FlowError("GLEAN_BACKEND_URL ({}) and GLEAN_SERVER_URL ({}) name different backends: unset one, or "
+                            "give --backend-url.".format(backend_origin(backend, named_by), server), EXIT_USAGE)
+    return (backend_origin(backend, named_by), named_by) if backend else ("", None)
 
 
-def check_required(config, ask_secret):
-    """FlowError (exit 2) naming what to set; True when only the secret is missing and
-    can be asked for."""
+def backend_origin(value, source="GLEAN_BACKEND_URL"):
+    """The one reading of a backend URL, for the flow, every subcommand, doctor and
+    TokenProvider: spaces and trailing slashes trimmed, https:// before a bare host (as
+    Glean's tools do), the scheme and host in lower case, a default port dropped. FlowError
+    (exit 2) naming `source` for the doc's placeholder, the web app's host, a path, query or
+    fragment, a user:password, or credentials that would go over plain http."""
+    value = value.strip().rstrip("/")
+    if unset("GLEAN_BACKEND_URL", value):
+        raise FlowError(placeholder_problem(source, value) + ".", EXIT_USAGE)
+    url = value if re.match(r"(?i)^[a-z][a-z0-9+.-]*://", value) else "https://" + value
+    parts = check_transport(url, source, EXIT_USAGE)
+    host, scheme = parts.hostname, parts.scheme.lower()
+    if "@" in parts.netloc:
+        raise FlowError("{} must not hold a user name or password: {}.".format(source, _without_userinfo(url)),
+                        EXIT_USAGE)
+    origin = "{}://{}{}".format(scheme, _bracketed(host), "" if parts.port in (None, {"https": 443, "http": 80}[
+        scheme]) else ":{}".format(parts.port))
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        raise FlowError("{} {} is not a backend's origin: use the origin only: {}.".format(source, value, origin),
+                        EXIT_USAGE)
+    if host in WEB_APP_HOSTS:
+        raise FlowError("{} {} is Glean's web app, not your backend: use the \"Server instance (QE)\" value from the "
+                        "About page in Glean, usually https://<name>-be.glean.com.".format(source, value), EXIT_USAGE)
+    return origin
+
+
+def hinted(error, hint):
+    """`error` with `hint` added to its message (the same exit code and status); itself without one."""
+    text = str(error) + ("" if str(error).endswith(".") else ".")
+    return FlowError(text + hint, error.exit_code, error.status, error.oauth_error) if hint else error
+
+
+def be_host_hint(backend_url):
+    """For a https://<name>.glean.com backend (the web host, likely): " Did you mean
+    https://<name>-be.glean.com?"; else ""."""
+    match = re.match(r"^https://([a-z0-9-]+)\.glean\.com$", backend_url or "")
+    if not match or match.group(1).endswith("-be"):
+        return ""
+    return " Did you mean https://{}-be.glean.com?".format(match.group(1))
+
+
+# What a value still equal to the doc's placeholder (or "...") should be set to instead.
+WANTED = {"CLIENT_ID": "your static OAuth client's id", "CLIENT_SECRET": "its secret (or unset it, to be asked)",
+          "GLEAN_BACKEND_URL": "your backend, e.g. https://acme-be.glean.com"}
+
+
+def unset(kind, value):
+    """True when `value` was never set: empty, "...", or still the doc's placeholder for
+    `kind` (CLIENT_ID, CLIENT_SECRET or GLEAN_BACKEND_URL). The one placeholder rule."""
+    return value in ("", "...", PLACEHOLDERS[kind])
+
+
+def placeholder_problem(name, value):
+    kind = "GLEAN_BACKEND_URL" if name in BACKEND_SOURCES else name
+    shown = "" if kind == "CLIENT_SECRET" and value != "..." else " " + value  # a secret's value is never shown
+    return "{} is still the {}placeholder{}: set it to {}".format(
+        name, "doc's " if value == PLACEHOLDERS[kind] else "", shown, WANTED[kind])
+
+
+def check_required(config, ask_secret, backend_source="GLEAN_BACKEND_URL"):
+    """FlowError (exit 2) naming what to set, and each value still a placeholder; True when
+    only the secret is missing and can be asked for."""
     needs_secret = config.auth_method != "none"  # a public client has none
-    unset = [name for name, value in (("CLIENT_ID", config.client_id), ("CLIENT_SECRET", config.client_secret),
-                                      ("GLEAN_BACKEND_URL", config.backend_url))
-             if value in ("", PLACEHOLDERS[name]) and (needs_secret or name != "CLIENT_SECRET")]
-    if unset == ["CLIENT_SECRET"] and ask_secret:  # the secret alone, once all else is known to be right
+    values = [("CLIENT_ID", "CLIENT_ID", config.client_id), ("CLIENT_SECRET", "CLIENT_SECRET", config.client_secret),
+              (backend_source or "GLEAN_BACKEND_URL", "GLEAN_BACKEND_URL", config.backend_url)]
+    missing = [(name, value) for name, kind, value in values
+               if unset(kind, value) and (needs_secret or kind != "CLIENT_SECRET")]
+    if missing == [("CLIENT_SECRET", "")] and ask_secret:  # the secret alone, once all else is known to be right
         return True
-    if unset:
-        raise FlowError("Set {} before you run this script (see --help).".format(", ".join(unset)), EXIT_USAGE)
+    empty = [name for name, value in missing if not value]
+    problems = (["Set {} before you run this script".format(", ".join(empty))] if empty else []) + [
+        placeholder_problem(name, value) for name, value in missing if value]
+    if problems:
+        raise FlowError("; ".join(problems) + " (see --help).", EXIT_USAGE)
     return False
 
 
@@ -2978,17 +3094,6 @@ def check_transport(url, name, exit_code=EXIT_FAILURE):
         "not {}.".format(name, _without_userinfo(url)),
         exit_code,
     )
-
-
-def check_backend_url(url):
-    """GLEAN_BACKEND_URL: https (or loopback http), no user:password@, no query or fragment."""
-    parts = check_transport(url, "GLEAN_BACKEND_URL", EXIT_USAGE)
-    if "@" in parts.netloc:
-        raise FlowError("GLEAN_BACKEND_URL must not hold a user name or password: {}.".format(
-            _without_userinfo(url)), EXIT_USAGE)
-    if parts.query or parts.fragment:
-        raise FlowError("GLEAN_BACKEND_URL must be the backend's address alone, without ?query or #fragment: "
-                        "{}.".format(url), EXIT_USAGE)
 
 
 def check_redirect_uri(redirect_uri):

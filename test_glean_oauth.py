@@ -1326,21 +1326,30 @@ def test_load_config_reads_the_environment_and_strips_trailing_slashes():
     assert (config.client_id, config.client_secret) == ("id", "secret")
 
 
-@parametrize("environ, named", [
-    ({}, "CLIENT_ID, CLIENT_SECRET, GLEAN_BACKEND_URL"),
+@parametrize("environ, message", [
+    ({}, "Set CLIENT_ID, CLIENT_SECRET, GLEAN_BACKEND_URL before you run this script"),
     ({"CLIENT_ID": "YOUR_STATIC_CLIENT_ID", "CLIENT_SECRET": "x", "GLEAN_BACKEND_URL": "https://a"},
-     "CLIENT_ID"),
+     "CLIENT_ID is still the doc's placeholder YOUR_STATIC_CLIENT_ID: set it to your static OAuth client's id"),
     ({"CLIENT_ID": "a", "CLIENT_SECRET": "YOUR_STATIC_CLIENT_SECRET", "GLEAN_BACKEND_URL": "https://a"},
-     "CLIENT_SECRET"),
-    ({"CLIENT_ID": "a", "CLIENT_SECRET": "x", "GLEAN_BACKEND_URL": "https://your-instance-be.glean.com"},
-     "GLEAN_BACKEND_URL"),
-    ({"CLIENT_ID": "  ", "CLIENT_SECRET": "x", "GLEAN_BACKEND_URL": "https://a"}, "CLIENT_ID"),
+     "CLIENT_SECRET is still the doc's placeholder: set it to its secret (or unset it, "
+     "to be asked)"),
+    ({"CLIENT_ID": "a", "CLIENT_SECRET": "x", "GLEAN_BACKEND_URL": "https://your-instance-be.glean.com/"},
+     "GLEAN_BACKEND_URL is still the doc's placeholder https://your-instance-be.glean.com: set it to your backend, "
+     "e.g. https://acme-be.glean.com"),
+    ({"CLIENT_ID": "  ", "CLIENT_SECRET": "x", "GLEAN_SERVER_URL": "https://a"}, "Set CLIENT_ID before you run this script"),
+    ({"CLIENT_ID": "a", "CLIENT_SECRET": "x", "GLEAN_SERVER_URL": "..."},
+     "GLEAN_SERVER_URL is still the placeholder ...: set it to your backend, e.g. https://acme-be.glean.com"),
+    # The README's own block, copied as it is: one line that names each value to change.
+    ({"CLIENT_ID": "...", "CLIENT_SECRET": "...", "GLEAN_BACKEND_URL": "https://your-instance-be.glean.com"},
+     "CLIENT_ID is still the placeholder ...: set it to your static OAuth client's id; CLIENT_SECRET is still the "
+     "placeholder ...: set it to its secret (or unset it, to be asked); GLEAN_BACKEND_URL is still the doc's "
+     "placeholder https://your-instance-be.glean.com: set it to your backend, e.g. https://acme-be.glean.com"),
 ])
-def test_missing_or_placeholder_configuration_names_what_to_set(environ, named):
-    with pytest.raises(glean_oauth.FlowError) as caught:
-        glean_oauth.load_config([], environ)
-    assert caught.value.exit_code == 2
-    assert str(caught.value).startswith("Set {} before".format(named))
+def test_missing_or_placeholder_configuration_names_what_to_set(environ, message):
+    with StandInGlean() as glean:
+        code, out, err = run_cli(environ)
+    assert (code, out, err) == (2, "", message + " (see --help).\n")
+    assert glean.requests == []
 
 
 def test_missing_configuration_exits_2_before_any_network_traffic():
@@ -3264,6 +3273,8 @@ def doctor(glean, path=None, args=(), **env):
     code, out, err = run_cli(good_environ(glean, **env), ["doctor", "--json", "--token-file", str(path)] + list(args))
     checks = json.loads(out)["checks"]
     assert [check["check"] for check in checks] == list(glean_oauth.DOCTOR_CHECKS)
+    for check in checks:  # every fail and warn says what to do; a skipped check names the one to fix
+        assert bool(check["fix"]) == (check["status"] in ("warn", "fail")), check
     return code, {check["check"]: (check["status"], check["detail"], check["fix"]) for check in checks}, out + err
 
 
@@ -3288,7 +3299,7 @@ def test_doctor_on_a_healthy_setup_passes_every_check_and_shows_no_token_code_or
     head = text.splitlines()
     assert [line.split(":")[0] for line in head[1:5]] == ["Version", "Python", "OS", "Time"]
     assert re.match(r"Time: +\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", head[4])
-    assert "ok    signature      valid (RS256" in text and text.endswith("\n17 checks: 17 ok, 0 warn, 0 fail\n")
+    assert "ok    signature      valid (RS256" in text and text.endswith("\n17 checks: 17 ok, 0 warn, 0 fail, 0 skipped\n")
 
 
 def test_doctor_works_before_login_and_without_the_secret(tmp_path):
@@ -3297,8 +3308,9 @@ def test_doctor_works_before_login_and_without_the_secret(tmp_path):
     assert code == 0, output
     assert checks["client_secret"][:2] == ("warn", "not set: login, a refresh and logout need it")
     assert checks["token_store"][0] == "warn" and "login" in checks["token_store"][2]
-    assert [checks[name][:2] for name in ("scopes", "access_token", "refresh_token", "signature")] == [
-        ("warn", "not checked: no tokens stored")] * 3 + [("warn", "not checked: no access token stored")]
+    assert [checks[name] for name in ("scopes", "access_token", "refresh_token", "signature")] == [
+        ("skip", "not checked: needs the token_store check", "")] * 3 + [
+        ("skip", "not checked: needs the access_token check", "")]
     assert checks["metadata"][0] == checks["clock"][0] == "ok"
 
 
@@ -3311,7 +3323,9 @@ def test_doctor_says_the_authorization_server_may_be_off_when_both_metadata_urls
     status, detail, fix = checks["metadata"]
     assert status == "fail" and "both answered 404: the tenant's OAuth authorization server may be turned off" in detail
     assert "Ask a Glean admin" in fix
-    assert checks["issuer"][0] == checks["pkce"][0] == "warn"  # cannot be checked, said so
+    # What needs the metadata is skipped, naming the check to fix; no warn, no fix of its own.
+    assert checks["issuer"] == checks["pkce"] == checks["auth_method"] == (
+        "skip", "not checked: needs the metadata check", "")
 
 
 def test_doctor_names_a_port_in_use_and_what_to_do():
@@ -3386,11 +3400,11 @@ def test_doctor_names_the_proxy_without_its_password_and_the_ca_it_trusts(monkey
     glean_oauth._tls_context.cache_clear()
     code, out, err = run_cli({"CLIENT_ID": CLIENT_ID, "GLEAN_BACKEND_URL": "https://acme-be.glean.com",
                               "GLEAN_TOKEN_FILE": str(tmp_path / "tokens.json")}, ["doctor"])
-    checks = {line.split()[1]: line for line in out.splitlines() if line[:5].strip() in ("ok", "warn", "fail")}
+    checks = {line.split()[1]: line for line in out.splitlines() if line[:5].strip() in ("ok", "warn", "fail", "skip")}
     assert "pa55word" not in out + err and "user" not in checks["proxy"]
     assert checks["proxy"].split(None, 2)[2] == "127.0.0.1:9 (HTTPS_PROXY), tunnelled with CONNECT"
     assert checks["metadata"].startswith("fail") and "Cannot reach the proxy 127.0.0.1:9" in checks["metadata"]
-    assert checks["tls"].startswith("warn") and "trusted CAs from" in checks["tls"]
+    assert checks["tls"].startswith("skip") and "trusted CAs from" in checks["tls"]
     monkeypatch.setenv("NO_PROXY", "acme-be.glean.com")
     doctor = glean_oauth.Doctor(glean_oauth.parse_args("doctor", []), {}, None)
     doctor.backend = "https://acme-be.glean.com"
@@ -3443,8 +3457,8 @@ def test_doctor_says_where_each_setting_comes_from_and_what_is_missing(tmp_path)
         _, two, _ = doctor(glean, path, GLEAN_SERVER_URL="https://elsewhere-be.glean.com")
     assert code == 1 and unset["client_id"] == ("fail", "not set", "Set CLIENT_ID to your static OAuth client's id, "
                                                                       "or give --client-id.")
-    assert unset["backend_url"][:2] == ("fail", "not set") and unset["metadata"][:2] == ("warn", "not checked: no "
-                                                                                                 "backend URL")
+    assert unset["backend_url"][:2] == ("fail", "not set") and unset["metadata"] == ("skip", "not checked: needs "
+                                                                                             "the backend_url check", "")
     assert from_store["client_id"][:2] == ("ok", "{} (from the token store)".format(CLIENT_ID))
     assert from_store["backend_url"][:2] == ("ok", "{} (from the token store)".format(glean.url))
     assert other["client_id"][:2] == ("warn", "another-client (CLIENT_ID), but the stored tokens were issued to "
@@ -3474,11 +3488,12 @@ def test_doctor_says_what_the_stored_tokens_lack(tmp_path):
                                                "header first)")
     assert unreachable["metadata"][0] == "fail"  # refused: the words are the system's
     assert unreachable["scopes"][:2] == ("warn", "granted: chat; requested: chat (chat: yes, offline_access: no)")
-    assert unreachable["signature"][:2] == ("warn", "not checked (no metadata to find the jwks_uri in)")
+    assert unreachable["signature"] == ("skip", "not checked: needs the metadata check", "")
     assert fewer["scopes"] == ("warn", "granted: chat; requested: CHAT Search (chat: yes, offline_access: no); not "
                                        "granted: Search", "Give the static client these scopes in Glean's admin "
-                                                          "console, then sign in again (login --force).")
-    assert unreachable["clock"][:2] == ("warn", "not checked: no Date header from the server")
+                                                          "console, then sign in again with: python3 glean_oauth.py "
+                                                          "login --force --token-file " + str(path))
+    assert unreachable["clock"] == ("skip", "not checked: needs the metadata check", "")
 
 
 def test_doctor_shows_a_metadata_error_and_a_store_for_another_backend(tmp_path):
@@ -3519,6 +3534,51 @@ def test_doctor_on_metadata_without_what_the_flow_needs_and_a_store_it_cannot_us
     assert tokenless["pkce"][:2] == ("warn", "the metadata has no code_challenge_methods_supported: PKCE S256 is "
                                              "not known to be supported")
     assert tokenless["access_token"][:2] == ("fail", "the store holds no access token")
+
+
+def test_doctor_points_at_the_cause_when_the_backend_cannot_be_reached(monkeypatch, tmp_path):
+    def no_such_name(host, port, deadline):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    with StandInGlean() as glean:
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            refused_url = "http://127.0.0.1:{}".format(closed.getsockname()[1])
+        _, refused, _ = doctor(glean, GLEAN_BACKEND_URL=refused_url)
+        monkeypatch.setattr(glean_oauth, "_resolve", no_such_name)  # no name is looked up for real
+        _, unresolvable, _ = doctor(glean, GLEAN_BACKEND_URL="acme.glean.com")
+        code, with_path, _ = doctor(glean, GLEAN_BACKEND_URL=glean.url + "/rest/api/v1")
+        assert glean.requests == []
+    assert unresolvable["backend_url"][:2] == ("ok", "https://acme.glean.com (GLEAN_BACKEND_URL)")
+    assert unresolvable["metadata"][0] == "fail" and "Name or service not known" in unresolvable["metadata"][1]
+    assert unresolvable["metadata"][2] == "The host name does not resolve: check the host in GLEAN_BACKEND_URL. " \
+                                          "Did you mean https://acme-be.glean.com?"
+    assert refused["metadata"][0] == "fail" and refused["metadata"][2] == \
+        "Nothing answers there: check the host and port in GLEAN_BACKEND_URL, and that the backend is up."
+    assert code == 1 and with_path["backend_url"] == (
+        "fail", "GLEAN_BACKEND_URL {0}/rest/api/v1 is not a backend's origin: use the origin only: {0}.".format(
+            glean.url), glean_oauth.DOCTOR_FIXES["backend_url"])
+    assert [with_path[name][0] for name in ("metadata", "issuer", "clock")] == ["skip"] * 3
+
+
+def test_the_flow_suggests_the_be_host_when_a_web_host_is_not_the_backend(monkeypatch):
+    monkeypatch.setattr(glean_oauth, "_resolve", lambda host, port, deadline: (_ for _ in ()).throw(
+        socket.gaierror(socket.EAI_NONAME, "Name or service not known")))  # no name is looked up for real
+    code, out, err = run_cli(good_environ("https://acme.glean.com", CLIENT_SECRET=CLIENT_SECRET))
+    assert (code, out) == (1, "")
+    assert err == "Request to https://acme.glean.com/.well-known/oauth-authorization-server failed: Name or service " \
+                  "not known. Did you mean https://acme-be.glean.com?\n"
+
+
+def test_doctor_asks_no_admin_for_offline_access_when_a_refresh_token_came_anyway(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path, scope="chat", requested_scope="chat offline_access")
+        code, checks, output = doctor(glean, path)
+    assert code == 0 and checks["refresh_token"][0] == "ok"
+    assert checks["scopes"] == ("ok", "granted: chat; requested: chat offline_access (chat: yes, offline_access: no); "
+                                      "a refresh token was issued anyway", "")
+    assert "Glean admin" not in output and "admin console" not in output
 
 
 def test_doctor_reports_an_interrupted_refresh(tmp_path):
@@ -4034,10 +4094,56 @@ def test_a_malformed_url_is_a_usage_error_that_shows_no_password(name, value, me
     assert glean.requests == []
 
 
-def test_a_backend_url_with_a_query_is_a_usage_error():
-    code, out, err = run_cli(good_environ("https://acme-be.glean.com/?x=1"))
-    assert (code, err) == (2, "GLEAN_BACKEND_URL must be the backend's address alone, without ?query or #fragment: "
-                              "https://acme-be.glean.com/?x=1.\n")
+@parametrize("value, message", [
+    ("https://acme-be.glean.com/?x=1", "GLEAN_BACKEND_URL https://acme-be.glean.com/?x=1 is not a backend's origin: "
+                                       "use the origin only: https://acme-be.glean.com."),
+    ("https://acme-be.glean.com/rest/api/v1", "GLEAN_BACKEND_URL https://acme-be.glean.com/rest/api/v1 is not a "
+                                              "backend's origin: use the origin only: https://acme-be.glean.com."),
+    ("https://app.glean.com", "GLEAN_BACKEND_URL https://app.glean.com is Glean's web app, not your backend: use the "
+                              "\"Server instance (QE)\" value from the About page in Glean, usually "
+                              "https://<name>-be.glean.com."),
+    ("glean.com/", "GLEAN_BACKEND_URL glean.com is Glean's web app, not your backend: use the \"Server instance (QE)\" "
+                   "value from the About page in Glean, usually https://<name>-be.glean.com."),
+])
+def test_a_backend_url_that_is_no_backends_origin_is_one_line_and_no_request(value, message):
+    with StandInGlean() as glean:
+        code, out, err = run_cli(good_environ(glean, GLEAN_BACKEND_URL=value))
+    assert (code, out, err) == (2, "", message + "\n")
+    assert glean.requests == []
+
+
+@parametrize("given, source", [(["--backend-url", "acme.glean.com/x"], "--backend-url"),
+                               ([], "GLEAN_SERVER_URL")])
+def test_a_backend_error_names_where_the_value_came_from(given, source):
+    environ = {"GLEAN_SERVER_URL": "acme.glean.com/x", "GLEAN_TOKEN_FILE": "/nonexistent/tokens.json",
+               "CLIENT_ID": CLIENT_ID, "CLIENT_SECRET": CLIENT_SECRET}
+    for command in ([], ["token"], ["status"], ["doctor"]):
+        code, _, err = run_cli(environ, command + given)
+        assert err.startswith(source + " acme.glean.com/x is not a backend's origin") or \
+            "fail  backend_url    {} acme.glean.com/x is not".format(source) in err + _, (command, err + _)
+
+
+@parametrize("value, origin", [
+    ("acme-be.glean.com", "https://acme-be.glean.com"), (" HTTPS://Acme-BE.Glean.com:443/ ", "https://acme-be.glean.com"),
+    ("127.0.0.1:18080", "https://127.0.0.1:18080"), ("http://[::1]:80", "http://[::1]"),
+    ("https://vanity.example.com:8443", "https://vanity.example.com:8443"),
+])
+def test_one_reading_of_a_backend_url(value, origin):
+    assert glean_oauth.backend_origin(value) == origin
+
+
+def test_a_bare_host_is_https_end_to_end_and_finds_its_stored_tokens(tmp_path):
+    # The scheme rule: a backend named without one is https://, loopback too (so the stand-in speaks TLS).
+    path = tmp_path / "tokens.json"
+    with StandInGlean(tls=True) as glean:
+        bare = glean.url[len("https://"):]
+        flow = login(glean, path, ["--backend-url", bare], SSL_CERT_FILE=certificate_file())
+        assert flow.code == 0, flow.run.output()
+        assert json.loads(path.read_text())["backend_url"] == glean.url
+        for named in (bare, bare + "/", glean.url.upper().replace("HTTPS", "https")):
+            code, out, err = run_cli({"GLEAN_TOKEN_FILE": str(path), "GLEAN_SERVER_URL": named}, ["token"])
+            assert (code, err) == (0, ""), named
+            assert out.strip() in glean.access_tokens
 
 
 # --- Answers: what a server says, parsed with care ----------------------------------------
