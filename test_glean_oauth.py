@@ -633,7 +633,11 @@ class _StandInHandler(BaseHTTPRequestHandler):
 def http_get(url, timeout=10):
     """GET `url` without following redirects; return (status, headers, body text)."""
     parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    if parts.scheme == "https":  # the stand-in's own certificate, trusted as a browser told to would
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
+                                           context=ssl.create_default_context(cafile=certificate_file()))
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
         conn.request("GET", parts.path + ("?" + parts.query if parts.query else ""))
         response = conn.getresponse()
