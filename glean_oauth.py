@@ -305,10 +305,13 @@ def authorize(config, console, metadata, state, code_challenge, stdin, environ):
 
         # 6. The callback: state, then issuer, error and code checks.
         iss_required = metadata.get("authorization_response_iss_parameter_supported") is True
-        code = receiver.wait(
-            lambda query: parse_callback(query, state, metadata.get("issuer"), iss_required),
-            config.callback_timeout, on_stray=console.problem,
-        )
+        try:
+            code = receiver.wait(
+                lambda query: parse_callback(query, state, metadata.get("issuer"), iss_required),
+                config.callback_timeout, on_stray=console.problem,
+            )
+        except FlowError as error:  # invalid_scope: say which scopes the server does not list
+            raise hinted(error, scope_refusal_hint(error, config.scope, metadata))
         return code, receiver.redirect_uri
 
 
@@ -375,7 +378,8 @@ def parse_callback(query, expected_state, issuer=None, iss_required=False):
         raise FlowError("The callback has no iss, though the metadata says the server sends it (RFC 9207).")
     if first("error"):
         description = first("error_description")
-        raise FlowError("OAuth error: " + first("error") + (": " + description if description else ""))
+        raise FlowError("OAuth error: " + first("error") + (": " + description if description else ""),
+                        oauth_error=first("error"))
     if not first("code"):
         raise FlowError("Missing authorization code in callback.")
     return first("code")
@@ -442,7 +446,7 @@ def chat_step(config, console, results, token_response):
                          _scope_union(config.scope.split() + ["chat", "offline_access"]))))
     try:
         chat_response = results.sections["chat_response"] = call_chat_api(
-            config, token_response["access_token"], console)
+            config, token_response["access_token"], console, granted_scope(token_response))
     except FlowError as error:
         console.problem("Chat API call failed: {}".format(error))
         return EXIT_FAILURE
@@ -453,13 +457,13 @@ def chat_step(config, console, results, token_response):
     return EXIT_OK
 
 
-def call_chat_api(config, access_token, console):
+def call_chat_api(config, access_token, console, granted=None):
     """POST one question to the Chat API with the access token as a bearer token; return
     the ChatResponse (with --stream, the stream's lines merged into one).
 
     The whole call is bounded by GLEAN_CHAT_TIMEOUT (agent answers can take minutes);
-    a stream, also by GLEAN_HTTP_TIMEOUT between two lines. A 401 or 403 names the
-    scope its WWW-Authenticate asks for (RFC 6750 §3.1).
+    a stream, also by GLEAN_HTTP_TIMEOUT between two lines. A 401 or 403 says why, as far
+    as the answer and the scopes `granted` tell (scope_hint).
     """
     if not BEARER_TOKEN.match(access_token):  # nor could it go in a header safely
         raise FlowError("The access token holds characters a bearer token cannot (RFC 6750 §2.1); not sending it.")
@@ -483,7 +487,7 @@ def call_chat_api(config, access_token, console):
             stream.end_answer_line()
     if not 200 <= response.status < 300:
         raise FlowError("Request to {} failed ({}): {}{}".format(
-            url, response.status, excerpt(response.body, redact), scope_hint(response, config)),
+            url, response.status, excerpt(response.body, redact), scope_hint(response, config, granted)),
             status=response.status)
     return stream.finish() if stream else json_object(url, response)
 
@@ -1324,9 +1328,17 @@ def login_command(argv, environ, console, stdin):
         config.store.write(contents, console.secrets)
     console.note("Signed in as {}; saved the tokens to {}; {}.".format(
         one_line(user_of(contents) or "an unknown user"), config.store.path, expiry_text(contents, time.time())))
+    granted = set((granted_scope(contents) or "").lower().split())
+    missing = [scope for scope in config.scope.split() if scope.lower() not in granted
+               and not (scope.lower() == "offline_access" and token_response.get("refresh_token"))]
+    if granted and missing:
+        console.note("Not granted: {} (asked for {}): what needs {} will be refused. A Glean admin can give the "
+                     "static client {}.".format(" ".join(missing), config.scope, "it" if len(missing) == 1 else "them",
+                                                "that scope" if len(missing) == 1 else "those scopes"))
     if not token_response.get("refresh_token"):
-        console.note("No refresh token came back, so `token` can serve this one only until it expires. "
-                     + OFFLINE_ACCESS_HINT)
+        console.note("No refresh token came back, so `token` can serve this one only until it expires: you will "
+                     "sign in again in about {}. {}".format(expiry_text(contents, time.time(), relative_only=True),
+                                                            OFFLINE_ACCESS_HINT))
     return EXIT_OK
 
 
@@ -1808,13 +1820,16 @@ def granted_scope(saved):
     return None
 
 
-def expiry_text(saved, now):
-    """'the access token expires at <ISO> (in 59 min)', or that it expired, or is unknown."""
+def expiry_text(saved, now, relative_only=False):
+    """'the access token expires at <ISO> (in 59 min)', or that it expired, or is unknown;
+    `relative_only`: '59 min'."""
     when = expires_at(saved)
     if when is None:
-        return "the access token's expiry is unknown"
+        return "an hour (its expiry is unknown)" if relative_only else "the access token's expiry is unknown"
     minutes = int(abs(when - now) // 60)
     relative = "{} min".format(minutes) if minutes < 120 else "{} h".format(minutes // 60)
+    if relative_only:
+        return relative
     if when > now:
         return "the access token expires at {} (in {})".format(iso_time(when), relative)
     return "the access token expired at {} ({} ago)".format(iso_time(when), relative)
@@ -3274,12 +3289,15 @@ def form_post(url, fields, headers=None, timeout=HTTP_TIMEOUT_SECONDS):
     return http_request(url, body, headers, Deadline(timeout))
 
 
-def _oauth_error(body, redact=()):
-    """`(error, "error: error_description")` from an RFC 6749 §5.2 error body, or (None, None)."""
+def _oauth_error(body, redact=(), key=None):
+    """`(error, "error: error_description")` from an RFC 6749 §5.2 error body, or (None, None).
+    With `key`, Glean's RFC 9457 problem `code` (token_expired) counts when there is no error."""
     try:
         value = parse_json(body.decode("utf-8"))
     except ValueError:
         return None, None
+    if isinstance(value, dict) and key and not isinstance(value.get("error"), str):
+        value = dict(value, error=value.get(key), error_description=None)
     if not isinstance(value, dict) or not isinstance(value.get("error"), str):
         return None, None
     description = value.get("error_description")
@@ -3294,18 +3312,43 @@ WAITING_NOTE_SECONDS = 2
 CHAT_SCOPE_HINT = " (the token may lack the CHAT scope: check the scopes of your static client)"
 
 
-def scope_hint(response, config):
-    """For a 401 or 403: the scope the answer's WWW-Authenticate asks for, and the command
-    that asks for it; else the general hint; "" for other statuses."""
+REFUSED_TOKEN_HINT = " (the server refused the token: it has expired or was revoked; sign in again)"
+
+
+def scope_hint(response, config, granted=None):
+    """For a 401 or 403, why the token was refused: the scope the answer's WWW-Authenticate
+    asks for (RFC 6750 §3.1) and the command that asks for it; that it was expired or
+    revoked (invalid_token, Glean's token_expired); else the general scope hint, unless the
+    scopes `granted` include chat. "" for other statuses."""
     if response.status not in (401, 403):
         return ""
     challenge = response.headers.get("WWW-Authenticate") or ""
     wanted = re.search(r'\bscope="([^"]*)"', challenge)
-    if not wanted or not wanted.group(1).split():
-        return CHAT_SCOPE_HINT
-    scopes = [one_line(scope) for scope in wanted.group(1).split()]
-    ask = _scope_union(config.scope.split() + scopes + ["offline_access"])
-    return ' (the token lacks the scope {}: sign in again with --scope "{}")'.format(" ".join(scopes), " ".join(ask))
+    if wanted and wanted.group(1).split():
+        scopes = [one_line(scope) for scope in wanted.group(1).split()]
+        ask = _scope_union(config.scope.split() + scopes + ["offline_access"])
+        return ' (the token lacks the scope {}: sign in again with --scope "{}")'.format(" ".join(scopes), " ".join(ask))
+    said = re.search(r'\berror="([^"]*)"', challenge)
+    error = said.group(1) if said else _oauth_error(response.body, key="code")[0]
+    if error in ("invalid_token", "token_expired"):
+        return REFUSED_TOKEN_HINT
+    chat_granted = granted is not None and "chat" in granted.lower().split()
+    return CHAT_SCOPE_HINT if error == "insufficient_scope" or not chat_granted else ""
+
+
+def scope_refusal_hint(error, scope, metadata):
+    """After an invalid_scope answer: the scopes asked for that the metadata's scopes_supported
+    does not name, and the lower-case spelling of any asked in upper case; else ""."""
+    if error.oauth_error != "invalid_scope":
+        return ""
+    supported = metadata.get("scopes_supported")
+    known = {item.lower(): item for item in supported if isinstance(item, str)} if isinstance(supported, list) else {}
+    unknown = [item for item in scope.split() if item not in known.values()]
+    hint = " The server's scopes_supported does not name {} (it names {}).".format(
+        " ".join(unknown), " ".join(known.values())) if known and unknown else ""
+    if scope != scope.lower():
+        hint += ' Glean takes scopes in lower case: --scope "{}".'.format(scope.lower())
+    return hint
 
 
 def _scope_union(scopes):

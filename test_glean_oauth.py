@@ -324,6 +324,7 @@ class StandInGlean:
         self.refresh_scopes = {}  # refresh token -> the scope it carries
         self.revoked = []  # (token_type_hint, token) of each revocation request that checked out
         self.refuse_access_token_revocation = False  # as oidc-provider does for a JWT: unsupported_token_type
+        self.grant = lambda asked: asked  # the scope granted for the scope asked for
         self.answer = "The executive team is listed on the People page."
         self.chat_delay = 0  # seconds before the chat answer starts
         self.stream_pace = None  # with --stream: stream_pace(line index) runs before each line
@@ -398,7 +399,7 @@ class StandInGlean:
         else:
             code = secrets.token_urlsafe(32)
             with self._lock:
-                self.codes[code] = (q["code_challenge"], q["redirect_uri"], q.get("scope"))
+                self.codes[code] = (q["code_challenge"], q["redirect_uri"], self.grant(q.get("scope")))
             answer["code"] = code
         location = q["redirect_uri"] + "?" + urllib.parse.urlencode(answer)
         return 302, {"Location": location}, ""
@@ -1859,6 +1860,17 @@ def test_a_stray_callback_with_an_error_cannot_end_the_run():
         in run.stderr
 
 
+def test_invalid_scope_names_the_scopes_the_server_does_not_list_and_the_lower_case_spelling():
+    with StandInGlean() as glean:
+        glean.authorize_error = "invalid_scope"
+        glean.metadata_extra["scopes_supported"] = ["chat", "search", "offline_access"]
+        flow = run_flow(glean, ["--scope", "chat SEARCH bogus"])
+    assert flow.code == 1
+    assert flow.stderr.endswith("OAuth error: invalid_scope. The server's scopes_supported does not name SEARCH bogus "
+                                "(it names chat search offline_access). Glean takes scopes in lower case: --scope "
+                                '"chat search bogus".\n')
+
+
 # --- Step 7: the code for tokens ----------------------------------------------------------
 
 
@@ -1916,6 +1928,22 @@ def test_a_failed_chat_call_still_decodes_and_refreshes_then_exits_1(status):
                           'static client)\n'.format(glean.url, status)
     assert "\nJWT claims:\n" in flow.stdout and "\nRefresh response:\n" in flow.stdout
     assert "Chat response:" not in flow.stdout
+
+
+@parametrize("challenge, body, hint", [
+    ('Bearer error="invalid_token"', {"error": "invalid_token"}, glean_oauth.REFUSED_TOKEN_HINT),
+    ("Bearer", {"code": "token_expired", "status": 401}, glean_oauth.REFUSED_TOKEN_HINT),
+    ('Bearer error="insufficient_scope"', "Forbidden", glean_oauth.CHAT_SCOPE_HINT),
+    ("Bearer", "Unauthorized", ""),  # chat was granted, and the server says nothing more: no scope advice
+])
+def test_a_chat_refusal_blames_the_scope_only_when_the_grant_lacked_it_or_the_server_says_so(challenge, body, hint):
+    with StandInGlean() as glean:
+        glean.overrides["/rest/api/v1/chat"] = (403 if "insufficient" in challenge else 401,
+                                                {"WWW-Authenticate": challenge}, body)
+        flow = run_flow(glean, ["--scope", "chat offline_access"])
+    assert flow.code == 1
+    assert flow.stderr.startswith("Chat API call failed: Request to {}/rest/api/v1/chat failed".format(glean.url))
+    assert flow.stderr.endswith(hint + "\n") and "scope" not in flow.stderr.replace(hint, "")
 
 
 def test_message_asks_another_question_and_no_chat_skips_the_call():
@@ -2968,13 +2996,20 @@ def test_logout_without_a_revocation_endpoint_says_the_token_lives_on(tmp_path):
     assert again.stderr.decode() == "Nothing is stored at {}; nothing to do.\n".format(path)
 
 
-def test_login_without_a_refresh_token_hints_offline_access(tmp_path):
+def test_login_says_what_was_not_granted_and_what_no_refresh_token_means(tmp_path):
     with StandInGlean() as glean:
         glean.issue_refresh_token = False
         flow = login(glean, tmp_path / "tokens.json")
+        glean.issue_refresh_token = True
+        glean.grant = lambda asked: "chat"  # the server grants less than asked
+        fewer = login(glean, tmp_path / "fewer.json", ["--scope", "chat search offline_access"])
     assert flow.code == 0
-    assert flow.stderr.endswith("No refresh token came back, so `token` can serve this one only until it expires. "
-                                "Glean issues a refresh token when the offline_access scope is requested (--scope).\n")
+    assert flow.stderr.endswith("No refresh token came back, so `token` can serve this one only until it expires: you "
+                                "will sign in again in about 59 min. Glean issues a refresh token when the "
+                                "offline_access scope is requested (--scope).\n")
+    assert fewer.code == 0 and fewer.stderr.endswith(
+        "Not granted: search (asked for chat search offline_access): what needs it will be refused. A Glean admin can "
+        "give the static client that scope.\n")  # offline_access was not granted, but a refresh token came
 
 
 def test_token_provider_serves_from_the_store_and_refreshes_when_needed(tmp_path):
