@@ -8,7 +8,7 @@ printing every step, then a Chat API call with the access token, a local look at
 token's claims, and the refresh_token grant.
 
 The flow at a glance: main() runs the doc's ten steps, and below it each step is one
-function, in this order:
+function, in this order (main() calls each, or sign_in() does, for steps 3 to 7):
 
      1. configuration from the environment ............ load_config()
      2. RFC 8414 metadata discovery ................... discover()
@@ -17,9 +17,9 @@ function, in this order:
      5. the authorization URL ......................... build_authorization_url()
      6. the callback: state, error and code checks .... parse_callback()
      7. the code for tokens, with client_secret_post .. exchange_code()
-     8. POST /rest/api/v1/chat with the bearer token .. call_chat_api()
-     9. the access token's JWT claims, decoded ........ print_jwt()
-    10. the refresh_token grant ....................... refresh_tokens()
+     8. POST /rest/api/v1/chat with the bearer token .. chat_step(), which calls call_chat_api()
+     9. the access token's JWT claims, decoded ........ jwt_step(), which calls print_jwt()
+    10. the refresh_token grant ....................... refresh_step(), which calls refresh_tokens()
 
 Everything else sits below the line that says "beyond the documented flow": what a run
 keeps (--json, --token-file), the token store and the login, token, exec, status and
@@ -2702,6 +2702,17 @@ exit codes: 0 done; 1 a request failed; 2 bad configuration or usage;
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, **options):
+        super().__init__(allow_abbrev=False, **options)  # --form is no --format: a typo must not mean another flag
+
+    def parse_args(self, args=None, namespace=None):
+        flags, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            known = [option for action in self._actions for option in action.option_strings]
+            self.error("unrecognized argument {}{}".format(one_line(unknown[0]), did_you_mean(unknown[0].split("=")[0],
+                                                                                             known)))
+        return flags
+
     def error(self, message):
         """One line and exit code 2, like every other configuration error, through the
         same redacting writer as everything else."""
@@ -2766,7 +2777,9 @@ COMMANDS = {
     "exec": (exec_command, "run a command with GLEAN_API_TOKEN and GLEAN_SERVER_URL in its environment",
              ["--backend-url", "--token-file", "--min-valid", "--http-timeout", "--client-secret-file"],
              "example: glean_oauth.py exec -- python3 my_script.py\n(CLIENT_SECRET, CLIENT_SECRET_FILE and "
-             "REFRESH_TOKEN are not passed on to it)"),
+             "REFRESH_TOKEN are not passed on to it)\n\nexit codes: the command's own; 1 a request failed; 2 bad "
+             "configuration or usage;\n3 sign-in needed (run login); 126 the command cannot be run; 127 it was not "
+             "found;\n130 interrupted (Ctrl-C)."),
     "status": (status_command, "show what is stored: backend, client, user, scopes, expiry (never a token)",
                ["--backend-url", "--token-file", "--json"], "exit codes: 0 the access token is valid or can be renewed; 1 the store "
                                            "cannot be read; 2 bad usage; 3 sign-in needed"),
@@ -2786,11 +2799,27 @@ COMMANDS = {
 }
 
 
+def did_you_mean(word, known):
+    """'; did you mean --format?' for a word close to one of `known`, else ""."""
+    import difflib  # here: only a typo needs it
+
+    close = difflib.get_close_matches(word, known, 1)
+    return "; did you mean {}?".format(close[0]) if close else ""
+
+
+def help_asked(argv):
+    """`help`, `help CMD` and `-h CMD` as argparse takes them: `--help`, `CMD --help`."""
+    if argv[:1] == ["help"] or argv[:1] in (["-h"], ["--help"]) and argv[1:2] and argv[1] in COMMANDS:
+        return argv[1:2] + ["--help"]
+    return argv
+
+
 def build_parser(command=None):
     """The parser of the bare command (the documented flow) or of one subcommand."""
     if command is None:
         parser = _Parser(
             prog="glean_oauth.py", epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+            usage="%(prog)s [{}] [options]".format("|".join(list(COMMANDS) + ["help"])),
             description="Get tokens from the Glean OAuth Authorization Server with a static OAuth\n"
                         "client, printing every step, then call the Chat API with the access token.\n\n"
                         "subcommands (each has --help):\n" + "".join(
@@ -2828,7 +2857,8 @@ def parse_args(command, argv):
         if arg == "--":
             break
         if re.match(r"--(client[-_])?secret(?![-_]file)", arg):
-            raise FlowError("The client secret is taken only from CLIENT_SECRET or the prompt, never from a flag "
+            raise FlowError("The client secret is taken only from CLIENT_SECRET, a file (--client-secret-file, "
+                            "CLIENT_SECRET_FILE) or the prompt, never from a flag "
                             "(flags end up in shell history and ps).", EXIT_USAGE)
     return build_parser(command).parse_args(argv)
 
@@ -2841,8 +2871,12 @@ def cli(argv=None, environ=None, out=None, err=None, stdin=None):
     real_stdout = out is None
     stdin = stdin or sys.stdin or io.StringIO()  # stdin closed (<&-): there is nothing to read
     console = Console(out or sys.stdout, err or sys.stderr or open(os.devnull, "w"), real_stdout)
+    argv = help_asked(argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
     try:
+        if argv and not command and not argv[0].startswith("-"):  # the bare command takes no word
+            raise FlowError("glean_oauth.py: unknown command {}{} (see --help)".format(
+                one_line(argv[0]), did_you_mean(argv[0], list(COMMANDS) + ["help"])), EXIT_USAGE)
         # Known before the flags are read, so that even a usage error cannot show it.
         console.secrets = secret_forms(environ.get("CLIENT_ID", ""), _secret_if_readable(environ))
         if console.out is None and command not in ("exec", "login", "logout"):

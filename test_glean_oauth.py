@@ -1133,15 +1133,55 @@ def shell(command, env, timeout=RUN_TIMEOUT):
 # --- The flow: main(), the documented steps end to end ------------------------------------
 
 
-def test_the_docstrings_map_names_the_step_functions_above_the_line_in_step_order():
-    mapped = re.findall(r"^ +(\d+)\. .* (\w+)\(\)$", glean_oauth.__doc__, re.M)
-    assert [int(step) for step, _ in mapped] == list(range(1, 11))
-    lines = open(SCRIPT, encoding="utf-8").read().splitlines()
+def test_the_map_main_the_step_headers_and_the_readme_name_the_same_functions_in_step_order():
+    import ast
+
+    mapped = re.findall(r"^ +(\d+)\. .*?(\w+)\(\)(?:, which calls (\w+)\(\))?$", glean_oauth.__doc__, re.M)
+    assert [int(step) for step, _, _ in mapped] == list(range(1, 11))
+    source = open(SCRIPT, encoding="utf-8").read()
+    lines = source.splitlines()
     markers = [number for number, line in enumerate(lines, 1)
                if re.match(r"\s*#.*beyond the documented flow", line, re.I)]
     assert len(markers) == 1, markers
-    starts = [getattr(glean_oauth, name).__code__.co_firstlineno for _, name in mapped]
+    starts = [getattr(glean_oauth, name).__code__.co_firstlineno for _, name, _ in mapped]
     assert starts == sorted(starts) and starts[-1] < markers[0]  # each one defined, in step order, in the core
+    # Each under its own "# --- Step N" header.
+    headers = {int(m.group(1)): lines.index(m.group(0)) + 1 for m in re.finditer(r"^# --- Step (\d+):.*$", source, re.M)}
+    for (step, name, _), start in zip(mapped, starts):
+        assert headers[int(step)] < start < min([at for at in headers.values() if at > headers[int(step)]]
+                                                + [markers[0]]), (step, name)
+    # main() calls each (steps 3 to 7 through sign_in), and each calls the counterpart the map names.
+    calls = {node.name: {call.func.id for call in ast.walk(node) if isinstance(call, ast.Call)
+                         and isinstance(call.func, ast.Name)}
+             for node in ast.parse(source).body if isinstance(node, ast.FunctionDef) and node.lineno < markers[0]}
+    reached, todo = set(), ["main"]
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo.extend(calls.get(name, ()))
+    for step, name, counterpart in mapped:
+        assert name in reached, (step, name)
+        assert not counterpart or counterpart in calls[name], (step, name, counterpart)
+    # README's step table names the same function first in each row.
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    table = re.findall(r"^\| (\d+)\. [^|]* \| .* \| `(\w+)`", readme, re.M)
+    assert [(int(step), name) for step, name in table] == [(int(step), name) for step, name, _ in mapped]
+
+
+def test_every_function_the_readme_names_is_defined():
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    named = set(re.findall(r"`(\w+)\(", readme)) | set(  # `name()`, and the step table's names
+        name for row in re.findall(r"^\| \d+\..*\| (`.*`) \|$", readme, re.M) for name in re.findall(r"`(\w+)`", row))
+    methods = re.findall(r"`provider\.(\w+)\(", readme)  # TokenProvider's, as the README calls them
+    assert named and methods and not [name for name in named if not hasattr(glean_oauth, name)] + [
+        name for name in methods if not hasattr(glean_oauth.TokenProvider, name)]
+
+
+def test_functions_are_short_and_main_comes_early():
+    lines = open(SCRIPT, encoding="utf-8").read().splitlines()
+    markers = [number for number, line in enumerate(lines, 1)
+               if re.match(r"\s*#.*beyond the documented flow", line, re.I)]
     assert glean_oauth.main.__code__.co_firstlineno <= 250 and markers[0] <= 800
     import ast
 
@@ -3962,8 +4002,8 @@ def test_a_bad_flag_is_one_line_and_exit_2(argv):
     assert err.count("\n") == 1
     if argv[0] == "--client-secret":
         assert "x" not in err.replace("ps)", "")
-        assert err == "The client secret is taken only from CLIENT_SECRET or the prompt, never from a flag " \
-                      "(flags end up in shell history and ps).\n"
+        assert err == "The client secret is taken only from CLIENT_SECRET, a file (--client-secret-file, " \
+                      "CLIENT_SECRET_FILE) or the prompt, never from a flag (flags end up in shell history and ps).\n"
     else:
         assert err.startswith("glean_oauth.py" + (" login: " if argv[0] == "login" else ": "))
         assert err.endswith(" (see --help)\n")
@@ -4000,6 +4040,33 @@ def test_the_script_runs_by_its_shebang():
 def test_each_subcommands_help_gives_its_exit_codes_once(command):
     proc = run_script({}, [command, "--help"])
     assert proc.returncode == 0 and proc.stdout.decode().count("exit codes:") == 1
+    codes = proc.stdout.decode().split("exit codes:")[1]
+    for used in {"exec": ["126", "127"], "status": ["3"], "inspect": ["3"], "token": ["3"]}.get(command, []):
+        assert " {} ".format(used) in codes.replace("\n", " "), (command, used)
+
+
+@parametrize("argv, message", [
+    (["tokn"], "glean_oauth.py: unknown command tokn; did you mean token? (see --help)"),
+    (["help", "bogus"], "glean_oauth.py: unknown command bogus (see --help)"),
+    (["token", "--form", "json"], "glean_oauth.py token: unrecognized argument --form; did you mean --format? (see "
+                                  "--help)"),
+    (["--scop", "chat"], "glean_oauth.py: unrecognized argument --scop; did you mean --scope? (see --help)"),
+    (["login", "--scop=chat"], "glean_oauth.py login: unrecognized argument --scop=chat; did you mean --scope? (see "
+                               "--help)"),
+])
+def test_a_typo_is_no_other_flag_and_gets_a_suggestion(argv, message):
+    code, out, err = run_cli({}, argv)
+    assert (code, out, err) == (2, "", message + "\n")
+
+
+def test_help_and_help_token_show_the_right_help():
+    token_help = run_script({}, ["token", "--help"]).stdout
+    assert token_help.startswith(b"usage: glean_oauth.py token ")
+    assert run_script({}, ["help", "token"]).stdout == run_script({}, ["-h", "token"]).stdout == token_help
+    general = run_script({}, ["help"])
+    assert general.returncode == 0 and general.stdout == run_script({}, ["--help"]).stdout
+    assert general.stdout.startswith(b"usage: glean_oauth.py [login|token|exec|status|logout|doctor|inspect|help] "
+                                     b"[options]\n")
 
 
 @posix_only(SHELL)
