@@ -1966,7 +1966,10 @@ def inspect_command(argv, environ, console, stdin):
     local_keys = jwks_file(args.jwks) if args.jwks and not re.match(r"(?i)https?://", args.jwks) else None
     saved = {}
     if args.token == "-":
-        token = stdin.read(MAX_JWKS_BYTES + 1).strip()
+        try:
+            token = stdin.read(MAX_JWKS_BYTES + 1).strip()
+        except UnicodeDecodeError:  # no token is: base64url is ASCII
+            raise FlowError("The input on standard input is not text, so no token.", EXIT_USAGE)
         if len(token) > MAX_JWKS_BYTES:
             raise FlowError("The token on standard input is over {} characters; no token is.".format(MAX_JWKS_BYTES),
                             EXIT_USAGE)
@@ -2385,6 +2388,8 @@ DIGEST_INFO = {
 MIN_RSA_BITS = 2048  # RFC 7518 §3.3 and §3.5: a smaller key must not be used
 MAX_RSA_BITS = 16384  # beyond any real key; a JWKS's huge n or e would make one check take minutes
 MAX_RSA_EXPONENT = 2 ** 32  # e is 65537 in practice; Go's crypto/rsa refuses more than 2^31 - 1
+MAX_JWKS_KEYS = 50  # a JWK Set holds a few keys; more is refused unchecked
+MAX_CHECK_SECONDS = 1.0  # the keys of one check are tried for this long at most
 
 
 def _hex(*parts):
@@ -2549,7 +2554,9 @@ def check_signature(token, load_keys):
     `(None, why there are none)`; it is called only once the alg calls for a key. The
     rules, in this order: alg none is INVALID whatever the third part holds; an alg not
     implemented here is not checked; then the key: an unknown kid, a key of another type
-    or one whose alg or curve forbids the token's alg is INVALID."""
+    or one whose alg or curve forbids the token's alg is INVALID. A `crit` header is INVALID
+    (RFC 7515 §4.1.11: no extension is implemented here). At most MAX_JWKS_KEYS keys, tried
+    within MAX_CHECK_SECONDS: a hostile JWKS cannot make a check take long."""
     segments = token.split(".")
     try:
         header = decode_jwt_part(segments[0]) if len(segments) == 3 else None
@@ -2558,8 +2565,13 @@ def check_signature(token, load_keys):
     if header is None:
         return Verdict("not checked", "the token is not a JWS: three base64url parts, a JSON header first")
     alg = header.get("alg")
-    if isinstance(alg, str) and alg.lower() == "none":
+    if not isinstance(alg, str):
+        return Verdict("INVALID", "its alg is {}, not a name".format(shortened(json.dumps(alg))))
+    if alg.lower() == "none":
         return Verdict("INVALID", "alg none: the token is not signed at all")
+    if "crit" in header:
+        return Verdict("INVALID", "its crit {} names extensions this check does not implement (RFC 7515 §4.1.11)"
+                       .format(shortened(json.dumps(header["crit"]))))
     if alg not in JWS_ALGORITHMS:
         reason = "a shared-key MAC, which only its issuer can check" if str(alg).startswith("HS") else \
             "not one this file implements ({})".format(", ".join(JWS_ALGORITHMS))
@@ -2567,27 +2579,31 @@ def check_signature(token, load_keys):
     jwks, source = load_keys()
     if jwks is None:
         return Verdict("not checked", source)
-    keys = signing_keys(jwks)
-    if not keys:
-        return Verdict("not checked", "the JWKS from {} has no signing keys".format(source))
+    keys, source = signing_keys(jwks), shortened(source, 100)
+    if not keys or len(keys) > MAX_JWKS_KEYS:
+        return Verdict("not checked", "the JWKS from {} has {} signing keys".format(source, len(keys) or "no"))
     kid = header.get("kid")
     candidates = [key for key in keys if key.get("kid") == kid] if kid is not None else keys
     if not candidates:
-        return Verdict("INVALID", "no key {} in the JWKS from {}".format(one_line(json.dumps(kid)), source))
+        return Verdict("INVALID", "no key {} in the JWKS from {}".format(shortened(json.dumps(kid)), source))
     try:
         signature = _b64decode(segments[2])
     except ValueError:
         return Verdict("INVALID", "the signature is not base64url")
     message = (segments[0] + "." + segments[1]).encode("utf-8", "surrogatepass")
-    problems = []
+    problems, deadline = [], time.monotonic() + MAX_CHECK_SECONDS
     for key in candidates:
+        if time.monotonic() > deadline:
+            return Verdict("not checked", "its keys took over {:g} s to try ({} of {})".format(
+                MAX_CHECK_SECONDS, len(problems), len(candidates)))
         problem = key_problem(key, alg) or (None if verify_with_key(key, alg, message, signature) else
                                             "the signature does not match {}".format(_key_name(key)))
         if problem is None:
             return Verdict("valid", "{}, {} from {}".format(alg, _key_name(key), source))
         problems.append(problem)
-    return Verdict("INVALID", problems[0] if len(problems) == 1 else "no key in the JWKS from {} verifies it: "
-                   "{}".format(source, "; ".join(problems)))
+    return Verdict("INVALID", problems[0] if len(problems) == 1 else "no key in the JWKS from {} verifies it: {}{}"
+                   .format(source, "; ".join(problems[:2]), "; and {} more".format(len(problems) - 2)
+                           if len(problems) > 2 else ""))
 
 
 def signing_keys(jwks):
@@ -2605,9 +2621,9 @@ def key_problem(key, alg):
     if key.get("kty") != kty:
         return "{} is an {} key, and {} needs an {} key".format(name, key.get("kty"), alg, kty)
     if "alg" in key and key["alg"] != alg:
-        return "{} is for {}, not {}".format(name, one_line(json.dumps(key["alg"])), alg)
+        return "{} is for {}, not {}".format(name, shortened(json.dumps(key["alg"])), alg)
     if kty == "EC" and key.get("crv") != curve:
-        return "{} is on the curve {}, and {} needs {}".format(name, one_line(json.dumps(key.get("crv"))), alg, curve)
+        return "{} is on the curve {}, and {} needs {}".format(name, shortened(json.dumps(key.get("crv"))), alg, curve)
     try:
         numbers = [_b64int(key.get(field)) for field in (("n", "e") if kty == "RSA" else ("x", "y"))]
     except ValueError:
@@ -2631,7 +2647,13 @@ def verify_with_key(key, alg, message, signature):
 
 
 def _key_name(key):
-    return "key {}".format(one_line(json.dumps(key["kid"]))) if "kid" in key else "the key with no kid"
+    return "key {}".format(shortened(json.dumps(key["kid"]))) if "kid" in key else "the key with no kid"
+
+
+def shortened(text, limit=40):
+    """`text` on one line, cut to `limit` characters (a server's value in a line about it)."""
+    text = one_line(text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _b64decode(text):

@@ -831,7 +831,7 @@ def run_in_process(env, args, stdin=b"", out=None, err=None):
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = glean_oauth.cli(args, environ=env, out=out, err=err,
-                                   stdin=io.StringIO(stdin.decode("utf-8")))
+                                   stdin=io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -3914,6 +3914,49 @@ def test_inspect_with_a_jwks_file_needs_no_configuration_and_imports_no_network_
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.decode().splitlines()}
     assert proc.returncode == 0 and b"Signature: valid (RS256" in proc.stdout
     assert imported & {"ssl", "http.client", "urllib.request", "socket", "select"} == set()
+
+
+@parametrize("header, detail", [
+    ({"alg": ["RS256"]}, 'its alg is ["RS256"], not a name'),
+    ({"alg": {"RS256": 1}}, 'its alg is {"RS256": 1}, not a name'),
+    ({"alg": "RS256", "kid": ["rsa-1"]}, 'no key ["rsa-1"] in the JWKS from test keys'),
+    ({"alg": "RS256", "kid": "rsa-1", "crit": ["exp"]},
+     'its crit ["exp"] names extensions this check does not implement (RFC 7515 §4.1.11)'),
+    ({"alg": "RS256", "kid": "rsa-1", "crit": 7}, "its crit 7 names extensions this check does not implement (RFC 7515 "
+                                                  "§4.1.11)"),
+])
+def test_a_header_that_is_not_what_it_should_be_is_invalid_and_one_clean_line(header, detail, tmp_path):
+    token = make_jwt(header, {"sub": "u"}, stand_in_key("RS256")[1] if isinstance(header["alg"], str) else None)
+    assert verdict(token) == ("INVALID", detail)
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(stand_in_jwks()))
+    code, out, err = run_cli({}, ["inspect", "-", "--jwks", str(jwks)], stdin=token)
+    assert (code, err) == (1, "") and "\nSignature: INVALID (" in out
+
+
+def test_input_that_is_not_text_is_one_line():
+    proc = run_script({"PATH": os.environ.get("PATH", "")}, ["inspect", "-"], stdin=b"\xff\xfe.\x80")
+    assert (proc.returncode, proc.stdout) == (2, b"")
+    assert proc.stderr == b"The input on standard input is not text, so no token.\n"
+
+
+def test_a_hostile_jwks_is_refused_or_checked_within_its_bounds_in_short_lines():
+    kid, key = stand_in_key("ES512")
+    token = make_jwt({"alg": "ES512"}, {"sub": "u"}, key)  # no kid: every key is a candidate
+    other = public(ec_key("P-521", "another"))
+    huge = {"keys": [dict(other, kid="k" * 200 + str(i)) for i in range(4000)]}  # about 1 MiB
+    assert len(json.dumps(huge)) > 1000000
+    many = {"keys": [dict(other, kid="k" * 200 + str(i)) for i in range(glean_oauth.MAX_JWKS_KEYS)]}
+    rsa = {"keys": [{"kty": "RSA", "kid": str(i), "n": b64url(os.urandom(2048) + b"\x01"), "e": b64url(
+        (2 ** 32 - 1).to_bytes(4, "big"))} for i in range(glean_oauth.MAX_JWKS_KEYS)]}
+    rsa_token = make_jwt({"alg": "RS256"}, {"sub": "u"}, stand_in_key("RS256")[1])
+    rsa_token = rsa_token.rsplit(".", 1)[0] + "." + b64url(os.urandom(2049))  # as long as those keys' n
+    for token, jwks, status in ((token, huge, "not checked"), (token, many, None), (rsa_token, rsa, None)):
+        started = time.monotonic()
+        result = glean_oauth.check_signature(token, lambda: (jwks, "https://keys.example/" + "x" * 500))
+        assert time.monotonic() - started < 2, result.line
+        assert status in (None, result.status) and result.status != "valid"
+        assert len(result.line) <= 400, result.line
 
 
 def test_jwks_are_fetched_with_the_checks_every_url_gets(tmp_path):
