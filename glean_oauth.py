@@ -1280,7 +1280,11 @@ class _FileLock:
             return False
 
     def __exit__(self, *exc):
-        os.close(self.fd)  # closing releases the lock
+        if os.name != "nt":  # unlocked, not only closed: a child forked meanwhile shares the open file
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)  # on Windows, closing releases the lock
 
 
 # --- The subcommands: tokens that stay usable ---------------------------------------------
@@ -1572,41 +1576,51 @@ class TokenProvider:
 
     def __init__(self, token_file=None, min_valid=60, environ=None, backend_url=None):
         self.environ = os.environ if environ is None else environ
-        # The tenant: backend_url, else GLEAN_BACKEND_URL or GLEAN_SERVER_URL, else the only one stored.
+        # The tenant: backend_url, else GLEAN_BACKEND_URL or GLEAN_SERVER_URL, else the default one.
         self.named = named_backend(self.environ, backend_url)
         self.store = Tenants(open_store(token_file, self.environ)).select(*self.named)
         self.min_valid = min_valid
-        self.tokens = None
-        self.lock = threading.Lock()  # guards tokens, refused and flight
-        self.flight = None  # the refresh in progress: its outcome goes to every caller that waits
-        self.refused = None  # an access token the server refused (invalidate): never served again
+        self.pid = None
+        self._this_process()
+
+    def _this_process(self):
+        """The provider's state, made anew in a forked child: a lock another thread held at
+        the fork, or a refresh it had in flight, would never be let go there."""
+        if self.pid != os.getpid():
+            self.pid, self.lock = os.getpid(), threading.Lock()  # guards tokens, refused and flight
+            self.tokens, self.refused = None, None  # refused: an access token never served again (invalidate)
+            self.flight = None  # the refresh in progress: its outcome goes to every caller that waits
 
     @property
     def server_url(self):
         """The backend the stored tokens belong to: the server_url to give Glean's SDK."""
+        self._this_process()
         with self.lock:
             tokens = self.tokens
         return (tokens or load_store(self.store, self.environ, named=self.named)).get("backend_url")
 
-    def invalidate(self):
-        """Drop the current access token (the server answered 401 to it): the next call
+    def invalidate(self, token=None):
+        """The server answered 401 to `token` (default: the current one): the next call
         refreshes, unless another process has stored a new token meanwhile, which it then
-        uses. Before any call, nothing to drop."""
+        uses. A token that is no longer the current one changes nothing: however many calls
+        report it, it costs one refresh. Before any call, nothing to drop."""
+        self._this_process()
         with self.lock:
-            if self.tokens is not None:
+            if self.tokens is not None and token in (None, self.tokens["access_token"]):
                 self.refused, self.tokens = self.tokens["access_token"], None
 
     def __call__(self):
+        self._this_process()
         with self.lock:
             if self.tokens is not None and valid_for(self.tokens, self.min_valid, time.time()):
                 return self.tokens["access_token"]
             flight, leading = self.flight or _Flight(), self.flight is None
             self.flight = flight
+        http_timeout = http_timeout_setting(None, self.environ)
         if leading:
             try:
-                flight.tokens = fresh_tokens(self.store, self.environ, self.min_valid,
-                                             http_timeout_setting(None, self.environ), refused=self.refused,
-                                             named=self.named)
+                flight.tokens = fresh_tokens(self.store, self.environ, self.min_valid, http_timeout,
+                                             refused=self.refused, named=self.named)
             except FlowError as error:
                 flight.error = error
             finally:
@@ -1615,7 +1629,9 @@ class TokenProvider:
                     self.tokens = flight.tokens or self.tokens
                     self.refused = None if flight.tokens else self.refused
                 flight.done.set()
-        flight.done.wait()
+        if not flight.done.wait(http_timeout + 2 * LOCK_MARGIN_SECONDS):  # the lock's wait, then the refresh
+            raise FlowError("The refresh this call waited for took over {:g} s.".format(
+                http_timeout + 2 * LOCK_MARGIN_SECONDS))
         if flight.error is not None or flight.tokens is None:  # None: the refreshing call was interrupted
             raise flight.error or FlowError("The refresh this call waited for was interrupted.")
         return flight.tokens["access_token"]

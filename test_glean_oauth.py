@@ -3250,6 +3250,66 @@ def test_token_provider_refreshes_once_for_all_the_threads_that_wait(tmp_path):
     assert len(glean.find("/oauth/token")) == 1 and elapsed < 0.5 + 1.5, elapsed
 
 
+def test_a_token_refused_by_many_threads_costs_one_refresh(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path)
+        provider = glean_oauth.TokenProvider(str(path), environ=good_environ(glean))
+        refused = provider()
+        start, served = threading.Barrier(16), queue.Queue()
+
+        def on_401():  # each thread's request was answered 401: it says so, and asks again
+            start.wait(RUN_TIMEOUT)
+            provider.invalidate(refused)
+            served.put(provider())
+        threads = [threading.Thread(target=on_401) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(RUN_TIMEOUT)
+        provider.invalidate(refused)  # a 401 that arrives late, for a token already replaced
+        assert provider() == served.get_nowait()
+    assert glean.paths() == ["/oauth/token"]
+    assert {served.get_nowait() for _ in range(15)} == {provider.tokens["access_token"]} != {refused}
+
+
+@skip_if(not hasattr(os, "fork"), "no fork() on this platform")
+def test_a_fork_during_a_refresh_lets_go_of_the_lock_and_the_flight(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path, expires_at="2000-01-01T00:00:00Z")
+        entered, release = held(glean, path)
+        provider = glean_oauth.TokenProvider(str(path), environ=good_environ(glean))
+        outcome = queue.Queue()
+        threading.Thread(target=lambda: outcome.put(provider()), daemon=True).start()
+        assert entered.wait(RUN_TIMEOUT)  # a refresh in flight, the store's lock held
+        said, told = os.pipe(), os.pipe()  # the child says its token; nothing is told it: it waits to be killed
+        child = os.fork()
+        if child == 0:  # a pre-forking server's worker: its first call must return
+            try:
+                os.write(said[1], provider().encode())
+                os.read(told[0], 1)  # alive until the parent has refreshed once more, and kills it
+            finally:
+                os._exit(0)
+        try:
+            release.set()
+            parents = outcome.get(timeout=RUN_TIMEOUT)
+            import select
+
+            childs = os.read(said[0], 4096).decode() if select.select([said[0]], [], [], RUN_TIMEOUT)[0] else None
+            glean.overrides.pop("/oauth/token")
+            expire(path)
+            started = time.monotonic()
+            code, out, err = run_cli(good_environ(glean, GLEAN_HTTP_TIMEOUT="2", GLEAN_TOKEN_FILE=str(path)),
+                                     ["token"])
+            elapsed = time.monotonic() - started
+        finally:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+    assert childs == parents  # the child waited for the store, not for a flight no thread of its will finish
+    assert (code, err) == (0, "") and out.strip() not in (parents, "") and elapsed < 2, elapsed
+
+
 @posix_only(MODES)
 def test_client_secret_file_serves_unattended_refreshes(tmp_path):
     path, secret_file = tmp_path / "tokens.json", tmp_path / "secret"
