@@ -3912,12 +3912,13 @@ def say_how_to_reach(receiver, console, environ):
     if getattr(receiver, "paste", None) is not None:
         console.note("(Or paste here the address your browser was redirected to, if it cannot reach this machine.)")
     if getattr(receiver, "sockets", None) and (environ.get("SSH_CONNECTION") or environ.get("SSH_TTY")):
-        port = receiver.sockets[0].getsockname()[1]
-        fields = environ.get("SSH_CONNECTION", "").split()
+        address, port = receiver.sockets[0].getsockname()[:2]  # the tunnel's far end: where the listener is
+        fields = environ.get("SSH_CONNECTION", "").split()  # client address, client port, server address, port
         user = environ.get("USER") or environ.get("LOGNAME")
         host = (user + "@" if user else "") + (fields[2] if len(fields) == 4 else "THIS_HOST")
+        ssh_port = " -p " + fields[3] if len(fields) == 4 and fields[3] != "22" else ""
         console.note("Over SSH: on the machine with the browser, run this first, then open the URL there:\n"
-                     "  ssh -N -L {0}:127.0.0.1:{0} {1}".format(port, host))
+                     "  ssh -N -L {0}:{1}:{0}{2} {3}".format(port, _bracketed(address), ssh_port, host))
 
 
 def _accept(sock, pending):
@@ -3993,39 +3994,45 @@ def _respond(conn, status, text, extra_headers=""):
 
 
 class Paste:
-    """The redirect address, pasted into the terminal: with --manual, and beside the
-    listener when stdin is a terminal (the browser may be on another machine, as over
-    SSH). A paste that is not this run's redirect says what is wrong, and the wait goes on."""
+    """The redirect address, pasted: with --manual, and beside the listener when stdin is a
+    terminal (the browser may be on another machine, as over SSH). A paste that is not this
+    run's redirect says what is wrong, and the wait goes on. The one paste reader of both."""
 
     def __init__(self, stdin, redirect_uri, console):
         self.stdin, self.redirect_uri, self.console = stdin, redirect_uri, console
         self.buffer, self.ended = b"", False
+        try:
+            self.fd = stdin.fileno()
+        except (AttributeError, ValueError, io.UnsupportedOperation):
+            self.fd = None  # a stream of this process's own (a test's): read a line at a time
 
     def fileno(self):
-        return self.stdin.fileno()
+        return self.fd
 
     def read(self, check):
-        """Take what the terminal has (select found it readable); return the code of the
-        first complete line that is this run's redirect, else None."""
-        data = os.read(self.fileno(), 4096)
+        """Take what stdin has (select found it readable, or it cannot be waited on); return
+        the code of the first complete line that is this run's redirect, else None. What is
+        read is bytes, so a partial line never blocks and a paste that is not UTF-8 is only
+        not an address."""
+        data = os.read(self.fd, 4096) if self.fd is not None else self.stdin.readline().encode("utf-8", ENV_ERRORS)
         self.ended = not data
         self.buffer += data if data else b"\n"
         while b"\n" in self.buffer:
             line, self.buffer = self.buffer.split(b"\n", 1)
-            code = self.take(line.decode("utf-8", ENV_ERRORS), check)
+            code = self.take(line, check)
             if code is not None:
                 return code
         return None
 
     def take(self, line, check):
         """The code from one pasted line, or None, after saying what was wrong with it."""
-        pasted = line.strip().strip("'\"<>").strip()
+        try:
+            pasted = line.decode("utf-8").strip().strip("'\"<>").strip()
+            parts, expected = urllib.parse.urlsplit(pasted), urllib.parse.urlsplit(self.redirect_uri)
+        except ValueError:  # not UTF-8, or an unclosed [IPv6 address
+            pasted, parts = "?", None
         if not pasted:
             return None
-        try:
-            parts, expected = urllib.parse.urlsplit(pasted), urllib.parse.urlsplit(self.redirect_uri)
-        except ValueError:  # an unclosed [IPv6 address
-            parts = expected = None
         params = urllib.parse.parse_qs(parts.query) if parts else {}
         if not parts or parts.path != (expected.path or "/") or not ("state" in params or "error" in params):
             self.console.problem("That is not the address the browser was redirected to. Paste the whole address "
@@ -4054,34 +4061,24 @@ class PastedRedirect:
         pass
 
     def wait(self, check, timeout=CALLBACK_TIMEOUT_SECONDS, on_stray=None):
-        """Read pasted addresses until one is this run's redirect, within `timeout` s;
-        return `check(its query)`."""
+        """Read pasted addresses until one is this run's redirect, within `timeout` s where
+        stdin can be waited on (a terminal or pipe on POSIX; elsewhere the wait is unbounded,
+        Ctrl-C ends it); return `check(its query)`."""
+        import select  # here: only --manual waits on stdin
+
         self.console.note("\nPaste the address your browser was redirected to (the page will not load; "
                           "that is expected), then press Enter:")
         paste = Paste(self.stdin, self.redirect_uri, self.console)
         deadline = time.monotonic() + timeout
-        while True:
-            line = self._read_line(max(deadline - time.monotonic(), 0), timeout)
-            if not line:  # the end of input
-                raise FlowError("No address was pasted.")
-            code = paste.take(line, check)
-            if code is not None:
-                return code
-
-    def _read_line(self, left, timeout):
-        """A line from stdin, waiting at most `left` s where stdin can be waited on (a
-        terminal or pipe on POSIX; elsewhere the wait is unbounded, Ctrl-C ends it)."""
-        try:
-            fileno = self.stdin.fileno()
-        except (AttributeError, ValueError, io.UnsupportedOperation):
-            fileno = None
-        if fileno is not None and os.name == "posix":
-            import select  # here: only --manual waits on stdin
-
-            if not select.select([fileno], [], [], left)[0]:
+        while not paste.ended:
+            left = max(deadline - time.monotonic(), 0)
+            if paste.fd is not None and os.name == "posix" and not select.select([paste.fd], [], [], left)[0]:
                 raise FlowError("No address was pasted within {:g} s (GLEAN_CALLBACK_TIMEOUT sets the limit "
                                 "in seconds).".format(timeout))
-        return self.stdin.readline()
+            code = paste.read(check)
+            if code is not None:
+                return code
+        raise FlowError("No address was pasted.")
 
 
 BROWSER_WAIT_SECONDS = 2  # long enough for a BROWSER command that fails at once to say so

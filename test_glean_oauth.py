@@ -1725,17 +1725,48 @@ def test_on_a_terminal_the_redirect_can_come_by_the_listener_or_by_a_paste(how):
 
 
 @posix_only("on Windows the paste has no time limit: its console cannot be waited on (documented)")
-def test_manual_honours_the_callback_timeout():
+@parametrize("typed", [b"", b"http://127.0.0.1:9090/oauth/call"])  # nothing, or a line never ended
+def test_manual_honours_the_callback_timeout_even_on_a_partial_line(typed):
     with StandInGlean() as glean:
-        run = ScriptRun(script_env(glean, GLEAN_CALLBACK_TIMEOUT="0.3"), ["--manual"])
+        run = ScriptRun(script_env(glean, GLEAN_CALLBACK_TIMEOUT="0.5"), ["--manual"])
         run.authorize_url()
+        run.proc.stdin.write(typed)
+        run.proc.stdin.flush()
         started = time.monotonic()
-        code = run.proc.wait(RUN_TIMEOUT)  # stdin stays open, and nothing is pasted
+        code = run.proc.wait(RUN_TIMEOUT)  # stdin stays open
         elapsed = time.monotonic() - started
         run.finish()
     assert code == 1
-    assert run.stderr.endswith("No address was pasted within 0.3 s (GLEAN_CALLBACK_TIMEOUT sets the limit in seconds).\n")
+    assert run.stderr.endswith("No address was pasted within 0.5 s (GLEAN_CALLBACK_TIMEOUT sets the limit in seconds).\n")
     assert elapsed < 3, elapsed
+
+
+def test_a_paste_that_is_not_utf_8_is_not_an_address_and_the_wait_goes_on():
+    with StandInGlean() as glean:
+        run = ScriptRun(script_env(glean, REDIRECT_URI=None), ["--manual"])
+        status, headers, _ = http_get(run.authorize_url())
+        run.proc.stdin.write(b"\xff\xfe\x80 garbage\n" + headers["Location"].encode() + b"\n")
+        code = run.finish()
+    assert code == 0, run.output()
+    assert "That is not the address the browser was redirected to." in run.stderr and "Unexpected" not in run.stderr
+
+
+@posix_only("a pseudo-terminal is POSIX's")
+@parametrize("redirect_uri, forward", [("http://[::1]:0/oauth/callback", "[::1]"),
+                                       ("http://127.0.0.2:0/oauth/callback", "127.0.0.2")])
+def test_the_ssh_hint_forwards_to_the_listeners_own_address_and_the_ssh_port(redirect_uri, forward):
+    with StandInGlean() as glean:
+        glean.registered_redirect = redirect_uri.replace(":0", "")
+        run, typing = run_on_a_terminal(glean, REDIRECT_URI=redirect_uri, SSH_CONNECTION="10.0.0.9 50000 10.0.0.2 2222",
+                                        USER="ana")
+        try:
+            port = listening_port(run)
+            run.authorize_url()
+        finally:
+            run.proc.kill()
+            run.finish()
+            os.close(typing)
+    assert "  ssh -N -L {0}:{1}:{0} -p 2222 ana@10.0.0.2\n".format(port, forward) in run.stderr
 
 
 # --- Step 5: the authorization URL --------------------------------------------------------
