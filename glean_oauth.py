@@ -789,20 +789,46 @@ def open_store(flag_value, environ):
 class Tenants:
     """The tenants kept under one store name (--token-file, GLEAN_TOKEN_FILE or the default):
     the first in that very file, as a store of one tenant always was; each other one in a
-    file beside it named after its backend (tokens.<host>.json). Each is a TokenStore of
-    its own, with its own lock and journal, so refreshing one never waits on another."""
+    file beside it named after its backend (tenant_file_name). Each is a TokenStore of its
+    own, with its own lock and journal, so refreshing one never waits on another. Only such
+    files are tenants: a lock, a journal, a backup or another store beside them never is."""
 
     def __init__(self, base):
         self.base = base
 
     def files(self):
-        """The stores of the tenants there are, the named file first."""
+        """The stores of the tenants there are, the named file first; each knows whether it
+        shares the name with other tenants (`shared`: a secret from the environment is then
+        used only for the client CLIENT_ID names)."""
         import glob
 
         root, ext = os.path.splitext(self.base.path)
-        others = sorted(set(glob.glob(glob.escape(root) + ".*" + glob.escape(ext))) - {self.base.path})
-        stores = [self.base] if os.path.lexists(self.base.path) else []
-        return stores + [TokenStore(path, self.base.named_by) for path in others]
+        others = [path for path in sorted(glob.glob(glob.escape(root) + ".*" + glob.escape(ext)))
+                  if path != self.base.path and self.is_tenant(path)]
+        stores = ([self.base] if os.path.lexists(self.base.path) else []) + [
+            TokenStore(path, self.base.named_by) for path in others]
+        for store in stores:
+            store.shared = len(stores) > 1
+        return stores
+
+    def is_tenant(self, path):
+        """A file this program made for a tenant: its name is the one its backend gets (a
+        digest in it: one that cannot be read is still reported), or the name an earlier
+        version gave it, checked against the backend inside."""
+        label = path[len(os.path.splitext(self.base.path)[0]) + 1:len(path) - len(os.path.splitext(self.base.path)[1])]
+        backend = self.backend_of(TokenStore(path))
+        if re.match(r"^[a-z0-9._-]+-[0-9a-f]{10}$", label):
+            return backend is None or path == self.tenant_file_name(backend)
+        return backend is not None and label == re.sub(r"[^A-Za-z0-9.-]", "_", urllib.parse.urlsplit(backend).netloc)
+
+    def tenant_file_name(self, backend):
+        """Where a tenant other than the first goes: its host, shortened, and a digest of its
+        origin, so that no two backends share a file and no name grows long."""
+        import hashlib
+
+        root, ext = os.path.splitext(self.base.path)
+        host = re.sub(r"[^a-z0-9.-]", "_", urllib.parse.urlsplit(backend).hostname or "backend")[:40]
+        return "{}.{}-{}{}".format(root, host, hashlib.sha256(backend.encode("utf-8")).hexdigest()[:10], ext)
 
     def backend_of(self, store):
         try:
@@ -832,15 +858,15 @@ class Tenants:
 
     def store_for(self, backend):
         """Where a sign-in for `backend` goes: its tenant's file, else the named file when
-        that holds no other tenant's tokens, else a file of its own beside it."""
+        that holds no other tenant's tokens, else a file of its own beside it. Decided again
+        under the named file's lock when the tokens are written (login), so that two sign-ins
+        at once for two backends never pick the same file."""
         for store in self.files():
             if self.backend_of(store) == backend:
                 return store
         if self.backend_of(self.base) is None:
             return self.base  # none there, or one that cannot be read: the sign-in replaces it
-        root, ext = os.path.splitext(self.base.path)
-        host = urllib.parse.urlsplit(backend).netloc or "backend"
-        return TokenStore("{}.{}{}".format(root, re.sub(r"[^A-Za-z0-9.-]", "_", host), ext), self.base.named_by)
+        return TokenStore(self.tenant_file_name(backend), self.base.named_by)
 
 
 def backend_of(saved):
@@ -908,6 +934,7 @@ class TokenStore:
         self.lock_path = self.path + ".lock"
         self.journal_path = self.path + ".refreshing"  # a refresh in flight: its grant was sent
         self.named_by = named_by  # "--token-file", "GLEAN_TOKEN_FILE" or None (the default place)
+        self.shared = False  # other tenants' stores beside it (Tenants.files)
 
     def command(self, subcommand):
         """The command that runs `subcommand` on this store, as the user must type it."""
@@ -944,41 +971,26 @@ class TokenStore:
                 problem = "its folder cannot be made ({})".format(error.strerror or error)
         elif not os.path.isdir(folder):
             problem = "its folder {} does not exist".format(folder)
+        elif len(os.path.basename(self.journal_path).encode("utf-8", ENV_ERRORS)) > 255:
+            problem = "its name is too long for a file name beside it (its journal, {}.refreshing)".format(
+                os.path.basename(self.path))
         if problem:
             raise FlowError("Cannot use the token file {}: {}.".format(self.path, problem), EXIT_USAGE)
-        self.check_folder()
+        check_folder(self.path, "the token file")
         try:  # the proof: a file can be made, and so renamed, there
             import tempfile  # here: only a write needs it
 
-            fd, probe = tempfile.mkstemp(prefix=".glean-oauth-", suffix=".tmp", dir=folder)
+            fd, probe = tempfile.mkstemp(prefix=".glean-oauth-probe-", suffix=".tmp", dir=folder)
             os.close(fd)
-            os.unlink(probe)
+            _remove(probe)
         except OSError as error:
             raise FlowError("Cannot use the token file {}: its folder {} is not writable by you ({}).".format(
                 self.path, folder, error.strerror or error), EXIT_USAGE)
-
-    def check_folder(self):
-        """Refuse a folder that another user owns or can write to: they could swap in, plant
-        or delete the store."""
-        folder = os.path.dirname(self.path)
-        try:
-            info = os.stat(folder)
-        except OSError:
-            return  # missing: reading finds no file, and check_writable says so
-        problem = None
-        if os.name == "posix" and info.st_uid not in (os.getuid(), 0):
-            problem = "its folder {} belongs to another user".format(folder)
-        elif os.name == "posix" and info.st_mode & 0o002:  # group-writable: a user's own group, often
-            problem = "other users can write to its folder {} (mode {:o}); keep it in a folder only you can " \
-                      "write to".format(folder, info.st_mode & 0o7777)
-        if problem:
-            raise FlowError("Not using the token file {}: {}.".format(self.path, problem), EXIT_USAGE)
 
     def read(self, console=None):
         """The saved contents (a dict), or None when there is no file. The checks run on the
         open file, not on its path, so a file swapped in between is never what is read; a
         warning goes to `console` when others can read it."""
-        self.check_folder()
         data = read_private_file(self.path, "the token file", [_uid()], console)
         if data is None:
             return None
@@ -1010,7 +1022,7 @@ class TokenStore:
         try:
             import tempfile  # here: only a write needs it
 
-            fd, temporary = tempfile.mkstemp(prefix=".glean-oauth-", suffix=".tmp", dir=folder)  # mode 0600
+            fd, temporary = tempfile.mkstemp(prefix=self.temporary_prefix(), suffix=".tmp", dir=folder)  # 0600
         except OSError as error:
             raise FlowError("Cannot write the token file {}: {}.".format(self.path, error.strerror or error))
         try:
@@ -1021,7 +1033,7 @@ class TokenStore:
                 os.fsync(f.fileno())
             _while_shared(lambda: os.replace(temporary, self.path))
         except BaseException as error:
-            os.unlink(temporary)
+            _remove(temporary)
             if isinstance(error, (OSError, ValueError)):
                 raise FlowError("Cannot write the token file {}: {}.".format(
                     self.path, getattr(error, "strerror", None) or error))
@@ -1051,13 +1063,22 @@ class TokenStore:
         grant is in flight, that the stored refresh token may be spent (it holds no token)."""
         return _RefreshJournal(self)
 
+    def temporary_prefix(self):
+        """Its temporary files are named after it (.tokens.json.<8 random>.tmp): each store
+        cleans up its own, never another's that is being written."""
+        return "." + os.path.basename(self.path) + "."
+
     def interrupted_refresh(self):
-        """When a refresh whose answer was never saved was started (ISO time), or None."""
+        """When a refresh whose answer was never saved was started (ISO time), or None. The
+        journal gets the store's own checks: no FIFO or symlink can hang or flood the read."""
         try:
-            with open(self.journal_path, encoding="utf-8") as f:
-                record = parse_json(f.read())
-        except OSError:  # none (a folder there is no journal of ours either)
+            data = read_private_file(self.journal_path, "the refresh journal", [_uid()])
+        except FlowError:  # a folder, or another user's: no journal of ours
             return None
+        if data is None:
+            return None
+        try:
+            record = parse_json(data.decode("utf-8"))
         except ValueError:  # cut short by the crash that interrupted the refresh
             record = None
         started = record.get("started_at") if isinstance(record, dict) else None
@@ -1074,11 +1095,10 @@ class TokenStore:
                             "again with: {}".format(self.path, started, self.command("login")))
         import glob
 
-        for leftover in glob.glob(os.path.join(glob.escape(os.path.dirname(self.path)), ".glean-oauth-*.tmp")):
-            try:
-                os.unlink(leftover)
-            except OSError:
-                pass
+        # Under the lock every writer of this store is gone: what it left is removed, and only that.
+        pattern = glob.escape(os.path.join(os.path.dirname(self.path), self.temporary_prefix())) + "?" * 8 + ".tmp"
+        for leftover in glob.glob(pattern):
+            _remove(leftover)
         _remove(self.journal_path)
 
 
@@ -1115,10 +1135,31 @@ def _while_shared(action, patience=None):
 
 
 def _remove(path):
+    """Remove the file at `path`; one already gone is no error."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def check_folder(path, what):
+    """Refuse a file whose folder another user owns, or its group or others can write to:
+    they could swap in, plant or delete the file, or put a FIFO or a lock of theirs beside
+    it (OpenSSH refuses such folders too). Root's folders are fine; a missing one is left
+    to the caller. One check, for the token store, its lock and journal, and the secret file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        info = os.stat(folder)
+    except OSError:
+        return
+    problem = None
+    if os.name == "posix" and info.st_uid not in (os.getuid(), 0):
+        problem = "its folder {} belongs to another user".format(folder)
+    elif os.name == "posix" and info.st_mode & 0o022:
+        problem = "{} can write to its folder {} (mode {:o}); keep it in a folder only you can write to".format(
+            "other users" if info.st_mode & 0o002 else "its group", folder, info.st_mode & 0o7777)
+    if problem:
+        raise FlowError("Not using {} {}: {}.".format(what, path, problem), EXIT_USAGE)
 
 
 MAX_PRIVATE_FILE_BYTES = 1024 * 1024  # a token store or a secret: a few kilobytes
@@ -1132,6 +1173,7 @@ def read_private_file(path, what, owners, console=None):
     can read it; FlowError (exit 2) naming the problem."""
     import stat
 
+    check_folder(path, what)
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     if os.name == "nt" and os.path.isdir(path):  # Windows cannot open a folder to look at it
         raise FlowError("Not using {} {}: it is a folder.".format(what, path), EXIT_USAGE)
@@ -1201,6 +1243,7 @@ class _StoreLock:
         self.lock = _FileLock(store.lock_path, timeout)
 
     def __enter__(self):
+        check_folder(self.store.path, "the token file")  # no lock file of another's can be planted there
         try:
             self.lock.__enter__()
         except OSError as error:  # the folder has gone, or cannot be written
@@ -1325,11 +1368,11 @@ def login_command(argv, environ, console, stdin):
             one_line(user_of(saved) or "an unknown user"), config.backend_url, expiry_text(saved, time.time()),
             config.store.command("login --force")))
         return EXIT_OK
+    before = refresh_token_in(config.store)
     metadata = discover(config, console, show=False)
     token_response = sign_in(config, console, metadata, stdin, environ)
     contents = store_contents(token_response, time.time(), settings_of(config, metadata))
-    with config.store.locked(config.http_timeout + LOCK_MARGIN_SECONDS):  # not in the middle of a refresh
-        config.store.write(contents, console.secrets)
+    config.store = save_sign_in(config, Tenants(open_store(config.token_file, environ)), contents, before, console)
     console.note("Signed in as {}; saved the tokens to {}; {}.".format(
         one_line(user_of(contents) or "an unknown user"), config.store.path, expiry_text(contents, time.time())))
     granted = set((granted_scope(contents) or "").lower().split())
@@ -1344,6 +1387,47 @@ def login_command(argv, environ, console, stdin):
                      "sign in again in about {}. {}".format(expiry_text(contents, time.time(), relative_only=True),
                                                             OFFLINE_ACCESS_HINT))
     return EXIT_OK
+
+
+def refresh_token_in(store):
+    """The refresh token `store` holds now, or None (none, or a file that cannot be read)."""
+    try:
+        return (store.read() or {}).get("refresh_token")
+    except FlowError:
+        return None
+
+
+def save_sign_in(config, tenants, contents, before, console):
+    """Write a sign-in to its tenant's file, chosen again under the named file's lock (and
+    written under its own): two logins at once for two backends each get a file of their
+    own. For one backend the later one is kept; tokens another sign-in stored meanwhile (a
+    refresh token other than `before`) are revoked, or said to stay valid. Returns the store."""
+    import contextlib
+
+    timeout = config.http_timeout + LOCK_MARGIN_SECONDS
+    with contextlib.ExitStack() as held:
+        held.enter_context(tenants.base.locked(timeout))  # one tenant made at a time
+        store = tenants.store_for(config.backend_url)
+        if store.path != tenants.base.path:
+            held.enter_context(store.locked(timeout))  # not in the middle of its refresh
+        replaced = refresh_token_in(store)
+        store.write(contents, console.secrets)
+        if replaced not in (None, before) and replaced != contents.get("refresh_token"):
+            console.note("Another sign-in for {} saved its tokens while this one ran; this one's replaced them, "
+                         "and {}.".format(config.backend_url, revoke_replaced(store, replaced, config.client)))
+    return store
+
+
+def revoke_replaced(store, refresh_token, client):
+    """Revoke a refresh token no store holds any more; say what became of it."""
+    endpoint = (store.read() or {}).get("revocation_endpoint")
+    if not endpoint:
+        return "its refresh token stays valid until it expires (the server advertises no revocation endpoint)"
+    try:
+        revoke_token(endpoint, client, refresh_token, "refresh_token")
+    except FlowError as error:
+        return "its refresh token could not be revoked: " + str(error).rstrip(".")
+    return "its refresh token was revoked"
 
 
 def current_sign_in(config):
@@ -1479,21 +1563,24 @@ def status_command(argv, environ, console, stdin):
 
 
 def list_tenants(tenants, console, as_json):
-    """`status` with several tenants and none named: one line each, never a token."""
-    now, infos = time.time(), []
+    """`status` with several tenants and none named: one line each, never a token. Exits
+    with the worst of theirs: 1 (a file refused) over 3 (a sign-in needed) over 0."""
+    now, infos, codes = time.time(), [], [EXIT_OK]
     for store in tenants.files():
         try:
-            saved = store.read(console)
+            saved = store.read(console) or {}
         except FlowError as error:
             console.problem(str(error))
+            codes.append(EXIT_FAILURE)
             continue
-        infos.append(status_of(saved or {}, store.path, now))
+        infos.append(status_of(saved, store.path, now))
+        codes.append(EXIT_OK if valid_for(saved, 0, now) or saved.get("refresh_token") else EXIT_SIGN_IN)
     if as_json:
         console.result({"tenants": infos})
     for info in [] if as_json else infos:
         console.line("  ".join(one_line(str(info[key] or "(unknown)")) for key in ("backend_url", "user", "scope",
                                                                                  "expiry")))
-    return EXIT_OK
+    return max(codes, key=[EXIT_OK, EXIT_SIGN_IN, EXIT_FAILURE].index)
 
 
 def logout_command(argv, environ, console, stdin):
@@ -1502,10 +1589,18 @@ def logout_command(argv, environ, console, stdin):
     them without revoking (a corrupt file, no secret, a server that is down)."""
     args = parse_args("logout", argv)
     tenants = Tenants(open_store(args.token_file, environ))
-    stores = tenants.files() if args.all else [tenants.select(*named_backend(environ, args.backend_url))]
-    for store in stores or [tenants.base]:
-        log_out(store, args, environ, console)
-    return EXIT_OK
+    if not args.all:
+        log_out(tenants.select(*named_backend(environ, args.backend_url)), args, environ, console)
+        return EXIT_OK
+    codes = [EXIT_OK]
+    for store in tenants.files() or [tenants.base]:  # each tried, whatever became of the others
+        console.note("{} ({}):".format(tenants.backend_of(store) or "A tenant", store.path))
+        try:
+            log_out(store, args, environ, console)
+        except FlowError as error:
+            console.problem("  " + str(error))
+            codes.append(error.exit_code)
+    return max(codes)
 
 
 def log_out(store, args, environ, console):
@@ -1723,7 +1818,9 @@ def refresh_saved(saved, environ, http_timeout, store, console=None, secret_file
 def stored_client(saved, environ, http_timeout, store, secret_file=None, console=None):
     """The client the tokens were issued to, with its secret from the environment (it is
     never stored) when its auth method needs one: a usage error when there is none, or
-    when CLIENT_ID names another client (its secret is not this client's)."""
+    when CLIENT_ID names another client (its secret is not this client's). With several
+    tenants stored, a secret is used only for the one whose client CLIENT_ID names: one
+    tenant's secret never goes to another's server."""
     missing = [key for key in ("client_id", "token_endpoint") if not saved.get(key)]
     if missing:
         raise SignInNeeded("The token file lacks what a refresh needs ({}).".format(", ".join(missing)), store)
@@ -1740,7 +1837,18 @@ def stored_client(saved, environ, http_timeout, store, secret_file=None, console
     if auth_method != "none" and unset("CLIENT_SECRET", secret):
         raise FlowError("Set CLIENT_SECRET or CLIENT_SECRET_FILE: the client {} authenticates with {}, and its "
                         "secret is never stored.".format(one_line(saved["client_id"]), auth_method), EXIT_USAGE)
+    if auth_method != "none" and store.shared and unset("CLIENT_ID", named):
+        raise FlowError("Tokens for several backends are stored, and the secret in {} is one client's: to use it "
+                        "for {}, set CLIENT_ID={} (that backend's client).".format(
+                            secret_source(environ, secret_file), one_line(str(saved.get("backend_url"))),
+                            _shell_word(saved["client_id"])), EXIT_USAGE)
     return Client(saved["client_id"], secret, auth_method, http_timeout)
+
+
+def secret_source(environ, flag_path=None):
+    """Where client_secret takes the secret from: --client-secret-file, CLIENT_SECRET or CLIENT_SECRET_FILE."""
+    return "--client-secret-file" if (flag_path or "").strip() else \
+        "CLIENT_SECRET" if environ.get("CLIENT_SECRET", "").strip() else "CLIENT_SECRET_FILE"
 
 
 def client_secret(environ, flag_path=None, console=None):
@@ -2149,9 +2257,7 @@ class Doctor:
         if unset("CLIENT_SECRET", secret):
             return "warn", "not set: login, a refresh and logout need it", \
                 "Set CLIENT_SECRET, or CLIENT_SECRET_FILE to a file only you can read."
-        where = "--client-secret-file" if (self.args.client_secret_file or "").strip() else \
-            "CLIENT_SECRET" if self.environ.get("CLIENT_SECRET", "").strip() else "CLIENT_SECRET_FILE"
-        return "ok", "set ({}; never shown)".format(where), ""
+        return "ok", "set ({}; never shown)".format(secret_source(self.environ, self.args.client_secret_file)), ""
 
     def _backend_url(self):
         if self.named_problem:
@@ -2729,7 +2835,7 @@ SUBCOMMAND_EPILOG = """\
 The token store is --token-file, else GLEAN_TOKEN_FILE, else
 $XDG_CONFIG_HOME/glean-oauth/tokens.json (~/.config/glean-oauth/tokens.json;
 %APPDATA%\\glean-oauth\\tokens.json on Windows); another tenant's tokens go beside it,
-in tokens.<host>.json. It never holds the client secret:
+in tokens.<host>-<digest>.json. It never holds the client secret:
 a refresh for a confidential client takes CLIENT_SECRET from the environment.
 """
 SUBCOMMAND_EXIT_CODES = """

@@ -2524,6 +2524,9 @@ def test_a_file_swapped_in_is_checked_on_what_was_opened(tmp_path, monkeypatch):
     (lambda folder: folder.chmod(0o1777), "other users can write to its folder {folder} (mode 1777); keep it in a "
                                           "folder only you can write to"),
     (lambda folder: os.chown(str(folder), 4242, -1), "its folder {folder} belongs to another user"),
+    (lambda folder: (os.chown(str(folder), -1, 4242), folder.chmod(0o770)), "its group can write to its folder "
+                                                                          "{folder} (mode 770); keep it in a folder "
+                                                                          "only you can write to"),
 ])
 @as_root
 def test_a_folder_others_can_use_is_refused(tmp_path, make, problem):
@@ -2559,6 +2562,22 @@ def test_a_fifo_is_refused_at_once(tmp_path):
     os.mkfifo(str(path), 0o600)
     code, _, err = run_cli({"GLEAN_TOKEN_FILE": str(path)}, ["token"])
     assert (code, err) == (2, "Not using the token file {}: it is not a regular file.\n".format(path))
+
+
+@skip_if(not hasattr(os, "mkfifo"), "no FIFOs on this platform")
+def test_a_fifo_or_a_symlink_as_the_journal_neither_hangs_nor_floods_a_run(tmp_path):
+    path = tmp_path / "tokens.json"
+    journal = tmp_path / "tokens.json.refreshing"
+    with StandInGlean() as glean:
+        stored(glean, path)
+        os.mkfifo(str(journal), 0o600)
+        fifo = subprocess.run(script_command() + ["status", "--token-file", str(path)], env=script_env(glean),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
+        journal.unlink()
+        journal.symlink_to("/dev/zero")
+        zero = subprocess.run(script_command() + ["status", "--token-file", str(path)], env=script_env(glean),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
+    assert fifo.returncode == zero.returncode == 0 and b"Last refresh:" not in fifo.stdout + zero.stdout
 
 
 def test_a_folder_as_the_token_file_gets_no_chmod_advice(tmp_path):
@@ -2626,7 +2645,8 @@ def test_a_refresh_killed_in_flight_is_reported_by_the_next_run(tmp_path):
         refreshing.kill()  # kill -9: no answer saved
         refreshing.wait(RUN_TIMEOUT)
         release.set()  # the server rotates: the stored refresh token is spent
-        (tmp_path / ".glean-oauth-leftover.tmp").write_text("{}")
+        (tmp_path / ".tokens.json.k1ll3d_0.tmp").write_text("{}")  # what the killed run was writing
+        (tmp_path / ".other.json.wr1t1ng0.tmp").write_text("{}")  # another store's, being written now
         glean.overrides.clear()
         shown = run_cli({}, ["status", "--token-file", str(path)])  # reports it, and leaves it for a refresh
         proc = run_script(script_env(glean), ["token", "--token-file", str(path)])
@@ -2638,7 +2658,7 @@ def test_a_refresh_killed_in_flight_is_reported_by_the_next_run(tmp_path):
     assert lines[0].endswith("the server has probably spent that refresh token. If the next refresh is refused, sign "
                              "in again with: python3 glean_oauth.py login --token-file {}".format(path))
     assert lines[1].startswith("The refresh token was refused") and len(lines) == 2
-    assert sorted(os.listdir(str(tmp_path))) == ["tokens.json", "tokens.json.lock"]  # leftovers cleaned up
+    assert sorted(os.listdir(str(tmp_path))) == [".other.json.wr1t1ng0.tmp", "tokens.json", "tokens.json.lock"]
 
 
 def test_a_journal_cut_short_is_still_reported(tmp_path):
@@ -2854,6 +2874,170 @@ def test_two_tenants_side_by_side(tmp_path):
     assert provided == (b.url, refreshed_b.stdout.decode().strip())
     assert out_a.returncode == 0 and not path.exists() and a.refresh_tokens == set()
     assert only_b.stdout == refreshed_b.stdout  # B was left as it was, and is now the only tenant
+
+
+def tenant_path(path, glean):
+    """Where a tenant other than the first is kept, beside the store `path`."""
+    return pathlib.Path(glean_oauth.Tenants(glean_oauth.TokenStore(str(path))).tenant_file_name(glean.url))
+
+
+def test_one_tenants_leftovers_never_cost_anothers_rotated_token(tmp_path, monkeypatch):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as a, StandInGlean() as b:
+        stored(a, path, expires_at="2000-01-01T00:00:00Z")
+        b_path = tenant_path(path, b)
+        stored(b, b_path, expires_at="2000-01-01T00:00:00Z")
+        (tmp_path / "tokens.json.refreshing").write_text('{"started_at": "2026-12-01T00:00:00Z", "pid": 1}')
+        b_writing, a_done, real_replace = threading.Event(), threading.Event(), os.replace
+
+        def slow_replace(source, target):  # B's write is slowed between its temporary file and the rename
+            if target == str(b_path):
+                b_writing.set()
+                a_done.wait(RUN_TIMEOUT)
+            return real_replace(source, target)
+        monkeypatch.setattr(os, "replace", slow_replace)
+        outcome = queue.Queue()
+        refreshing_b = threading.Thread(target=lambda: outcome.put(glean_oauth.fresh_tokens(
+            glean_oauth.TokenStore(str(b_path)), good_environ(b), 60, 5)))
+        refreshing_b.start()
+        assert b_writing.wait(RUN_TIMEOUT)
+        code, out, err = run_cli(good_environ(a, GLEAN_TOKEN_FILE=str(path)), ["token"])  # A's recovery runs
+        a_done.set()
+        refreshing_b.join(RUN_TIMEOUT)
+        assert code == 0 and "The last refresh of the tokens at {} was interrupted".format(path) in err
+        assert outcome.get_nowait()["refresh_token"] == json.loads(b_path.read_text())["refresh_token"]
+        assert json.loads(path.read_text())["refresh_token"] in a.refresh_tokens
+        assert json.loads(b_path.read_text())["refresh_token"] in b.refresh_tokens
+
+
+def test_a_tenant_file_an_earlier_version_made_is_still_a_tenant(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as a, StandInGlean() as b:
+        stored(a, path)
+        legacy = tmp_path / "tokens.127.0.0.1_{}.json".format(b.httpd.server_address[1])  # as be7c550 named it
+        stored(b, legacy, expires_at="2000-01-01T00:00:00Z")
+        (tmp_path / "tokens.127.0.0.1_1.json").write_text(legacy.read_text())  # the same backend, not its name
+        listed = run_cli({"GLEAN_TOKEN_FILE": str(path)}, ["status", "--json"])
+        token = run_cli(good_environ(b, GLEAN_TOKEN_FILE=str(path)), ["token"])
+    assert [tenant["backend_url"] for tenant in json.loads(listed[1])["tenants"]] == [a.url, b.url]
+    assert token[0] == 0 and json.loads(legacy.read_text())["access_token"] == token[1].strip()
+
+
+def test_a_secret_from_the_environment_never_goes_to_another_tenants_server(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean(client_id="acme-client", client_secret="ACME-SECRET-4b1d") as a, \
+            StandInGlean(client_id="partner-client", client_secret="PARTNER-SECRET-77e1") as b:
+        for glean in (a, b):
+            glean.metadata_extra["revocation_endpoint"] = glean.url + "/oauth/revoke"
+        stored(a, path, expires_at="2000-01-01T00:00:00Z")
+        stored(b, tenant_path(path, b), expires_at="2000-01-01T00:00:00Z")
+        env = {"CLIENT_SECRET": a.client_secret, "GLEAN_TOKEN_FILE": str(path)}  # the README's recipe: no CLIENT_ID
+        token = run_cli(dict(env, GLEAN_BACKEND_URL=b.url), ["token"])
+        exec_code = run_script(dict(env, PATH=os.environ["PATH"]), ["exec", "--backend-url", b.url, "--", "true"])
+        with pytest.raises(glean_oauth.FlowError) as provided:
+            glean_oauth.TokenProvider(str(path), environ=env, backend_url=b.url)()
+        logout = run_cli(env, ["logout", "--all"])
+        assert b.requests == [] and a.requests == []  # before any request
+        own = run_cli(dict(env, CLIENT_ID="acme-client", GLEAN_BACKEND_URL=a.url), ["token"])
+    message = "Tokens for several backends are stored, and the secret in CLIENT_SECRET is one client's: to use it " \
+              "for {}, set CLIENT_ID=partner-client (that backend's client).".format(b.url)
+    assert token == (2, "", message + "\n") and exec_code.returncode == 2 and str(provided.value) == message
+    assert logout[0] == 2 and logout[2].count("is one client's") == 2  # each tenant tried, each named
+    assert "{} ({}):\n".format(a.url, path) in logout[2] and "{} ({}):\n".format(b.url, tenant_path(path, b)) in logout[2]
+    assert own[0] == 0 and [r.path for r in a.requests] == ["/oauth/token"]
+
+
+@parametrize("name", ["glean-tokens", "tokens.json"])
+def test_no_lock_journal_backup_or_temporary_file_is_taken_for_a_tenant(tmp_path, name):
+    path = tmp_path / name
+    with StandInGlean() as glean:
+        signed_in_and_expired(glean, path)
+        refreshed = run_cli(good_environ(glean, GLEAN_BACKEND_URL=None, GLEAN_TOKEN_FILE=str(path)), ["token"])
+        shutil.copy(str(path), str(tmp_path / (name.replace(".json", "") + ".bak.json")))
+        (tmp_path / (name + ".refreshing")).write_text("{}")
+        again = [run_cli(good_environ(glean, GLEAN_BACKEND_URL=None, GLEAN_TOKEN_FILE=str(path)), [command])
+                 for command in ("token", "status")]
+        executed = run_script(script_env(glean, GLEAN_BACKEND_URL=None, GLEAN_TOKEN_FILE=str(path)),
+                              ["exec", "--", sys.executable, "-c", "print('ran')"])
+    assert refreshed[0] == 0 and sorted(os.listdir(str(tmp_path)))[:2] != []
+    assert [code for code, _, _ in again] == [0, 0] and "Token file:    {}\n".format(path) in again[1][1]
+    assert executed.returncode == 0 and executed.stdout == b"ran\n"
+
+
+def test_two_logins_at_once_for_two_backends_both_end_stored_and_for_one_one_is_kept(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as a, StandInGlean() as b:
+        both = threading.Barrier(2)
+        for glean in (a, b):
+            glean.metadata_extra["revocation_endpoint"] = glean.url + "/oauth/revoke"
+            glean.overrides["/oauth/token"] = lambda request, glean=glean: (both.wait(RUN_TIMEOUT), glean.token(
+                request))[1]  # both sign-ins reach the token endpoint, then both write at once
+        flows = queue.Queue()
+        threads = [threading.Thread(target=lambda glean=glean: flows.put(run_flow(
+            glean, ["login", "--token-file", str(path)], process=True))) for glean in (a, b)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(RUN_TIMEOUT)
+        codes = [flows.get_nowait().code for _ in threads]
+        tenants = glean_oauth.Tenants(glean_oauth.TokenStore(str(path)))
+        stored_backends = sorted(tenants.backend_of(store) for store in tenants.files())
+        a.overrides["/oauth/token"] = lambda request: (both.wait(RUN_TIMEOUT), a.token(request))[1]
+        one = tmp_path / "one.json"
+        threads = [threading.Thread(target=lambda: flows.put(run_flow(
+            a, ["login", "--force", "--token-file", str(one)], process=True))) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(RUN_TIMEOUT)
+        same = [flows.get_nowait() for _ in threads]
+        kept = json.loads(one.read_text())["refresh_token"]
+        live = set(a.refresh_tokens)
+    assert codes == [0, 0] and stored_backends == sorted([a.url, b.url])
+    assert [flow.code for flow in same] == [0, 0]
+    assert sum("Another sign-in for {} saved its tokens while this one ran; this one's replaced them, and its refresh "
+               "token was revoked.".format(a.url) in flow.stderr for flow in same) == 1
+    assert kept in live and len(live & {issued["refresh_token"] for issued in a.issued[-2:]}) == 1
+
+
+def test_a_tenants_file_name_stays_short_and_a_store_name_too_long_is_refused_before_any_request(tmp_path):
+    tenants = glean_oauth.Tenants(glean_oauth.TokenStore(str(tmp_path / "tokens.json")))
+    long_backend = "https://" + "a" * 60 + "." + "b" * 60 + "." + "c" * 60 + "." + "d" * 60 + ".example"
+    name = os.path.basename(tenants.tenant_file_name(long_backend))
+    assert len(name) < 80 and name != os.path.basename(tenants.tenant_file_name(long_backend.replace("d", "e")))
+    assert tenants.tenant_file_name("https://acme-be.glean.com") != tenants.tenant_file_name("https://acme-be.glean.com:444")
+    with StandInGlean() as glean:
+        code, out, err = run_cli(good_environ(glean), ["login", "--token-file", str(tmp_path / ("t" * 250 + ".json"))])
+    assert (code, out) == (2, "") and "its name is too long" in err and glean.requests == []
+
+
+def test_a_store_that_names_no_backend_serves_none_that_is_named(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        saved = stored(glean, path)
+        del saved["backend_url"]
+        path.write_text(json.dumps(saved))
+        os.chmod(str(path), 0o600)
+        token = run_cli({"GLEAN_TOKEN_FILE": str(path)}, ["token", "--backend-url", "https://other-be.glean.com"])
+        executed = run_script({"GLEAN_TOKEN_FILE": str(path), "GLEAN_SERVER_URL": "https://other-be.glean.com",
+                               "PATH": os.environ["PATH"]}, ["exec", "--", "true"])
+        unnamed = run_cli({"GLEAN_TOKEN_FILE": str(path)}, ["token"])
+    assert token[0] == 3 and "are for no backend named, not for --backend-url https://other-be.glean.com" in token[2]
+    assert executed.returncode == 3 and unnamed[0] == 0
+
+
+def test_status_with_several_tenants_exits_with_the_worst_of_theirs(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as a, StandInGlean() as b:
+        stored(a, path)
+        b.issue_refresh_token = False
+        stored(b, tenant_path(path, b), expires_at="2000-01-01T00:00:00Z")
+        needs_sign_in = run_cli({"GLEAN_TOKEN_FILE": str(path)}, ["status"])
+        if os.name == "posix":
+            os.chmod(str(path), 0o666)
+            refused = run_cli({"GLEAN_TOKEN_FILE": str(path)}, ["status"])
+            assert refused[0] == 1 and "other users can change it" in refused[2]
+    assert needs_sign_in[0] == 3 and len(needs_sign_in[1].splitlines()) == 2
 
 
 def test_token_serves_a_valid_token_without_a_request_and_refreshes_an_expired_one(tmp_path):
