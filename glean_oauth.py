@@ -177,7 +177,8 @@ class Settings:
 
     __slots__ = ("client_id", "client_secret", "backend_url", "redirect_uri", "auth_method", "scope",
                  "http_timeout", "callback_timeout", "chat_timeout", "open_browser", "manual", "message", "chat",
-                 "stream", "json", "refresh", "refresh_token", "token_file", "store", "force", "verify")
+                 "stream", "json", "refresh", "refresh_token", "token_file", "store", "force", "verify",
+                 "save_secret", "default", "secret_file")
 
     def __init__(self, **values):
         for name in self.__slots__:
@@ -808,7 +809,7 @@ class Tenants:
         stores = ([self.base] if os.path.lexists(self.base.path) else []) + [
             TokenStore(path, self.base.named_by) for path in others]
         for store in stores:
-            store.shared = len(stores) > 1
+            store.shared, store.named_path = len(stores) > 1, self.base.path
         return stores
 
     def is_tenant(self, path):
@@ -837,21 +838,41 @@ class Tenants:
             return None  # unreadable: the command that reads it says why
 
     def select(self, named=None, named_by=None):
-        """The store of the tenant a command is for: the one `named`, else the only one.
-        With one stored for another backend, that one (its reader says so); with several
-        and none named, a usage error that lists them."""
+        """The store of the tenant a command is for: the one `named`, else the default one.
+        With one stored for another backend, that one (its reader says so); with several,
+        none named and no default, a usage error that lists them."""
         files = self.files()
-        if named:
-            for store in files:
-                if self.backend_of(store) == named:
-                    return store
-            if len(files) > 1:
-                raise SignInNeeded("No tokens are stored for {} ({}) at {}: there are tokens for {}.".format(
-                    named, named_by, self.base.path, self.listed(files)), self.base)
+        wanted = named or (self.default() if len(files) > 1 else None)
+        for store in files if wanted else []:
+            if self.backend_of(store) == wanted:
+                store.backend = named if named_by == "--backend-url" else None  # hints repeat the flag
+                return store
+        if named and len(files) > 1:
+            self.base.backend = named
+            raise SignInNeeded("No tokens are stored for {} ({}) at {}: there are tokens for {}.".format(
+                named, named_by, self.base.path, self.listed(files)), self.base)
         if len(files) <= 1:
-            return files[0] if files else self.base
+            store = files[0] if files else self.base
+            store.backend = named if named_by == "--backend-url" else None
+            return store
         raise FlowError("Tokens for several backends are stored at {}: {}. Name one with --backend-url, "
-                        "GLEAN_BACKEND_URL or GLEAN_SERVER_URL.".format(self.base.path, self.listed(files)), EXIT_USAGE)
+                        "GLEAN_BACKEND_URL or GLEAN_SERVER_URL, or make one the default with login "
+                        "--default.".format(self.base.path, self.listed(files)), EXIT_USAGE)
+
+    def default(self):
+        """The default tenant's backend: the one `login --default` named, else the first
+        signed in (the named file's); None when there is neither."""
+        try:
+            chosen = self.default_store().read()
+        except FlowError:
+            chosen = None
+        backends = [self.backend_of(store) for store in self.files()]
+        named = backend_of(chosen or {})
+        return named if named in backends else self.backend_of(self.base)
+
+    def default_store(self):
+        """The file that names the default tenant (login --default), beside the named file."""
+        return TokenStore(self.base.path + ".default", self.base.named_by)
 
     def listed(self, files):
         return ", ".join(str(self.backend_of(store)) for store in files)
@@ -866,7 +887,9 @@ class Tenants:
                 return store
         if self.backend_of(self.base) is None:
             return self.base  # none there, or one that cannot be read: the sign-in replaces it
-        return TokenStore(self.tenant_file_name(backend), self.base.named_by)
+        store = TokenStore(self.tenant_file_name(backend), self.base.named_by)
+        store.named_path, store.backend = self.base.path, backend
+        return store
 
 
 def backend_of(saved):
@@ -935,14 +958,20 @@ class TokenStore:
         self.journal_path = self.path + ".refreshing"  # a refresh in flight: its grant was sent
         self.named_by = named_by  # "--token-file", "GLEAN_TOKEN_FILE" or None (the default place)
         self.shared = False  # other tenants' stores beside it (Tenants.files)
+        self.backend = None  # the backend a command named for it: its hints name it too
+        self.named_path = self.path  # the store the user named: a tenant's hints name that one
 
     def command(self, subcommand):
-        """The command that runs `subcommand` on this store, as the user must type it."""
-        line = "python3 glean_oauth.py " + subcommand
+        """The command that runs `subcommand` on this store, to paste as it is: the program as
+        it was run, and the flags that chose the store and the tenant."""
+        line = program_command() + " " + subcommand
         if self.named_by == "--token-file":
-            return line + " --token-file " + _shell_word(self.path)
+            line += " --token-file " + _shell_word(self.named_path)
+        if self.backend or self.shared:
+            backend = self.backend or backend_of(self.read() or {}) if self.backend or os.path.exists(self.path) else None
+            line += " --backend-url " + _shell_word(backend) if backend else ""
         if self.named_by == "GLEAN_TOKEN_FILE":
-            return "GLEAN_TOKEN_FILE=" + _shell_word(self.path) + " " + line
+            return "GLEAN_TOKEN_FILE=" + _shell_word(self.named_path) + " " + line
         return line
 
     def check_writable(self):
@@ -1041,15 +1070,26 @@ class TokenStore:
         _fsync_folder(folder)
 
     def delete(self):
-        """Remove the file; True when there was one."""
+        """Remove the file, and what goes with it: the secret kept for it, its journal and
+        its lock (held by the caller: removed last). True when there was a file."""
         try:
             _while_shared(lambda: os.unlink(self.path))
         except FileNotFoundError:
             return False
         except OSError as error:
             raise FlowError("Cannot remove the token file {}: {}.".format(self.path, error.strerror or error))
+        for path in (self.secret_store().path, self.journal_path, self.lock_path):
+            try:
+                _remove(path)
+            except OSError:  # Windows: the lock, still open here
+                pass
         _fsync_folder(os.path.dirname(self.path))
         return True
+
+    def secret_store(self):
+        """Where `login --save-secret` keeps the client secret (or its file's path) for this
+        tenant alone: a file beside it, with the token file's protections."""
+        return TokenStore(self.path + ".secret", self.named_by)
 
     def locked(self, timeout, console=None):
         """The store's lock, for every read -> change -> write, so that runs in parallel
@@ -1102,7 +1142,21 @@ class TokenStore:
         _remove(self.journal_path)
 
 
-TEXT_FIELDS = STORE_FIELDS + ("access_token", "refresh_token", "token_type", "obtained_at", "expires_at")
+TEXT_FIELDS = STORE_FIELDS + ("access_token", "refresh_token", "token_type", "obtained_at", "expires_at",
+                               "refresh_refused_at", "refresh_refused")
+
+
+def program_command():
+    """This program as it was run, for a hint to paste anywhere: the interpreter as typed
+    when PATH finds it (python3), else its absolute path; then `-m glean_oauth` when run with
+    -m, else the script's absolute path as typed (a symlink stays one)."""
+    import shutil  # here: only a hint needs it
+
+    typed = (getattr(sys, "orig_argv", None) or [""])[0]  # Python 3.10+; before, the absolute path
+    python = _shell_word(typed if typed and os.sep not in typed and shutil.which(typed) else sys.executable or "python3")
+    if __name__ == "__main__" and getattr(sys.modules["__main__"], "__spec__", None) is not None:  # run by -m
+        return python + " -m glean_oauth"
+    return python + " " + _shell_word(os.path.abspath(sys.argv[0] if __name__ == "__main__" else __file__))
 
 
 def _uid():
@@ -1351,7 +1405,7 @@ class SignInNeeded(FlowError):
     """Nothing usable is stored: the user must run `login` (exit code 3)."""
 
     def __init__(self, message, store=None):
-        command = store.command("login") if store else "python3 glean_oauth.py login"
+        command = store.command("login") if store else program_command() + " login"
         super().__init__(message + " Sign in with: " + command, EXIT_SIGN_IN)
 
 
@@ -1367,7 +1421,34 @@ def login_command(argv, environ, console, stdin):
         console.note("Already signed in as {} at {}; {}. To sign in again: {}".format(
             one_line(user_of(saved) or "an unknown user"), config.backend_url, expiry_text(saved, time.time()),
             config.store.command("login --force")))
-        return EXIT_OK
+    else:
+        config.store = sign_in_and_save(config, environ, console, stdin)
+    tenants = Tenants(open_store(config.token_file, environ))
+    with config.store.locked(config.http_timeout + LOCK_MARGIN_SECONDS):
+        if config.save_secret and config.auth_method != "none":
+            config.store.secret_store().write(secret_kept(config, environ))
+        if config.default:
+            tenants.default_store().write({"backend_url": config.backend_url})
+    if config.auth_method != "none":
+        where = kept_secret(config.store, config.client_id)[1]
+        console.note("Later refreshes take the client secret from {}.".format(where) if where else
+                     "Later refreshes need the client secret where they run (CLIENT_SECRET or CLIENT_SECRET_FILE); "
+                     "to keep it with the tokens instead: " + config.store.command("login --save-secret"))
+    return EXIT_OK
+
+
+def secret_kept(config, environ):
+    """What login --save-secret keeps: the secret file's absolute path when the secret came
+    from a file (--client-secret-file, CLIENT_SECRET_FILE), else the secret itself."""
+    path = secret_file_named(environ, config.secret_file)
+    kept = {"client_id": config.client_id}
+    kept.update({"client_secret_file": os.path.abspath(os.path.expanduser(path))} if path else
+                {"client_secret": config.client_secret})
+    return kept
+
+
+def sign_in_and_save(config, environ, console, stdin):
+    """login's sign-in: doc steps 2 to 7, the tokens saved, and what they are; returns the store."""
     before = refresh_token_in(config.store)
     metadata = discover(config, console, show=False)
     token_response = sign_in(config, console, metadata, stdin, environ)
@@ -1386,7 +1467,7 @@ def login_command(argv, environ, console, stdin):
         console.note("No refresh token came back, so `token` can serve this one only until it expires: you will "
                      "sign in again in about {}. {}".format(expiry_text(contents, time.time(), relative_only=True),
                                                             OFFLINE_ACCESS_HINT))
-    return EXIT_OK
+    return config.store
 
 
 def refresh_token_in(store):
@@ -1441,7 +1522,7 @@ def current_sign_in(config):
     if not saved or (backend_of(saved), saved.get("client_id")) != (config.backend_url, config.client_id):
         return None
     asked, had = (set((scope or "").lower().split()) for scope in (config.scope, saved.get("requested_scope")))
-    renewable = valid_for(saved, 0, time.time()) or saved.get("refresh_token")
+    renewable = not saved.get("refresh_refused_at") and (valid_for(saved, 0, time.time()) or saved.get("refresh_token"))
     return saved if asked <= had and renewable else None
 
 
@@ -1450,6 +1531,10 @@ def token_command(argv, environ, console, stdin):
     The token is printed as it is: redaction never rewrites it (one that holds the client
     secret is refused instead)."""
     args = parse_args("token", argv)
+    chosen = [flag for flag, value in (("--format", args.format), ("--json", args.json), ("--header", args.header))
+              if value]
+    if len(chosen) > 1:
+        raise FlowError("{} and {} both choose what token prints; give one.".format(*chosen[:2]), EXIT_USAGE)
     tokens = fresh_tokens_for(args, environ, console)
     if any(form in tokens["access_token"] for form in console.secrets):
         raise FlowError("The stored access token holds the client secret; not printing it.")
@@ -1517,70 +1602,79 @@ def exec_command(argv, environ, console, stdin):
 
 
 def status_command(argv, environ, console, stdin):
-    """`status`: what is stored, never a token. Exit 0 when the access token is valid or
-    can be renewed, 3 when a sign-in is needed, 1 when the store cannot be read."""
+    """`status`: what is stored, never a token: the tenant named, else every one, as lines or
+    as {"tenants": [...]} (one shape always). Exits with the worst tenant's code: 1 a store
+    that cannot be read, over 3 a sign-in needed, over 2 no secret here to renew, over 0."""
     args = parse_args("status", argv)
     tenants = Tenants(open_store(args.token_file, environ))
     backend, named_by = named_backend(environ, args.backend_url)
-    if not backend and len(tenants.files()) > 1:
-        return list_tenants(tenants, console, args.json)
-    store = tenants.select(backend, named_by)
-    try:
-        saved = store.read(console)
-    except FlowError as error:
-        console.problem(str(error))
-        return EXIT_FAILURE
-    if saved is None:
-        raise SignInNeeded("No tokens are stored at {}.".format(store.path), store)
-    now = time.time()
-    info = status_of(saved, store.path, now)
-    info["refresh_interrupted"] = store.interrupted_refresh()
-    other_backend = bool(backend) and backend_of(saved) != backend
-    usable = valid_for(saved, 0, now) or bool(saved.get("refresh_token"))
-    if args.json:
-        console.result(info)
-    else:
-        for label, key in (("Token file", "token_file"), ("Backend", "backend_url"), ("Client", "client_id"),
-                           ("Auth method", "auth_method"), ("Signed in as", "user"), ("Scopes", "scope"),
-                           ("Access token", "expiry"), ("Refresh token", "refresh_token")):
-            value = info[key] if info[key] not in (None, "") else "(unknown)"
-            console.line("{:<14} {}".format(label + ":", one_line(str(value))))
-        if info["refresh_interrupted"]:
-            console.line("{:<14} interrupted after it was sent ({}): the refresh token may be spent".format(
-                "Last refresh:", info["refresh_interrupted"]))
-        if abs(info["clock_offset_seconds"] or 0) > CLOCK_WARN_SECONDS:
-            console.line("{:<14} {} (at the last token response); set it right (NTP)".format(
-                "Clock:", clock_text(info["clock_offset_seconds"])))
-    if other_backend:
-        console.problem("{} names {}, but these tokens are for {}. Sign in there with: {}".format(
-            named_by, backend, one_line(str(saved.get("backend_url"))), store.command("login")))
-        return EXIT_SIGN_IN
-    if not usable:
-        console.problem("The access token has expired and there is no refresh token to renew it. Sign in with: "
-                        + store.command("login"))
-        return EXIT_SIGN_IN
-    return EXIT_OK
-
-
-def list_tenants(tenants, console, as_json):
-    """`status` with several tenants and none named: one line each, never a token. Exits
-    with the worst of theirs: 1 (a file refused) over 3 (a sign-in needed) over 0."""
-    now, infos, codes = time.time(), [], [EXIT_OK]
-    for store in tenants.files():
+    stores = [tenants.select(backend, named_by)] if backend else tenants.files()
+    default, now, infos, codes = tenants.default(), time.time(), [], [EXIT_OK]
+    for store in stores:
         try:
-            saved = store.read(console) or {}
+            saved = store.read(console)
         except FlowError as error:
             console.problem(str(error))
             codes.append(EXIT_FAILURE)
             continue
-        infos.append(status_of(saved, store.path, now))
-        codes.append(EXIT_OK if valid_for(saved, 0, now) or saved.get("refresh_token") else EXIT_SIGN_IN)
-    if as_json:
+        if saved is not None:
+            infos.append(status_of(saved, store, now, environ, default))
+            codes.append(tenant_problem(infos[-1], saved, store, backend, named_by, console))
+    if len(codes) == 1 and not infos:
+        codes.append(EXIT_SIGN_IN)
+        store = stores[0] if stores else tenants.base
+        console.problem("No tokens are stored at {}. Sign in with: {}".format(store.path, store.command("login")))
+    one = len(infos) == 1 and (bool(backend) or len(stores) == 1)
+    if args.json:
         console.result({"tenants": infos})
-    for info in [] if as_json else infos:
-        console.line("  ".join(one_line(str(info[key] or "(unknown)")) for key in ("backend_url", "user", "scope",
-                                                                                 "expiry")))
-    return max(codes, key=[EXIT_OK, EXIT_SIGN_IN, EXIT_FAILURE].index)
+    elif one:
+        show_status(infos[0], console)
+    for info in [] if args.json or one else infos:
+        console.line("  ".join(one_line(str(info[key] or "(unknown)")) for key in ("backend_url", "user", "scope"))
+                     + "  " + info_expiry(info) + ("  (default)" if info["default"] else ""))
+    return max(codes, key=[EXIT_OK, EXIT_USAGE, EXIT_SIGN_IN, EXIT_FAILURE].index)
+
+
+def tenant_problem(info, saved, store, backend, named_by, console):
+    """The exit code of one tenant's status, with a line saying why when it is not 0."""
+    if backend and backend_of(saved) != backend:
+        console.problem("{} names {}, but these tokens are for {}. Sign in there with: {}".format(
+            named_by, backend, one_line(str(saved.get("backend_url"))), store.command("login")))
+        return EXIT_SIGN_IN
+    if info["refresh_refused_at"]:
+        console.problem("The refresh token was refused at {}: the sign-in is spent. Sign in again with: {}".format(
+            info["refresh_refused_at"], store.command("login")))
+        return EXIT_SIGN_IN
+    if info["access_token_valid"] or info["renewable"]:
+        return EXIT_OK
+    if info["refresh_token"]:
+        console.problem("The access token has expired, and its refresh token needs the client secret, which is not "
+                        "here: set CLIENT_SECRET or CLIENT_SECRET_FILE, or keep it with: " + store.command(
+                            "login --save-secret"))
+        return EXIT_USAGE
+    console.problem("The access token has expired and there is no refresh token to renew it. Sign in with: "
+                    + store.command("login"))
+    return EXIT_SIGN_IN
+
+
+def show_status(info, console):
+    """One tenant's status, a line a fact."""
+    refresh = "refused at {} ({}): sign in again".format(info["refresh_refused_at"], info["refresh_refused"]) \
+        if info["refresh_refused_at"] else "none (sign in again once the access token expires)" \
+        if not info["refresh_token"] else "present; renews with the secret from " + info["secret"] \
+        if info["renewable"] else "present, but no client secret here to use it (CLIENT_SECRET, " \
+        "CLIENT_SECRET_FILE, or login --save-secret)"
+    for label, value in (("Token file", info["token_file"]), ("Backend", info["backend_url"]),
+                         ("Client", info["client_id"]), ("Auth method", info["auth_method"]),
+                         ("Signed in as", info["user"]), ("Scopes", info["scope"]),
+                         ("Access token", info_expiry(info)), ("Refresh token", refresh)):
+        console.line("{:<14} {}".format(label + ":", one_line(str(value if value not in (None, "") else "(unknown)"))))
+    if info["refresh_interrupted"]:
+        console.line("{:<14} interrupted after it was sent ({}): the refresh token may be spent".format(
+            "Last refresh:", info["refresh_interrupted"]))
+    if abs(info["clock_offset_seconds"] or 0) > CLOCK_WARN_SECONDS:
+        console.line("{:<14} {} (at the last token response); set it right (NTP)".format(
+            "Clock:", clock_text(info["clock_offset_seconds"])))
 
 
 def logout_command(argv, environ, console, stdin):
@@ -1607,10 +1701,11 @@ def log_out(store, args, environ, console):
     """Revoke and delete the tokens of one tenant (only delete them, with --local)."""
     with store.locked(http_timeout_setting(args, environ) + LOCK_MARGIN_SECONDS):
         if args.local:
-            existed = store.delete()
-            console.note("{} {}; nothing was revoked: the refresh token stays valid until it expires or you remove "
-                         "the app in Glean's settings.".format("Deleted" if existed else "Nothing is stored at",
-                                                               store.path))
+            if not store.delete():
+                console.note("Nothing is stored at {}; nothing to do.".format(store.path))
+                return
+            console.note("Deleted {}; nothing was revoked: the refresh token stays valid until it expires or you remove "
+                         "the app in Glean's settings.".format(store.path))
             return
         try:
             revoked = revoke_stored(store, args, environ, console)
@@ -1650,7 +1745,7 @@ def revoke_stored(store, args, environ, console):
             else:
                 when = expires_at(saved)
                 said.append("the server refused to revoke the {} ({}): it stays valid until {}".format(
-                    name, refusal, time.strftime("%H:%M UTC", time.gmtime(when)) if when else "it expires"))
+                    name, refusal, until_text(when, time.time()) if when else "it expires"))
     console.note("At {}: {}.".format(endpoint, "; ".join(said) or "nothing to revoke"))
     return said
 
@@ -1744,9 +1839,17 @@ def fresh_tokens_for(args, environ, console):
     """fresh_tokens with the flags of `token` or `exec`, for the tenant they select."""
     named = named_backend(environ, args.backend_url)
     store = Tenants(open_store(args.token_file, environ)).select(*named)
-    return fresh_tokens(store, environ, seconds(args.min_valid, {}, "--min-valid", 60),
-                        http_timeout_setting(args, environ), console, getattr(args, "client_secret_file", None),
-                        named=named)
+    min_valid = seconds(args.min_valid, {}, "--min-valid", 60, zero=True)
+    refused = refused_sign_in(load_store(store, environ, console, named), store).get("access_token") \
+        if getattr(args, "force_refresh", False) else None  # refreshed as if refused: once, under the lock
+    tokens = fresh_tokens(store, environ, min_valid, http_timeout_setting(args, environ), console,
+                          getattr(args, "client_secret_file", None), refused, named)
+    lifetime = expires_at(tokens) - parse_iso_time(tokens.get("obtained_at")) \
+        if expires_at(tokens) is not None and parse_iso_time(tokens.get("obtained_at")) is not None else None
+    if lifetime is not None and min_valid >= lifetime:
+        console.note("--min-valid {:g} is at or beyond the token's lifetime ({:g} s): every call refreshes.".format(
+            min_valid, lifetime))
+    return tokens
 
 
 def http_timeout_setting(args, environ):
@@ -1762,10 +1865,10 @@ def fresh_tokens(store, environ, min_valid, http_timeout, console=None, secret_f
     def usable(saved):
         return valid_for(saved, min_valid, time.time()) and saved.get("access_token") != refused
 
-    saved = load_store(store, environ, console, named)
+    saved = refused_sign_in(load_store(store, environ, console, named), store)
     if not usable(saved):
         with store.locked(http_timeout + LOCK_MARGIN_SECONDS, console):
-            saved = load_store(store, environ, named=named)
+            saved = refused_sign_in(load_store(store, environ, named=named), store)
             if not usable(saved):
                 saved = refresh_saved(saved, environ, http_timeout, store, console, secret_file)
     if not isinstance(saved.get("access_token"), str) or not BEARER_TOKEN.match(saved["access_token"]):
@@ -1786,11 +1889,22 @@ def load_store(store, environ, console=None, named=None):
     return saved
 
 
+def refused_sign_in(saved, store):
+    """`saved`, unless its refresh token was refused: then the whole sign-in is spent
+    (servers that detect reuse revoke its access token too), and SignInNeeded, with no
+    request sent and no token handed out."""
+    if saved.get("refresh_refused_at"):
+        raise SignInNeeded("The refresh token at {} was refused at {} ({}): the sign-in is spent.".format(
+            store.path, saved["refresh_refused_at"], one_line(saved.get("refresh_refused") or "invalid_grant")), store)
+    return saved
+
+
 def refresh_saved(saved, environ, http_timeout, store, console=None, secret_file=None, again=True):
     """The refresh_token grant with what the store holds (no discovery), under the store's
-    lock, the journal around it; the new tokens are saved before they are returned.
-    invalid_grant reads the file again: a token another run rotated meanwhile is used
-    (once); else SignInNeeded, the file untouched."""
+    lock, the journal around it; the new tokens are saved before they are returned. From
+    the grant's sending to its answer's save, a CLI run (`console` given) holds SIGTERM,
+    SIGINT and SIGHUP. invalid_grant reads the file again: a token another run rotated
+    meanwhile is used (once); else the refusal is recorded, and SignInNeeded."""
     if not saved.get("refresh_token"):
         raise SignInNeeded("The access token at {} has expired and there is no refresh token to renew it "
                            "(ask for offline_access when you sign in).".format(store.path), store)
@@ -1798,21 +1912,53 @@ def refresh_saved(saved, environ, http_timeout, store, console=None, secret_file
     if console:
         console.secrets = _longest_first(console.secrets + client.secret_forms())
     check_endpoint(saved["token_endpoint"], "The token file's token_endpoint", saved.get("backend_url") or "")
-    try:
-        with store.refreshing():
-            response = refresh_tokens(saved["token_endpoint"], client, saved["refresh_token"])
-            contents = store_contents(kept_tokens(response, saved), time.time(),
-                                      {key: saved.get(key) for key in STORE_FIELDS})
-            store.write(contents, client.secret_forms())
-    except FlowError as error:
-        if error.oauth_error != "invalid_grant":
-            raise
-        current = store.read()
-        if again and current and current.get("refresh_token") not in (None, saved["refresh_token"]):
-            return current if valid_for(current, 0, time.time()) else refresh_saved(
-                current, environ, http_timeout, store, console, secret_file, again=False)
-        raise SignInNeeded("The refresh token was refused ({}).".format(error), store)
+    with SignalsHeld(console is not None):
+        try:
+            with store.refreshing():
+                response = refresh_tokens(saved["token_endpoint"], client, saved["refresh_token"])
+                contents = store_contents(kept_tokens(response, saved), time.time(),
+                                          {key: saved.get(key) for key in STORE_FIELDS})
+                store.write(contents, client.secret_forms())
+        except FlowError as error:
+            if error.oauth_error != "invalid_grant":
+                raise
+            current = store.read()
+            if again and current and current.get("refresh_token") not in (None, saved["refresh_token"]):
+                return current if valid_for(current, 0, time.time()) else refresh_saved(
+                    current, environ, http_timeout, store, console, secret_file, again=False)
+            store.write(dict(current or saved, refresh_refused_at=iso_time(time.time()),
+                             refresh_refused=excerpt(str(error).encode("utf-8"))), client.secret_forms())
+            raise SignInNeeded("The refresh token was refused ({}).".format(error), store)
     return contents
+
+
+class SignalsHeld:
+    """SIGTERM, SIGINT and SIGHUP held (when `active`, in the main thread) while a refresh
+    grant is out and its answer unsaved: a helper killed there would lose the rotated
+    refresh token. The first one caught is then delivered, as the signal asks."""
+
+    NAMES = ("SIGTERM", "SIGINT", "SIGHUP")
+
+    def __init__(self, active):
+        self.active = active and threading.current_thread() is threading.main_thread()
+        self.caught, self.previous = [], {}
+
+    def __enter__(self):
+        import signal
+
+        for number in [getattr(signal, name) for name in self.NAMES if hasattr(signal, name)] if self.active else []:
+            self.previous[number] = signal.signal(number, lambda caught, frame: self.caught.append(caught))
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for number, handler in self.previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        if self.caught and self.caught[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.caught:
+            os.kill(os.getpid(), self.caught[0])  # now with its own handler: the default ends the process
 
 
 def stored_client(saved, environ, http_timeout, store, secret_file=None, console=None):
@@ -1833,16 +1979,35 @@ def stored_client(saved, environ, http_timeout, store, secret_file=None, console
                         "this one's. Unset CLIENT_ID, or sign in as {} with: {}".format(
                             named, store.path, one_line(saved["client_id"]), named, store.command("login")),
                         EXIT_USAGE)
-    secret = client_secret(environ, secret_file, console)
+    secret = "" if auth_method == "none" else client_secret(environ, secret_file, console)
+    if not unset("CLIENT_SECRET", secret) and store.shared and unset("CLIENT_ID", named):
+        kept = kept_secret(store, saved["client_id"], console)[0]  # the tenant's own comes first then
+        if not kept:
+            raise FlowError("Tokens for several backends are stored, and the secret in {} is one client's: to use it "
+                            "for {}, set CLIENT_ID={} (that backend's client), or keep its secret with: {}".format(
+                                secret_source(environ, secret_file), one_line(str(saved.get("backend_url"))),
+                                _shell_word(saved["client_id"]), store.command("login --save-secret")),
+                            EXIT_USAGE)
+        secret = kept
+    if auth_method != "none" and unset("CLIENT_SECRET", secret):
+        secret = kept_secret(store, saved["client_id"], console)[0]
     if auth_method != "none" and unset("CLIENT_SECRET", secret):
         raise FlowError("Set CLIENT_SECRET or CLIENT_SECRET_FILE: the client {} authenticates with {}, and its "
-                        "secret is never stored.".format(one_line(saved["client_id"]), auth_method), EXIT_USAGE)
-    if auth_method != "none" and store.shared and unset("CLIENT_ID", named):
-        raise FlowError("Tokens for several backends are stored, and the secret in {} is one client's: to use it "
-                        "for {}, set CLIENT_ID={} (that backend's client).".format(
-                            secret_source(environ, secret_file), one_line(str(saved.get("backend_url"))),
-                            _shell_word(saved["client_id"])), EXIT_USAGE)
+                        "secret was not kept at login (keep it with: {}).".format(
+                            one_line(saved["client_id"]), auth_method, store.command("login --save-secret")),
+                        EXIT_USAGE)
     return Client(saved["client_id"], secret, auth_method, http_timeout)
+
+
+def kept_secret(store, client_id, console=None):
+    """(the secret `login --save-secret` kept for `store`'s client, where from), or ("", None)."""
+    kept = store.secret_store().read(console) or {}
+    if kept.get("client_id") != client_id:
+        return "", None
+    if kept.get("client_secret_file"):
+        return client_secret({"CLIENT_SECRET_FILE": kept["client_secret_file"]}, None, console), \
+            "the file {} (kept at login)".format(kept["client_secret_file"])
+    return kept.get("client_secret") or "", "kept at login, with the tokens"
 
 
 def secret_source(environ, flag_path=None):
@@ -1851,12 +2016,18 @@ def secret_source(environ, flag_path=None):
         "CLIENT_SECRET" if environ.get("CLIENT_SECRET", "").strip() else "CLIENT_SECRET_FILE"
 
 
+def secret_file_named(environ, flag_path=None):
+    """The secret file client_secret reads: --client-secret-file, else CLIENT_SECRET_FILE
+    when CLIENT_SECRET is unset; "" when the secret does not come from a file."""
+    return (flag_path or "").strip() or (
+        "" if environ.get("CLIENT_SECRET", "").strip() else environ.get("CLIENT_SECRET_FILE", "").strip())
+
+
 def client_secret(environ, flag_path=None, console=None):
     """The client secret: the first line of --client-secret-file, else CLIENT_SECRET, else
     the first line of CLIENT_SECRET_FILE (Docker's _FILE convention, for cron jobs and
     containers). The file gets the token file's checks, but may also be root's."""
-    path = (flag_path or "").strip() or (
-        "" if environ.get("CLIENT_SECRET", "").strip() else environ.get("CLIENT_SECRET_FILE", "").strip())
+    path = secret_file_named(environ, flag_path)
     if not path:
         return environ.get("CLIENT_SECRET", "").strip()
     path = os.path.abspath(os.path.expanduser(path))
@@ -1959,18 +2130,52 @@ def expiry_text(saved, now, relative_only=False):
     return "the access token expired at {} ({} ago)".format(iso_time(when), relative)
 
 
-def status_of(saved, path, now):
-    """What `status` shows: the stored settings and facts, never a token."""
+def until_text(when, now):
+    """'05:17 UTC' today, '2026-12-08 05:17 UTC' on another day."""
+    same_day = time.gmtime(when)[:3] == time.gmtime(now)[:3]
+    return time.strftime("%H:%M UTC" if same_day else "%Y-%m-%d %H:%M UTC", time.gmtime(when))
+
+
+def status_of(saved, store, now, environ, default=None):
+    """What `status` shows of one tenant, the same fields always (never a token): the
+    names `token --format json` uses, booleans for what is there, and where the secret a
+    renewal needs would come from here (None: nowhere)."""
     when = expires_at(saved)
+    secret = secret_where(saved, store, environ)
     return {
-        "token_file": path, "backend_url": saved.get("backend_url"), "client_id": saved.get("client_id"),
+        "token_file": store.path, "backend_url": saved.get("backend_url"), "client_id": saved.get("client_id"),
         "auth_method": saved.get("auth_method"), "user": user_of(saved), "scope": granted_scope(saved),
+        "default": bool(default) and backend_of(saved) == default,
         "expires_at": iso_time(when) if when is not None else None,
-        "expires_in_seconds": int(when - now) if when is not None else None,
-        "expiry": expiry_text(saved, now).replace("the access token ", ""),
-        "refresh_token": "present" if saved.get("refresh_token") else "none (sign in again once the access token expires)",
+        "expires_in": int(when - now) if when is not None else None,
+        "access_token_valid": valid_for(saved, 0, now) and not saved.get("refresh_refused_at"),
+        "refresh_token": bool(saved.get("refresh_token")),
+        "renewable": bool(saved.get("refresh_token")) and not saved.get("refresh_refused_at") and secret is not None,
+        "secret": secret, "refresh_refused_at": saved.get("refresh_refused_at"),
+        "refresh_refused": saved.get("refresh_refused"), "refresh_interrupted": store.interrupted_refresh(),
         "clock_offset_seconds": whole_seconds(saved.get("clock_offset_seconds")),
     }
+
+
+def info_expiry(info):
+    """'expires at <ISO> (in 59 min)' of a status_of entry, or that it is unknown."""
+    if info["expires_at"] is None:
+        return "expiry unknown"
+    return expiry_text({"expires_at": info["expires_at"]}, time.time()).replace("the access token ", "")
+
+
+def secret_where(saved, store, environ, flag_path=None):
+    """Where a renewal of `saved` here would take the client secret from; "not needed" for
+    a public client; None when it has none."""
+    if saved.get("auth_method") == "none":
+        return "not needed"
+    try:
+        client = stored_client(saved, environ, HTTP_TIMEOUT_SECONDS, store, flag_path)
+    except FlowError:
+        return None
+    if client.client_secret == client_secret(environ, flag_path):
+        return secret_source(environ, flag_path)
+    return kept_secret(store, saved.get("client_id"))[1]
 
 
 # --- Diagnosis: doctor, inspect, --verify and the clock -----------------------------------
@@ -2462,6 +2667,8 @@ class Doctor:
         saved, store = self.saved(), self.stored()[0]
         if not saved.get("access_token"):
             return "fail", "the store holds no access token", "Sign in again with: " + store.command("login --force")
+        if saved.get("refresh_refused_at"):
+            return "fail", "spent: its refresh token was refused", "Sign in again with: " + store.command("login")
         now, when = time.time(), expires_at(saved)
         if when is None:
             return "warn", "its expiry is unknown (no expires_in, not a JWT with exp)", "Nothing, if it works."
@@ -2474,8 +2681,17 @@ class Doctor:
             "Sign in again with: " + store.command("login")
 
     def _refresh_token(self):
-        if self.saved().get("refresh_token"):
-            return "ok", "present (never shown)", ""
+        saved = self.saved()
+        if saved.get("refresh_refused_at"):
+            return "fail", "refused at {} ({}): the sign-in is spent".format(saved["refresh_refused_at"], one_line(
+                saved.get("refresh_refused") or "")), "Sign in again with: " + self.stored()[0].command("login")
+        if saved.get("refresh_token"):
+            where = secret_where(saved, self.stored()[0], self.environ, self.args.client_secret_file)
+            if where is None:
+                return "warn", "present (never shown), but no client secret here to renew with", \
+                    "Set CLIENT_SECRET or CLIENT_SECRET_FILE, or keep it with: " + self.stored()[0].command(
+                        "login --save-secret")
+            return "ok", "present (never shown); renews with the secret from " + where, ""
         return "warn", "none: the access token cannot be renewed", OFFLINE_ACCESS_HINT
 
     def _signature(self):
@@ -2894,6 +3110,11 @@ FLAGS = {
                           "hosts' header helpers), curl (for curl -K -), env (export lines for eval)"),
     "--all": dict(action="store_true", help="every tenant's tokens, not one tenant's"),
     "--force": dict(action="store_true", help="sign in again even when a sign-in is stored that serves"),
+    "--save-secret": dict(action="store_true", help="keep the client secret (or, when it came from a file, that "
+                                                    "file's path) with this tenant's tokens, yours alone, so that "
+                                                    "refreshes need no CLIENT_SECRET"),
+    "--default": dict(action="store_true", help="make this tenant the one used when none is named"),
+    "--force-refresh": dict(action="store_true", help="refresh now, even when the token is still valid"),
     "--local": dict(action="store_true", help="forget the tokens without revoking them (a corrupt file, no "
                                               "secret, a server that is down)"),
     "--client-secret-file": dict(metavar="PATH", help="read the client secret from the first line of this file, "
@@ -2910,12 +3131,12 @@ SIGN_IN_FLAGS = ["--backend-url", "--client-id", "--client-secret-file", "--redi
 # Subcommands, one row each: name -> (function, what it does, its flags, its epilog).
 COMMANDS = {
     "login": (login_command, "sign in and save the tokens to the token store (no chat call, no token on stdout)",
-              SIGN_IN_FLAGS + ["--token-file", "--force"],
+              SIGN_IN_FLAGS + ["--token-file", "--force", "--save-secret", "--default"],
               "A sign-in stored for the same backend and client, with the scopes asked for, whose access token\n"
               "is valid or can be renewed, is kept: login then says who is signed in, and opens no browser."),
     "token": (token_command, "print a valid access token, refreshed first when it expires within --min-valid s",
               ["--backend-url", "--token-file", "--min-valid", "--format", "--header", "--json", "--http-timeout",
-               "--client-secret-file"],
+               "--client-secret-file", "--force-refresh"],
               "examples:\n  ... token --format curl | curl -K - https://acme-be.glean.com/rest/api/v1/search ...\n"
               "  eval \"$(python3 glean_oauth.py token --format env)\""),
     "exec": (exec_command, "run a command with GLEAN_API_TOKEN and GLEAN_SERVER_URL in its environment",
@@ -3214,8 +3435,10 @@ def read_more_settings(config, flags, environ, command):
     config.stream = getattr(flags, "stream", None)
     if config.stream is None:
         config.stream = environ.get("GLEAN_CHAT_STREAM", "").strip().lower() in ("1", "true", "yes")
-    for name in ("open_browser", "manual", "message", "chat", "json", "refresh", "token_file", "force", "verify"):
+    for name in ("open_browser", "manual", "message", "chat", "json", "refresh", "token_file", "force", "verify",
+                 "save_secret", "default"):
         setattr(config, name, getattr(flags, name, None))
+    config.secret_file = flags.client_secret_file
     config.refresh_token = environ.get("REFRESH_TOKEN", "").strip()
     if command is not None:  # login: its tenant's file in the token store, where the subcommands find it
         config.store = Tenants(open_store(config.token_file, environ)).store_for(config.backend_url)
@@ -3232,18 +3455,19 @@ def read_more_settings(config, flags, environ, command):
 MAX_SECONDS = 7 * 24 * 3600  # a week: beyond any wait here, within what select and sockets take
 
 
-def seconds(flag_value, environ, name, default):
-    """The positive number of seconds in the flag, else `environ[name]`, else `default`."""
+def seconds(flag_value, environ, name, default, zero=False):
+    """The positive number of seconds (or 0, with `zero`) in the flag, else `environ[name]`,
+    else `default`."""
     text = (environ.get(name, "") if flag_value is None else flag_value).strip()
     if not text:
         return default
     try:
         value = float(text)
     except ValueError:
-        value = 0
-    if not 0 < value <= MAX_SECONDS:
-        raise FlowError("{} must be a positive number of seconds, at most {}, not {!r}.".format(
-            name, MAX_SECONDS, text), EXIT_USAGE)
+        value = -1
+    if not (0 <= value if zero else 0 < value) or value > MAX_SECONDS:
+        raise FlowError("{} must be a {} number of seconds, at most {}, not {!r}.".format(
+            name, "positive (or 0)" if zero else "positive", MAX_SECONDS, text), EXIT_USAGE)
     return value
 
 

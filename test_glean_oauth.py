@@ -795,6 +795,7 @@ def run_flow(glean, args=(), python=sys.executable, echo=(None, None), process=F
     try:
         browser = play_browser(run.authorize_url())
         flow = Flow(run, run.finish(), browser)
+        flow.stdout, flow.stderr = as_documented(flow.stdout), as_documented(flow.stderr)
         assert_secret_absent(flow.stdout, flow.stderr)
         return flow
     finally:
@@ -815,6 +816,8 @@ def run_script(env, args=(), stdin=b"", python=sys.executable):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
         proc.stdout, proc.stderr = (out.replace(b"\r\n", b"\n") for out in (proc.stdout, proc.stderr))
     assert_secret_absent(proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace"))
+    proc.stdout, proc.stderr = (as_documented(out.decode("utf-8", "surrogateescape")).encode(
+        "utf-8", "surrogateescape") for out in (proc.stdout, proc.stderr))
     return proc
 
 
@@ -926,11 +929,20 @@ def demo():
 
 
 def run_cli(environ, argv=(), stdin=""):
-    """Call glean_oauth.cli in this process; return (exit code, stdout, stderr)."""
+    """Call glean_oauth.cli in this process; return (exit code, stdout, stderr), the hints
+    in them as_documented."""
     out, err = io.StringIO(), io.StringIO()
     code = glean_oauth.cli(list(argv), environ=environ, out=out, err=err, stdin=io.StringIO(stdin))
     assert_secret_absent(out.getvalue(), err.getvalue())
-    return code, out.getvalue(), err.getvalue()
+    return code, as_documented(out.getvalue()), as_documented(err.getvalue())
+
+
+def as_documented(text):
+    """`text` with the program its hints name (as it was run: an interpreter's path, the
+    script's, -m) written as the README writes it, python3 glean_oauth.py. What a hint
+    really says is tested on its own (test_every_hint_runs_when_pasted_into_a_shell_elsewhere)."""
+    return re.sub(r'(?:python3|"[^"]*"|\S*python[^\s]*) (?:-m glean_oauth|"[^"]*glean_oauth\.py"|\S*glean_oauth\.py)',
+                  "python3 glean_oauth.py", text)
 
 
 def assert_secret_absent(*texts):
@@ -2808,8 +2820,10 @@ def test_login_saves_what_a_refresh_needs_and_prints_no_token(tmp_path):
     assert flow.stdout == "\n"  # nothing on stdout, no token
     assert saved["access_token"] not in flow.stderr
     assert "Open this URL in your browser:" in flow.stderr
-    assert flow.stderr.endswith("Signed in as demo.user@example.com; saved the tokens to {}; the access token "
-                                "expires at {} (in 59 min).\n".format(path, saved["expires_at"]))
+    assert flow.stderr.endswith("Signed in as demo.user@example.com; saved the tokens to {0}; the access token "
+                                "expires at {1} (in 59 min).\nLater refreshes need the client secret where they run "
+                                "(CLIENT_SECRET or CLIENT_SECRET_FILE); to keep it with the tokens instead: python3 "
+                                "glean_oauth.py login --save-secret --token-file {0}\n".format(path, saved["expires_at"]))
     assert "client_secret" not in saved and CLIENT_SECRET not in json.dumps(saved)
     assert {k: saved[k] for k in ("backend_url", "client_id", "auth_method", "issuer", "token_endpoint",
                                   "revocation_endpoint", "requested_scope")} == {
@@ -2830,8 +2844,8 @@ def test_login_keeps_a_sign_in_that_serves_and_force_signs_in_again(tmp_path):
     assert again.returncode == 0 and again.stdout == b""
     assert again.stderr.decode().startswith("Already signed in as demo.user@example.com at {}; the access token "
                                             "expired at ".format(glean.url))
-    assert again.stderr.decode().endswith("To sign in again: python3 glean_oauth.py login --force --token-file "
-                                          "{}\n".format(path))
+    assert "To sign in again: python3 glean_oauth.py login --force --token-file {}\n".format(path) in \
+        again.stderr.decode()
     assert wider.code == forced.code == 0 and len(glean.find("/oauth/authorize")) == 2
 
 
@@ -2863,17 +2877,37 @@ def test_two_tenants_side_by_side(tmp_path):
     assert [tenant["backend_url"] for tenant in json.loads(listed_json.stdout)["tenants"]] == [a.url, b.url]
     assert third.returncode == 3 and third.stderr.decode().startswith(
         "No tokens are stored for https://third-be.glean.com (--backend-url) at {}: there are tokens for {}, {}. "
-        "Sign in with: python3 glean_oauth.py login --token-file {}".format(path, a.url, b.url, path))
-    assert none_named.returncode == 2 and none_named.stdout == b""
-    assert none_named.stderr.decode() == "Tokens for several backends are stored at {}: {}, {}. Name one with " \
-        "--backend-url, GLEAN_BACKEND_URL or GLEAN_SERVER_URL.\n".format(path, a.url, b.url)
+        "Sign in with: python3 glean_oauth.py login --token-file {} --backend-url https://third-be.glean.com".format(
+            path, a.url, b.url, path))
+    assert none_named.returncode == 0 and none_named.stdout == token_a.stdout  # the first signed in: the default
     assert token_a.stdout.decode().strip() == a.issued[0]["access_token"]
     assert token_b.stdout.decode().strip() == b.issued[0]["access_token"]
     assert [line.split("  ")[0] for line in listed.stdout.decode().splitlines()] == [a.url, b.url]
+    assert listed.stdout.decode().splitlines()[0].endswith("  (default)")
     assert refreshed_b.returncode == 0 and refreshed_b.stdout != token_b.stdout
     assert provided == (b.url, refreshed_b.stdout.decode().strip())
     assert out_a.returncode == 0 and not path.exists() and a.refresh_tokens == set()
     assert only_b.stdout == refreshed_b.stdout  # B was left as it was, and is now the only tenant
+
+
+def test_login_default_makes_a_tenant_the_one_used_when_none_is_named(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as a, StandInGlean() as b:
+        saved_a, saved_b = stored(a, path), stored(b, tenant_path(path, b))
+        env = script_env(a, GLEAN_BACKEND_URL=None, GLEAN_TOKEN_FILE=str(path))
+        first = run_script(env, ["token"])
+        made = run_script(dict(env, GLEAN_BACKEND_URL=b.url), ["login", "--default"])  # signed in already
+        second = run_script(env, ["token"])
+        listed = json.loads(run_script(env, ["status", "--json"]).stdout)["tenants"]
+        assert a.requests == b.requests == []  # no browser, no sign-in, no refresh
+        path.unlink()  # the first tenant gone, and no default named: with two left, none is the default
+        os.unlink(str(path) + ".default")
+        stored(a, tenant_path(path, a))
+        neither = run_script(env, ["token"])
+    assert first.stdout.decode().strip() == saved_a["access_token"]  # the first signed in
+    assert made.returncode == 0 and second.stdout.decode().strip() == saved_b["access_token"]
+    assert [(tenant["backend_url"], tenant["default"]) for tenant in listed] == [(a.url, False), (b.url, True)]
+    assert neither.returncode == 2 and neither.stderr.decode().startswith("Tokens for several backends are stored at")
 
 
 def tenant_path(path, glean):
@@ -2940,8 +2974,10 @@ def test_a_secret_from_the_environment_never_goes_to_another_tenants_server(tmp_
         assert b.requests == [] and a.requests == []  # before any request
         own = run_cli(dict(env, CLIENT_ID="acme-client", GLEAN_BACKEND_URL=a.url), ["token"])
     message = "Tokens for several backends are stored, and the secret in CLIENT_SECRET is one client's: to use it " \
-              "for {}, set CLIENT_ID=partner-client (that backend's client).".format(b.url)
-    assert token == (2, "", message + "\n") and exec_code.returncode == 2 and str(provided.value) == message
+              "for {0}, set CLIENT_ID=partner-client (that backend's client), or keep its secret with: " \
+              "GLEAN_TOKEN_FILE={1} python3 glean_oauth.py login --save-secret --backend-url {0}".format(b.url, path)
+    assert token == (2, "", message + "\n") and exec_code.returncode == 2 and str(provided.value).startswith(
+        message.split(", or keep")[0])  # its hint names the file TokenProvider was given
     assert logout[0] == 2 and logout[2].count("is one client's") == 2  # each tenant tried, each named
     assert "{} ({}):\n".format(a.url, path) in logout[2] and "{} ({}):\n".format(b.url, tenant_path(path, b)) in logout[2]
     assert own[0] == 0 and [r.path for r in a.requests] == ["/oauth/token"]
@@ -3066,9 +3102,10 @@ def test_status_shows_who_and_until_when_and_never_a_token(tmp_path):
     text = shown.stdout.decode()
     assert shown.returncode == 0 and saved["access_token"] not in text and saved["refresh_token"] not in text
     assert "Signed in as:  demo.user@example.com\n" in text and "Scopes:        chat offline_access\n" in text
-    assert "Refresh token: present\n" in text and "Backend:       {}\n".format(glean.url) in text
-    status_json = json.loads(shown_json.stdout)
-    assert status_json["user"] == "demo.user@example.com" and 3500 < status_json["expires_in_seconds"] <= 3600
+    assert "Refresh token: present; renews with the secret from CLIENT_SECRET\n" in text
+    assert "Backend:       {}\n".format(glean.url) in text
+    status_json = json.loads(shown_json.stdout)["tenants"][0]
+    assert status_json["user"] == "demo.user@example.com" and 3500 < status_json["expires_in"] <= 3600
     assert saved["access_token"] not in shown_json.stdout.decode()
 
 
@@ -3197,19 +3234,39 @@ def test_min_valid_refreshes_a_token_that_expires_soon(tmp_path):
     assert kept.stdout != renewed.stdout and glean.paths() == ["/oauth/token"]
 
 
-def test_a_refused_refresh_token_means_sign_in_again_and_leaves_the_file(tmp_path):
+def test_a_refused_refresh_token_is_recorded_and_everything_says_sign_in_until_login(tmp_path):
     path = tmp_path / "tokens.json"
     with StandInGlean() as glean:
         login(glean, path)
         expire(path)
-        before = path.read_text()
-        glean.refresh_tokens.clear()  # revoked on the server
-        proc = run_script(script_env(glean), ["token", "--token-file", str(path)])
-    assert proc.returncode == 3
-    assert proc.stderr.decode() == "The refresh token was refused (token request failed (400): invalid_grant: " \
-                                   "unknown refresh token). Sign in with: python3 glean_oauth.py login " \
-                                   "--token-file {}\n".format(path)
-    assert path.read_text() == before and proc.stdout == b""
+        forgotten = saved_refresh_token(path)
+        glean.refresh_tokens.clear()  # the server forgot it (or revoked the sign-in)
+        glean.requests.clear()
+        refused = run_script(script_env(glean), ["token", "--token-file", str(path)])
+        assert glean.presented_refresh_tokens == [forgotten]  # sent once
+        saved = json.loads(path.read_text())
+        expire(path, 3000)  # even while the stored access token has not expired
+        again = run_script(script_env(glean), ["token", "--token-file", str(path)])
+        with pytest.raises(glean_oauth.SignInNeeded):
+            glean_oauth.TokenProvider(str(path), environ=good_environ(glean))()
+        assert glean.presented_refresh_tokens == [forgotten] and glean.paths() == ["/oauth/token"]  # nothing more
+        status = run_script(script_env(glean), ["status", "--token-file", str(path)])
+        _, checks, _ = doctor(glean, path)
+        relogin = login(glean, path)  # no --force: a spent sign-in never "serves"
+        after = [run_script(script_env(glean), [command, "--token-file", str(path)]).returncode
+                 for command in ("token", "status")]
+    assert refused.returncode == 3 and refused.stdout == b""
+    assert refused.stderr.decode() == "The refresh token was refused (token request failed (400): invalid_grant: " \
+                                      "unknown refresh token). Sign in with: python3 glean_oauth.py login " \
+                                      "--token-file {}\n".format(path)
+    assert saved["refresh_refused"] == "token request failed (400): invalid_grant: unknown refresh token"
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", saved["refresh_refused_at"])
+    assert again.returncode == 3 and again.stdout == b"" and again.stderr.decode().startswith(
+        "The refresh token at {} was refused at {} (token request failed (400): invalid_grant: unknown refresh "
+        "token): the sign-in is spent. Sign in with: ".format(path, saved["refresh_refused_at"]))
+    assert status.returncode == 3 and "Refresh token: refused at " in status.stdout.decode()
+    assert checks["refresh_token"][0] == "fail" and checks["access_token"][0] == "fail"
+    assert relogin.code == 0 and after == [0, 0] and "refresh_refused_at" not in json.loads(path.read_text())
 
 
 @parametrize("args, env, message", [
@@ -3220,7 +3277,8 @@ def test_a_refused_refresh_token_means_sign_in_again_and_leaves_the_file(tmp_pat
      "python3 glean_oauth.py login --token-file {path}"),
     (["token"], {"stored": True, "expired": True, "CLIENT_SECRET": None},
      "Set CLIENT_SECRET or CLIENT_SECRET_FILE: the client stand-in-client authenticates with client_secret_post, "
-     "and its secret is never stored."),
+     "and its secret was not kept at login (keep it with: python3 glean_oauth.py login --save-secret --token-file "
+     "{path})."),
 ])
 def test_token_says_what_is_needed(tmp_path, args, env, message):
     path = tmp_path / "tokens.json"
@@ -3259,12 +3317,11 @@ def test_login_says_what_was_not_granted_and_what_no_refresh_token_means(tmp_pat
         glean.grant = lambda asked: "chat"  # the server grants less than asked
         fewer = login(glean, tmp_path / "fewer.json", ["--scope", "chat search offline_access"])
     assert flow.code == 0
-    assert flow.stderr.endswith("No refresh token came back, so `token` can serve this one only until it expires: you "
-                                "will sign in again in about 59 min. Glean issues a refresh token when the "
-                                "offline_access scope is requested (--scope).\n")
-    assert fewer.code == 0 and fewer.stderr.endswith(
-        "Not granted: search (asked for chat search offline_access): what needs it will be refused. A Glean admin can "
-        "give the static client that scope.\n")  # offline_access was not granted, but a refresh token came
+    assert "\nNo refresh token came back, so `token` can serve this one only until it expires: you will sign in " \
+        "again in about 59 min. Glean issues a refresh token when the offline_access scope is requested (--scope).\n" \
+        in flow.stderr
+    assert fewer.code == 0 and "\nNot granted: search (asked for chat search offline_access): what needs it will be " \
+        "refused. A Glean admin can give the static client that scope.\n" in fewer.stderr  # no offline_access, a refresh token
 
 
 def test_token_provider_serves_from_the_store_and_refreshes_when_needed(tmp_path):
@@ -3324,14 +3381,14 @@ def test_hints_repeat_the_token_file_variable_in_use(tmp_path):
 
 
 @parametrize("state, code", [("valid", 0), ("renewable", 0), ("expired", 3), ("none", 3), ("corrupt", 1),
-                              ("other backend", 3)])
+                              ("other backend", 3), ("no secret here", 2)])
 def test_status_exit_codes_say_whether_a_sign_in_is_needed(tmp_path, state, code):
     path = tmp_path / "tokens.json"
-    env = {}
+    env = {"CLIENT_SECRET": CLIENT_SECRET} if state == "renewable" else {}
     with StandInGlean() as glean:
         if state != "none":
             stored(glean, path)
-        if state in ("renewable", "expired"):
+        if state in ("renewable", "expired", "no secret here"):
             expire(path)
         if state == "expired":
             saved = json.loads(path.read_text())
@@ -3612,7 +3669,7 @@ def test_a_failed_revocation_keeps_the_tokens(tmp_path):
 
 def test_status_of_a_token_with_an_absurd_expiry():
     token = make_jwt({"alg": "none"}, {"sub": "u", "exp": 1e20})
-    info = glean_oauth.status_of({"access_token": token}, "/x", time.time())
+    info = glean_oauth.status_of({"access_token": token}, glean_oauth.TokenStore("/x"), time.time(), {})
     assert info["expires_at"] is None and info["user"] == "u"
     assert glean_oauth.valid_for({"access_token": token}, 60, time.time())  # unknown counts as valid
 
@@ -3859,7 +3916,8 @@ def test_doctor_shows_a_metadata_error_and_a_store_for_another_backend(tmp_path)
     assert code == 1 and checks["metadata"][:2] == ("fail", "{}{} answered 500: <html>oops</html>".format(
         glean.url, glean_oauth.METADATA_PATH))
     assert checks["token_store"][0] == "warn" and checks["token_store"][1].endswith(": not for " + glean.url)
-    assert checks["token_store"][2] == "Sign in there with: python3 glean_oauth.py login --token-file " + str(path)
+    assert checks["token_store"][2] == "Sign in there with: python3 glean_oauth.py login --token-file {} " \
+                                       "--backend-url {}".format(path, glean.url)  # the flags that chose them
 
 
 def test_doctor_on_metadata_without_what_the_flow_needs_and_a_store_it_cannot_use(tmp_path):
