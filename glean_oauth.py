@@ -653,6 +653,7 @@ class Delivery:
         self.console.secrets = secret_forms(self.config.client_id, self.config.client_secret)
         if self.config.json:
             self.console.claim_stdout()
+            self.console.tokens_shortened = True  # stderr is a terminal or a CI log: the JSON carries them whole
         return self
 
     def __exit__(self, kind, error, traceback):
@@ -1072,10 +1073,11 @@ class TokenStore:
     def delete(self):
         """Remove the file, and what goes with it: the secret kept for it, its journal and
         its lock (held by the caller: removed last). True when there was a file."""
+        existed = True
         try:
             _while_shared(lambda: os.unlink(self.path))
         except FileNotFoundError:
-            return False
+            existed = False
         except OSError as error:
             raise FlowError("Cannot remove the token file {}: {}.".format(self.path, error.strerror or error))
         for path in (self.secret_store().path, self.journal_path, self.lock_path):
@@ -1084,7 +1086,7 @@ class TokenStore:
             except OSError:  # Windows: the lock, still open here
                 pass
         _fsync_folder(os.path.dirname(self.path))
-        return True
+        return existed
 
     def secret_store(self):
         """Where `login --save-secret` keeps the client secret (or its file's path) for this
@@ -1713,6 +1715,7 @@ def log_out(store, args, environ, console):
             raise FlowError("{} To forget the tokens without revoking them: {}".format(
                 error, store.command("logout --local")), error.exit_code)
         if revoked is None:
+            store.delete()  # its lock, which this run made
             console.note("Nothing is stored at {}; nothing to do.".format(store.path))
             return
         store.delete()
@@ -2006,8 +2009,8 @@ def kept_secret(store, client_id, console=None):
         return "", None
     if kept.get("client_secret_file"):
         return client_secret({"CLIENT_SECRET_FILE": kept["client_secret_file"]}, None, console), \
-            "the file {} (kept at login)".format(kept["client_secret_file"])
-    return kept.get("client_secret") or "", "kept at login, with the tokens"
+            "the file {} (named at login)".format(kept["client_secret_file"])
+    return kept.get("client_secret") or "", "{} (kept at login)".format(store.secret_store().path)
 
 
 def secret_source(environ, flag_path=None):
@@ -3904,6 +3907,7 @@ class Console:
         self.json_out = out  # where --json's object goes, when `out` is moved to stderr
         self.real_stdout = real_stdout  # `out` is the process's own stdout (fd 1)
         self.held = ""  # the end of the streamed text so far that could begin a secret
+        self.tokens_shortened = False
 
     def claim_stdout(self):
         """--json: keep stdout for the one JSON object. The sections go to stderr, and so
@@ -3919,8 +3923,12 @@ class Console:
         self._write(self.out, text, lambda text: printable(text, keep="\n"))
 
     def section(self, title, value):
-        """A blank line, `title:`, then `value` as JSON indented by 2, as the example prints."""
+        """A blank line, `title:`, then `value` as JSON indented by 2, as the example prints;
+        with `tokens_shortened` (--json), each token only as its start, as the code is shown."""
         self.line("\n" + title + ":")
+        if self.tokens_shortened and isinstance(value, dict):
+            value = {key: item[:CODE_PREFIX_LENGTH] + "..." if key in TOKEN_KEYS and isinstance(item, str) else item
+                     for key, item in value.items()}
         self._write(self.out, json_text(self.redact(value)))
 
     def problem(self, text):
@@ -3984,6 +3992,7 @@ class Console:
 
 
 REDACTED = "[redacted]"
+TOKEN_KEYS = ("access_token", "refresh_token", "id_token")
 
 
 def redacted(value, secrets):

@@ -325,6 +325,7 @@ class StandInGlean:
         self.revoked = []  # (token_type_hint, token) of each revocation request that checked out
         self.refuse_access_token_revocation = False  # as oidc-provider does for a JWT: unsupported_token_type
         self.grant = lambda asked: asked  # the scope granted for the scope asked for
+        self.lifetime = 3600  # seconds an access token lives
         self.answer = "The executive team is listed on the People page."
         self.chat_delay = 0  # seconds before the chat answer starts
         self.stream_pace = None  # with --stream: stream_pace(line index) runs before each line
@@ -463,11 +464,11 @@ class StandInGlean:
         access_token = secrets.token_urlsafe(32) if self.opaque_tokens else make_jwt(
             {"alg": self.signing_alg or "RS256", "kid": kid, "typ": "JWT"},
             {"iss": self.issuer, "sub": "demo.user@example.com", "aud": self.client_id,
-             "iat": now, "exp": now + 3600, "jti": secrets.token_hex(8)},
+             "iat": now, "exp": now + self.lifetime, "jti": secrets.token_hex(8)},
             key if self.signing_alg else None,
         )
         self.access_tokens[access_token] = scope
-        response = {"access_token": access_token, "token_type": "Bearer", "expires_in": 3600}
+        response = {"access_token": access_token, "token_type": "Bearer", "expires_in": self.lifetime}
         self.issued.append(response)  # the same object: what is added below is in it too
         if scope:
             response["scope"] = scope
@@ -2240,7 +2241,7 @@ def test_a_quoted_tilde_in_the_token_file_is_expanded(tmp_path):
 
 def test_json_prints_one_object_on_stdout_and_the_rest_on_stderr():
     with StandInGlean() as glean:
-        flow = run_flow(glean, ["--json"])
+        flow = run_flow(glean, ["--json"])  # (without it, the whole flow test shows the tokens whole, as the doc does)
     assert flow.code == 0, flow.run.output()
     result = json.loads(flow.stdout)
     assert list(result) == ["metadata", "token_response", "chat_response", "jwt_header", "jwt_claims",
@@ -2249,6 +2250,10 @@ def test_json_prints_one_object_on_stdout_and_the_rest_on_stderr():
     assert result["token_response"]["access_token"] in glean.access_tokens
     assert result["jwt_claims"]["sub"] == "demo.user@example.com"
     assert "Open this URL in your browser:" in flow.stderr and "Refresh response:" in flow.stderr
+    # stderr is a terminal or a CI log: no token whole there, each only as its start, as the code is
+    for response in glean.issued:
+        for kind in ("access_token", "refresh_token"):
+            assert response[kind] not in flow.stderr and '"{}": "{}..."'.format(kind, response[kind][:16]) in flow.stderr
 
 
 def test_token_file_keeps_the_final_tokens_for_the_owner_only(tmp_path):
@@ -2645,6 +2650,132 @@ def test_any_type_in_any_store_field_is_one_line(tmp_path, field, value):
     for code, out, err in results:
         assert code in (1, 2) and "Unexpected error" not in err and err.count("\n") == 1, err
         assert "its {} is not text".format(field) in err
+
+
+@posix_only(SIGNALS)
+def test_a_refresh_sent_sigterm_in_flight_saves_its_answer_first(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path)
+        codes = []
+        for attempt in range(50):
+            expire(path)
+            entered, release = held(glean, path)
+            refreshing = start(glean, ["token", "--token-file", str(path)])
+            assert entered.wait(RUN_TIMEOUT)  # the grant is out: from now on its answer must be saved
+            time.sleep(secrets.randbelow(10) / 1000)  # a moment at random while the server holds it
+            refreshing.send_signal(signal.SIGTERM)
+            release.set()
+            codes.append(refreshing.wait(RUN_TIMEOUT))
+            assert saved_refresh_token(path) in glean.refresh_tokens, attempt  # the rotated one, still live
+    assert codes == [-signal.SIGTERM] * 50  # then it ended as SIGTERM asks (143 in a shell)
+    assert len(glean.presented_refresh_tokens) == len(set(glean.presented_refresh_tokens)) == 50  # none sent twice
+
+
+@posix_only(SHELL)
+def test_an_hour_later_the_recipes_still_hand_out_tokens_with_the_secret_kept_at_login(tmp_path):
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir(mode=0o700)
+    elsewhere.mkdir()
+    with StandInGlean() as glean:
+        glean.lifetime = 1  # an hour, compressed: every access token has expired by the next call
+        signed = run_flow(glean, ["login", "--save-secret"], process=True, HOME=str(home))
+        assert signed.code == 0, signed.run.output()
+        assert signed.stderr.endswith("Later refreshes take the client secret from {} (kept at login).\n".format(
+            home / ".config" / "glean-oauth" / "tokens.json.secret"))
+        env = {"PATH": os.environ["PATH"], "HOME": str(home), "PYTHONPATH": HERE}  # no CLIENT_SECRET*, no backend
+        recipes = {
+            "header helper": '"$PY" "$SCRIPT" token --format headers-json --http-timeout 5',
+            "eval": 'env=$("$PY" "$SCRIPT" token --format env) && eval "$env" && printf %s "$GLEAN_API_TOKEN"',
+            "TokenProvider": '"$PY" -c "import glean_oauth; print(glean_oauth.TokenProvider()())"'}
+        served, started = [], time.monotonic()
+        while time.monotonic() - started < 2.5 or len(served) < 6:
+            for name, command in recipes.items():
+                ran = subprocess.run(["/bin/sh", "-c", command], cwd=str(elsewhere), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, timeout=RUN_TIMEOUT,
+                                     env=dict(env, PY=sys.executable, SCRIPT=SCRIPT))
+                assert ran.returncode == 0, (name, ran.stderr)
+                token = ran.stdout.decode().strip()
+                token = json.loads(token)["Authorization"].split()[1] if name == "header helper" else token
+                assert token in glean.access_tokens, name  # one the stand-in accepts
+                served.append(token)
+    assert len(set(served)) == len(served)  # each call found the last token expired, and renewed it
+    assert CLIENT_SECRET not in (home / ".config" / "glean-oauth" / "tokens.json").read_text()
+    assert oct((home / ".config" / "glean-oauth" / "tokens.json.secret").stat().st_mode & 0o777) == "0o600"
+
+
+@posix_only(SHELL)
+@parametrize("how", ["absolute path", "relative path", "-m", "symlink"])
+def test_every_hint_runs_when_pasted_into_a_shell_elsewhere(tmp_path, how):
+    here, there = tmp_path / "here", tmp_path / "there"
+    for folder in (here, there):
+        folder.mkdir()
+    path = there / "tokens.json"
+    path.write_text("{not json")
+    path.chmod(0o600)
+    os.symlink(SCRIPT, str(here / "g.py"))
+    command = {"absolute path": [sys.executable, SCRIPT], "-m": [sys.executable, "-m", "glean_oauth"],
+               "relative path": [sys.executable, os.path.relpath(SCRIPT, str(here))],
+               "symlink": [sys.executable, "g.py"]}[how]
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": HERE if how == "-m" else ""}
+    said = subprocess.run(command + ["token", "--token-file", str(path)], cwd=str(here), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=RUN_TIMEOUT).stderr.decode()
+    hint = said.split("Start over with: ")[1].split(", then ")[0]
+    pasted = subprocess.run(["/bin/sh", "-c", hint], cwd=str(there), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, timeout=RUN_TIMEOUT)
+    assert pasted.returncode == 0 and not path.exists(), (hint, pasted.stderr)
+    assert ("-m glean_oauth" in hint) == (how == "-m") and ("g.py" in hint) == (how == "symlink")
+
+
+@posix_only(MODES)
+def test_a_secret_from_a_file_is_kept_as_its_path_and_logout_removes_what_goes_with_the_store(tmp_path):
+    path, secret_file = tmp_path / "tokens.json", tmp_path / "secret"
+    secret_file.write_text(CLIENT_SECRET + "\n")
+    secret_file.chmod(0o600)
+    with StandInGlean() as glean:
+        glean.metadata_extra["revocation_endpoint"] = glean.url + "/oauth/revoke"
+        signed = login(glean, path, ["--save-secret", "--client-secret-file", str(secret_file)], CLIENT_SECRET=None)
+        kept = json.loads((tmp_path / "tokens.json.secret").read_text())
+        expire(path)
+        refreshed = run_cli({"GLEAN_TOKEN_FILE": str(path)}, ["token"])
+        assert refreshed[0] == 0 and refreshed[1].strip() in glean.access_tokens  # renewed with the file's secret
+        logged_out = run_cli({"GLEAN_TOKEN_FILE": str(path)}, ["logout"])
+        nothing = run_cli({"GLEAN_TOKEN_FILE": str(path)}, ["logout", "--local"])
+    assert signed.code == 0 and signed.stderr.endswith(
+        "Later refreshes take the client secret from the file {} (named at login).\n".format(secret_file))
+    assert kept == {"client_id": CLIENT_ID, "client_secret_file": str(secret_file)}
+    assert logged_out[0] == 0 and sorted(os.listdir(str(tmp_path))) == ["secret"]  # no secret, journal or lock left
+    assert nothing == (0, "", "Nothing is stored at {}; nothing to do.\n".format(path))
+
+
+@parametrize("args, message", [
+    (["--format", "curl", "--json"], "--format and --json both choose what token prints; give one."),
+    (["--header", "--json"], "--json and --header both choose what token prints; give one."),
+    (["--header", "--format", "env"], "--format and --header both choose what token prints; give one."),
+])
+def test_one_output_flag_at_a_time(args, message):
+    assert run_cli({}, ["token"] + args) == (2, "", message + "\n")
+
+
+def test_min_valid_zero_force_refresh_and_a_min_valid_beyond_the_lifetime(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        saved = stored(glean, path)
+        env = good_environ(glean, GLEAN_TOKEN_FILE=str(path))
+        kept = run_cli(env, ["token", "--min-valid", "0"])
+        assert glean.requests == []
+        forced = run_cli(env, ["token", "--force-refresh"])
+        beyond = run_cli(env, ["token", "--min-valid", "4000"])
+    assert kept == (0, saved["access_token"] + "\n", "")
+    assert forced[0] == 0 and forced[1].strip() not in ("", saved["access_token"]) and forced[2] == ""
+    assert beyond[0] == 0 and beyond[1] != forced[1] and len(glean.find("/oauth/token")) == 2
+    assert beyond[2] == "--min-valid 4000 is at or beyond the token's lifetime (3600 s): every call refreshes.\n"
+
+
+def test_a_time_on_another_day_says_its_date():
+    now = time.mktime((2026, 12, 7, 12, 0, 0, 0, 0, 0)) - time.timezone
+    assert glean_oauth.until_text(now + 60, now) == "12:01 UTC"
+    assert glean_oauth.until_text(now + 86400, now) == "2026-12-08 12:00 UTC"
 
 
 def test_a_refresh_killed_in_flight_is_reported_by_the_next_run(tmp_path):
