@@ -2688,8 +2688,8 @@ def test_an_hour_later_the_recipes_still_hand_out_tokens_with_the_secret_kept_at
             "header helper": '"$PY" "$SCRIPT" token --format headers-json --http-timeout 5',
             "eval": 'env=$("$PY" "$SCRIPT" token --format env) && eval "$env" && printf %s "$GLEAN_API_TOKEN"',
             "TokenProvider": '"$PY" -c "import glean_oauth; print(glean_oauth.TokenProvider()())"'}
-        served, started = [], time.monotonic()
-        while time.monotonic() - started < 2.5 or len(served) < 6:
+        served = []
+        for _ in range(3):  # each call finds the token near its end (--min-valid 60 > its 1 s), so renews it
             for name, command in recipes.items():
                 ran = subprocess.run(["/bin/sh", "-c", command], cwd=str(elsewhere), stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, timeout=RUN_TIMEOUT,
