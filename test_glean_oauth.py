@@ -3031,6 +3031,24 @@ def test_two_tenants_side_by_side(tmp_path):
     assert only_b.stdout == refreshed_b.stdout  # B was left as it was, and is now the only tenant
 
 
+def test_status_json_has_one_shape_with_none_one_or_two_tenants(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as a, StandInGlean() as b:
+        shapes = [run_cli({"GLEAN_TOKEN_FILE": str(path)}, ["status", "--json"])]
+        stored(a, path)
+        shapes.append(run_cli({"GLEAN_TOKEN_FILE": str(path)}, ["status", "--json"]))
+        stored(b, tenant_path(path, b), expires_at="2000-01-01T00:00:00Z")
+        shapes.append(run_cli({"GLEAN_TOKEN_FILE": str(path), "CLIENT_ID": CLIENT_ID}, ["status", "--json"]))
+    tenants = [json.loads(out)["tenants"] for _, out, _ in shapes]
+    assert [len(listed) for listed in tenants] == [0, 1, 2] and [code for code, _, _ in shapes] == [3, 0, 2]
+    keys = {"token_file", "backend_url", "client_id", "auth_method", "user", "scope", "default", "expires_at",
+            "expires_in", "access_token_valid", "refresh_token", "renewable", "secret", "refresh_refused_at",
+            "refresh_refused", "refresh_interrupted", "clock_offset_seconds"}
+    assert [set(entry) for listed in tenants for entry in listed] == [keys] * 3
+    assert [(entry["default"], entry["refresh_token"], entry["renewable"]) for entry in tenants[2]] == [
+        (True, True, False), (False, True, False)]  # no secret here: not renewable, and said so
+
+
 def test_login_default_makes_a_tenant_the_one_used_when_none_is_named(tmp_path):
     path = tmp_path / "tokens.json"
     with StandInGlean() as a, StandInGlean() as b:
