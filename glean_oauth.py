@@ -968,9 +968,9 @@ class TokenStore:
         line = program_command() + " " + subcommand
         if self.named_by == "--token-file":
             line += " --token-file " + _shell_word(self.named_path)
-        if self.backend or self.shared:
-            backend = self.backend or backend_of(self.read() or {}) if self.backend or os.path.exists(self.path) else None
-            line += " --backend-url " + _shell_word(backend) if backend else ""
+        backend = self.backend or self.shared and Tenants(self).backend_of(self)  # one of several: which one
+        if backend:
+            line += " --backend-url " + _shell_word(backend)
         if self.named_by == "GLEAN_TOKEN_FILE":
             return "GLEAN_TOKEN_FILE=" + _shell_word(self.named_path) + " " + line
         return line
@@ -1155,7 +1155,8 @@ def program_command():
     import shutil  # here: only a hint needs it
 
     typed = (getattr(sys, "orig_argv", None) or [""])[0]  # Python 3.10+; before, the absolute path
-    python = _shell_word(typed if typed and os.sep not in typed and shutil.which(typed) else sys.executable or "python3")
+    python = _shell_word(typed if typed and os.sep not in typed and shutil.which(typed) else
+                         sys.executable or "python3")
     if __name__ == "__main__" and getattr(sys.modules["__main__"], "__spec__", None) is not None:  # run by -m
         return python + " -m glean_oauth"
     return python + " " + _shell_word(os.path.abspath(sys.argv[0] if __name__ == "__main__" else __file__))
@@ -1571,7 +1572,8 @@ TOKEN_FORMATS = {
     "json": None,  # token_json, printed as JSON
     "headers-json": lambda token, server: json.dumps({"Authorization": "Bearer " + token}),  # MCP header helpers
     "curl": lambda token, server: 'header = "Authorization: Bearer {}"'.format(token),  # curl -K -
-    "env": lambda token, server: "export GLEAN_API_TOKEN={}\nexport GLEAN_SERVER_URL={}".format(_sh(token), _sh(server)),
+    "env": lambda token, server: "export GLEAN_API_TOKEN={}\nexport GLEAN_SERVER_URL={}".format(
+        _sh(token), _sh(server)),
 }
 
 
@@ -1706,8 +1708,8 @@ def log_out(store, args, environ, console):
             if not store.delete():
                 console.note("Nothing is stored at {}; nothing to do.".format(store.path))
                 return
-            console.note("Deleted {}; nothing was revoked: the refresh token stays valid until it expires or you remove "
-                         "the app in Glean's settings.".format(store.path))
+            console.note("Deleted {}; nothing was revoked: the refresh token stays valid until it expires or you "
+                         "remove the app in Glean's settings.".format(store.path))
             return
         try:
             revoked = revoke_stored(store, args, environ, console)
@@ -2198,8 +2200,8 @@ DOCTOR_NEEDS = {"metadata": ["backend_url"], "issuer": ["metadata"], "pkce": ["m
 SKIPPED = "not checked: needs the {} check"
 # The fix for a check that failed with a FlowError of the flow's own (its message says what is wrong).
 DOCTOR_FIXES = {
-    "backend_url": "Set GLEAN_BACKEND_URL to your backend's origin: the \"Server instance (QE)\" on Glean's About page, "
-                   "usually https://<name>-be.glean.com.",
+    "backend_url": "Set GLEAN_BACKEND_URL to your backend's origin: the \"Server instance (QE)\" on Glean's About "
+                   "page, usually https://<name>-be.glean.com.",
     "client_secret": "Make the secret file readable by you alone (chmod 600), or set CLIENT_SECRET.",
     "redirect_uri": "Set REDIRECT_URI to the loopback redirect URI registered on your client.",
     "proxy": "Set HTTPS_PROXY to http://HOST:PORT, or unset it.",
@@ -3093,7 +3095,8 @@ FLAGS = {
     "--scope": dict(metavar="SCOPES", help='scopes to ask for, e.g. "chat search offline_access" (GLEAN_SCOPES)'),
     "--no-browser": dict(dest="open_browser", action="store_false", help="only print the URL; do not open a browser"),
     "--manual": dict(action="store_true", help="no listener: open the URL anywhere, then paste the address the "
-                                               "browser was redirected to (waits GLEAN_CALLBACK_TIMEOUT, but on Windows)"),
+                                               "browser was redirected to (waits GLEAN_CALLBACK_TIMEOUT, but on "
+                                               "Windows)"),
     "--message": dict(metavar="TEXT", default=CHAT_QUESTION, help="the question for the Chat API"),
     "--no-chat": dict(dest="chat", action="store_false", help="skip the Chat API call"),
     "--stream": dict(action="store_true", default=None,
@@ -3149,8 +3152,9 @@ COMMANDS = {
              "configuration or usage;\n3 sign-in needed (run login); 126 the command cannot be run; 127 it was not "
              "found;\n130 interrupted (Ctrl-C)."),
     "status": (status_command, "show what is stored: backend, client, user, scopes, expiry (never a token)",
-               ["--backend-url", "--token-file", "--json"], "exit codes: 0 the access token is valid or can be renewed; 1 the store "
-                                           "cannot be read; 2 bad usage; 3 sign-in needed"),
+               ["--backend-url", "--token-file", "--json"],
+               "exit codes: 0 the access token is valid or can be renewed here; 1 a store cannot be read;\n"
+               "2 bad usage, or the secret a renewal needs is not here; 3 sign-in needed"),
     "logout": (logout_command, "revoke the tokens where the server can, and delete them (--local: only delete them)",
                ["--backend-url", "--token-file", "--http-timeout", "--local", "--all", "--client-secret-file"], None),
     "doctor": (doctor_command, "check the client's setup, the server and the store; a block for a support ticket",
@@ -3732,7 +3736,8 @@ def scope_hint(response, config, granted=None):
     if wanted and wanted.group(1).split():
         scopes = [one_line(scope) for scope in wanted.group(1).split()]
         ask = _scope_union(config.scope.split() + scopes + ["offline_access"])
-        return ' (the token lacks the scope {}: sign in again with --scope "{}")'.format(" ".join(scopes), " ".join(ask))
+        return ' (the token lacks the scope {}: sign in again with --scope "{}")'.format(" ".join(scopes),
+                                                                                          " ".join(ask))
     said = re.search(r'\berror="([^"]*)"', challenge)
     error = said.group(1) if said else _oauth_error(response.body, key="code")[0]
     if error in ("invalid_token", "token_expired"):
