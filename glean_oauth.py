@@ -1426,11 +1426,12 @@ def login_command(argv, environ, console, stdin):
             config.store.command("login --force")))
     else:
         config.store = sign_in_and_save(config, environ, console, stdin)
-    tenants = Tenants(open_store(config.token_file, environ))
-    with config.store.locked(config.http_timeout + LOCK_MARGIN_SECONDS):
-        if config.save_secret and config.auth_method != "none":
+    if config.save_secret and config.auth_method != "none":
+        with config.store.locked(config.http_timeout + LOCK_MARGIN_SECONDS):
             config.store.secret_store().write(secret_kept(config, environ))
-        if config.default:
+    if config.default:
+        tenants = Tenants(open_store(config.token_file, environ))
+        with tenants.base.locked(config.http_timeout + LOCK_MARGIN_SECONDS):
             tenants.default_store().write({"backend_url": config.backend_url})
     if config.auth_method != "none":
         where = kept_secret(config.store, config.client_id)[1]

@@ -1128,6 +1128,14 @@ def refreshable_token_file(glean, path):
     glean.requests.clear()
 
 
+def a_secret_file(tmp_path):
+    """A file holding CLIENT_SECRET on its first line, yours alone (0600)."""
+    path = tmp_path / "secret"
+    path.write_text(CLIENT_SECRET + "\n")
+    path.chmod(0o600)
+    return path
+
+
 def fake_program(tmp_path, name, script="printf '%s' \"$*\" > \"$0.args\""):
     """An executable `name` in tmp_path running the shell `script`; by default it writes its
     arguments to `name`.args."""
@@ -2739,9 +2747,7 @@ def test_every_hint_runs_when_pasted_into_a_shell_elsewhere(tmp_path, how):
 
 @posix_only(MODES)
 def test_a_secret_from_a_file_is_kept_as_its_path_and_logout_removes_what_goes_with_the_store(tmp_path):
-    path, secret_file = tmp_path / "tokens.json", tmp_path / "secret"
-    secret_file.write_text(CLIENT_SECRET + "\n")
-    secret_file.chmod(0o600)
+    path, secret_file = tmp_path / "tokens.json", a_secret_file(tmp_path)
     with StandInGlean() as glean:
         glean.metadata_extra["revocation_endpoint"] = glean.url + "/oauth/revoke"
         signed = login(glean, path, ["--save-secret", "--client-secret-file", str(secret_file)], CLIENT_SECRET=None)
@@ -3609,10 +3615,7 @@ def test_exec_says_why_a_command_cannot_run_with_the_shells_codes(tmp_path, comm
 
 
 def test_exec_gives_the_child_no_secret_and_no_refresh_token(tmp_path):
-    path = tmp_path / "tokens.json"
-    secret_file = tmp_path / "secret"
-    secret_file.write_text(CLIENT_SECRET + "\n")
-    secret_file.chmod(0o600)
+    path, secret_file = tmp_path / "tokens.json", a_secret_file(tmp_path)
     with StandInGlean() as glean:
         stored(glean, path)
         proc = run_script(script_env(glean, REFRESH_TOKEN="rt-xyz", CLIENT_SECRET_FILE=str(secret_file)),
@@ -3743,9 +3746,7 @@ def test_a_fork_during_a_refresh_lets_go_of_the_lock_and_the_flight(tmp_path):
 
 @posix_only(MODES)
 def test_client_secret_file_serves_unattended_refreshes(tmp_path):
-    path, secret_file = tmp_path / "tokens.json", tmp_path / "secret"
-    secret_file.write_text(CLIENT_SECRET + "\n")
-    secret_file.chmod(0o600)
+    path, secret_file = tmp_path / "tokens.json", a_secret_file(tmp_path)
     with StandInGlean() as glean:
         stored(glean, path, expires_at="2000-01-01T00:00:00Z")
         env = good_environ(glean, CLIENT_SECRET=None, CLIENT_SECRET_FILE=str(secret_file))
