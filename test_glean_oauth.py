@@ -4643,10 +4643,12 @@ def test_a_closed_pipe_on_windows_is_a_reader_gone_too(monkeypatch):
 @parametrize("args", [["--help"], ["--version"], []])
 @posix_only(SHELL)
 def test_a_reader_that_goes_away_ends_the_run_quietly(args):
+    reading, writing = os.pipe()
+    os.close(reading)  # the reader is gone before the script starts: every write meets a broken pipe
     with StandInGlean() as glean:
         proc = subprocess.Popen(script_command() + args, env=script_env(glean, GLEAN_CALLBACK_TIMEOUT="0.5"),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        proc.stdout.close()  # the reader is gone before the first write: every write meets a broken pipe
+                                stdin=subprocess.DEVNULL, stdout=writing, stderr=subprocess.PIPE)
+        os.close(writing)
         err = proc.stderr.read()
         code = proc.wait(RUN_TIMEOUT)
     assert b"Traceback" not in err and b"Exception ignored" not in err and b"Unexpected" not in err
