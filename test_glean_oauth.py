@@ -1184,6 +1184,8 @@ def test_the_map_main_the_step_headers_and_the_readme_name_the_same_functions_in
     for step, name, counterpart in mapped:
         assert name in reached, (step, name)
         assert not counterpart or counterpart in calls[name], (step, name, counterpart)
+        assert {name, counterpart or name} <= set(glean_oauth.__all__), (step, name)  # the public names
+    assert all(hasattr(glean_oauth, name) for name in glean_oauth.__all__)
     # README's step table names the same function first in each row.
     readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
     table = re.findall(r"^\| (\d+)\. [^|]* \| .* \| `(\w+)`", readme, re.M)
