@@ -1618,7 +1618,11 @@ def status_command(argv, environ, console, stdin):
     args = parse_args("status", argv)
     tenants = Tenants(open_store(args.token_file, environ))
     backend, named_by = named_backend(environ, args.backend_url)
-    stores = [tenants.select(backend, named_by)] if backend else tenants.files()
+    try:
+        stores = [tenants.select(backend, named_by)] if backend else tenants.files()
+    except SignInNeeded as error:  # the tenant named is not stored: none to show, in the one shape
+        console.problem(str(error))
+        stores = []
     default, now, infos, codes = tenants.default(), time.time(), [], [EXIT_OK]
     for store in stores:
         try:
@@ -1633,7 +1637,8 @@ def status_command(argv, environ, console, stdin):
     if len(codes) == 1 and not infos:
         codes.append(EXIT_SIGN_IN)
         store = stores[0] if stores else tenants.base
-        console.problem("No tokens are stored at {}. Sign in with: {}".format(store.path, store.command("login")))
+        if not backend or stores:  # (else select said which are stored)
+            console.problem("No tokens are stored at {}. Sign in with: {}".format(store.path, store.command("login")))
     one = len(infos) == 1 and (bool(backend) or len(stores) == 1)
     if args.json:
         console.result({"tenants": infos})
@@ -2013,7 +2018,7 @@ def stored_client(saved, environ, http_timeout, store, secret_file=None, console
 def kept_secret(store, client_id, console=None):
     """(the secret `login --save-secret` kept for `store`'s client, where from), or ("", None)."""
     kept = store.secret_store().read(console) or {}
-    if kept.get("client_id") != client_id:
+    if kept.get("client_id") != client_id or not all(isinstance(value, str) for value in kept.values()):
         return "", None
     if kept.get("client_secret_file"):
         return read_client_secret({"CLIENT_SECRET_FILE": kept["client_secret_file"]}, None, console), \

@@ -2757,6 +2757,12 @@ def test_a_secret_from_a_file_is_kept_as_its_path_and_logout_removes_what_goes_w
         expire(path)
         refreshed = run_cli({"GLEAN_TOKEN_FILE": str(path)}, ["token"])
         assert refreshed[0] == 0 and refreshed[1].strip() in glean.access_tokens  # renewed with the file's secret
+        kept_path = tmp_path / "tokens.json.secret"
+        kept_path.write_text(json.dumps(dict(kept, client_secret_file=["not", "a", "path"])))
+        expire(path)
+        mangled = run_cli({"GLEAN_TOKEN_FILE": str(path)}, ["token"])
+        assert mangled[0] == 2 and mangled[2].startswith("Set CLIENT_SECRET or CLIENT_SECRET_FILE")  # no traceback
+        kept_path.write_text(json.dumps(kept))
         logged_out = run_cli({"GLEAN_TOKEN_FILE": str(path)}, ["logout"])
         nothing = run_cli({"GLEAN_TOKEN_FILE": str(path)}, ["logout", "--local"])
     assert signed.code == 0 and signed.stderr.endswith(
@@ -3055,6 +3061,8 @@ def test_status_json_has_one_shape_with_none_one_or_two_tenants(tmp_path):
     assert [set(entry) for listed in tenants for entry in listed] == [keys] * 3
     assert [(entry["default"], entry["refresh_token"], entry["renewable"]) for entry in tenants[2]] == [
         (True, True, False), (False, True, False)]  # no secret here: not renewable, and said so
+    named = run_cli({"GLEAN_TOKEN_FILE": str(path)}, ["status", "--json", "--backend-url", "https://third-be.glean.com"])
+    assert named[:2] == (3, '{\n  "tenants": []\n}\n') and "No tokens are stored for https://third-be" in named[2]
 
 
 def test_login_default_makes_a_tenant_the_one_used_when_none_is_named(tmp_path):
