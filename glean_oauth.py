@@ -735,10 +735,11 @@ def refresh_later(config, console, results):
 
 def stored_tokens(store, console=None):
     """What `store` holds, after the checks a file of secrets needs; FlowError when it
-    holds no refresh token."""
+    holds no refresh token, or one the server has refused (it is never sent again)."""
     saved = store.read(console)
     if saved is None:
         raise FlowError("Cannot read the token file {}: No such file or directory.".format(store.path), EXIT_USAGE)
+    refused_sign_in(saved, store)
     if not saved.get("refresh_token"):
         raise FlowError("The token file {} has no refresh_token; run the full flow first.".format(store.path),
                         EXIT_USAGE)

@@ -3424,6 +3424,8 @@ def test_a_refused_refresh_token_is_recorded_and_everything_says_sign_in_until_l
         again = run_script(script_env(glean), ["token", "--token-file", str(path)])
         with pytest.raises(glean_oauth.SignInNeeded):
             glean_oauth.TokenProvider(str(path), environ=good_environ(glean))()
+        bare = run_script(script_env(glean), ["--refresh", "--token-file", str(path)])  # the bare command's --refresh
+        assert bare.returncode == 3 and b"the sign-in is spent" in bare.stderr
         assert glean.presented_refresh_tokens == [forgotten] and glean.paths() == ["/oauth/token"]  # nothing more
         status = run_script(script_env(glean), ["status", "--token-file", str(path)])
         _, checks, _ = doctor(glean, path)
