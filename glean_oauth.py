@@ -785,13 +785,17 @@ def token_file_path(flag_value, environ):
 
 
 def open_store(flag_value, environ):
-    """The token store that --token-file, GLEAN_TOKEN_FILE or the default names."""
-    store = TokenStore(token_file_path(flag_value, environ), named_by=None)
-    if (flag_value or "").strip():
-        store.named_by = "--token-file"
-    elif environ.get("GLEAN_TOKEN_FILE", "").strip():
-        store.named_by = "GLEAN_TOKEN_FILE"
-    return store
+    """The Tenants of the token store that --token-file, GLEAN_TOKEN_FILE or the default names."""
+    named_by = "--token-file" if (flag_value or "").strip() else \
+        "GLEAN_TOKEN_FILE" if environ.get("GLEAN_TOKEN_FILE", "").strip() else None
+    return Tenants(TokenStore(token_file_path(flag_value, environ), named_by))
+
+
+def tenant_store(flag_value, environ, backend_flag=None):
+    """The store of the tenant a command is for (Tenants.select), with the backend that
+    named it: --backend-url, GLEAN_BACKEND_URL or GLEAN_SERVER_URL, else the default one."""
+    named = named_backend(environ, backend_flag)
+    return open_store(flag_value, environ).select(*named), named
 
 
 class Tenants:
@@ -1436,7 +1440,7 @@ def login_command(argv, environ, console, stdin):
         with config.store.locked(config.http_timeout + LOCK_MARGIN_SECONDS):
             config.store.secret_store().write(secret_kept(config, environ))
     if config.default:
-        tenants = Tenants(open_store(config.token_file, environ))
+        tenants = open_store(config.token_file, environ)
         with tenants.base.locked(config.http_timeout + LOCK_MARGIN_SECONDS):
             tenants.default_store().write({"backend_url": config.backend_url})
     if config.auth_method != "none":
@@ -1463,7 +1467,7 @@ def sign_in_and_save(config, environ, console, stdin):
     metadata = discover(config, console, show=False)
     token_response = sign_in(config, console, metadata, stdin, environ)
     contents = store_contents(token_response, time.time(), settings_of(config, metadata))
-    config.store = save_sign_in(config, Tenants(open_store(config.token_file, environ)), contents, before, console)
+    config.store = save_sign_in(config, open_store(config.token_file, environ), contents, before, console)
     console.note("Signed in as {}; saved the tokens to {}; {}.".format(
         one_line(user_of(contents) or "an unknown user"), config.store.path, expiry_text(contents, time.time())))
     granted = set((granted_scope(contents) or "").lower().split())
@@ -1617,7 +1621,7 @@ def status_command(argv, environ, console, stdin):
     as {"tenants": [...]} (one shape always). Exits with the worst tenant's code: 1 a store
     that cannot be read, over 3 a sign-in needed, over 2 no secret here to renew, over 0."""
     args = parse_args("status", argv)
-    tenants = Tenants(open_store(args.token_file, environ))
+    tenants = open_store(args.token_file, environ)
     backend, named_by = named_backend(environ, args.backend_url)
     try:
         stores = [tenants.select(backend, named_by)] if backend else tenants.files()
@@ -1698,10 +1702,10 @@ def logout_command(argv, environ, console, stdin):
     (RFC 7009), then delete them, saying what the server did with each. `--local` forgets
     them without revoking (a corrupt file, no secret, a server that is down)."""
     args = parse_args("logout", argv)
-    tenants = Tenants(open_store(args.token_file, environ))
     if not args.all:
-        log_out(tenants.select(*named_backend(environ, args.backend_url)), args, environ, console)
+        log_out(tenant_store(args.token_file, environ, args.backend_url)[0], args, environ, console)
         return EXIT_OK
+    tenants = open_store(args.token_file, environ)
     codes = [EXIT_OK]
     for store in tenants.files() or [tenants.base]:  # each tried, whatever became of the others
         console.note("{} ({}):".format(tenants.backend_of(store) or "A tenant", store.path))
@@ -1784,8 +1788,7 @@ class TokenProvider:
     def __init__(self, token_file=None, min_valid=60, environ=None, backend_url=None):
         self.environ = os.environ if environ is None else environ
         # The tenant: backend_url, else GLEAN_BACKEND_URL or GLEAN_SERVER_URL, else the default one.
-        self.named = named_backend(self.environ, backend_url)
-        self.store = Tenants(open_store(token_file, self.environ)).select(*self.named)
+        self.store, self.named = tenant_store(token_file, self.environ, backend_url)
         self.min_valid = min_valid
         self.pid = None
         self._this_process()
@@ -1854,8 +1857,7 @@ class _Flight:
 
 def fresh_tokens_for(args, environ, console):
     """fresh_tokens with the flags of `token` or `exec`, for the tenant they select."""
-    named = named_backend(environ, args.backend_url)
-    store = Tenants(open_store(args.token_file, environ)).select(*named)
+    store, named = tenant_store(args.token_file, environ, args.backend_url)
     min_valid = seconds(args.min_valid, {}, "--min-valid", 60, zero=True)
     refused = refused_sign_in(load_store(store, environ, console, named), store).get("access_token") \
         if getattr(args, "force_refresh", False) else None  # refreshed as if refused: once, under the lock
@@ -2322,8 +2324,8 @@ def inspect_command(argv, environ, console, stdin):
             raise FlowError("No token on standard input: pipe one in, e.g. ... token | glean_oauth.py inspect -",
                             EXIT_USAGE)
     else:
-        named = named_backend(environ, args.backend_url)
-        saved = load_store(Tenants(open_store(args.token_file, environ)).select(*named), environ, console, named)
+        store, named = tenant_store(args.token_file, environ, args.backend_url)
+        saved = load_store(store, environ, console, named)
         token = saved.get("access_token") if isinstance(saved.get("access_token"), str) else ""
     backend = named_backend(environ, args.backend_url)[0] or saved.get("backend_url") or ""
     found = {"issuer": saved.get("issuer")}
@@ -2445,7 +2447,7 @@ class Doctor:
         if self._stored is None:
             store, saved, problem = None, None, None
             try:
-                store = Tenants(open_store(self.args.token_file, self.environ)).select(*self.named)
+                store = open_store(self.args.token_file, self.environ).select(*self.named)
                 saved = store.read()
             except FlowError as error:
                 problem = str(error)
@@ -3459,7 +3461,7 @@ def read_more_settings(config, flags, environ, command):
     config.secret_file = flags.client_secret_file
     config.refresh_token = environ.get("REFRESH_TOKEN", "").strip()
     if command is not None:  # login: its tenant's file in the token store, where the subcommands find it
-        config.store = Tenants(open_store(config.token_file, environ)).store_for(config.backend_url)
+        config.store = open_store(config.token_file, environ).store_for(config.backend_url)
     elif config.token_file:
         config.store = TokenStore(config.token_file)
     if config.refresh and not (config.token_file or config.refresh_token):
