@@ -245,7 +245,8 @@ def discover_metadata(config, console):
             metadata = fetch_json(fallback, deadline=Deadline(config.http_timeout))
         except FlowError as second:
             raise error if second.status == 404 else second
-    console.note("The metadata came from {} ({} answered 404).".format(fallback, url))
+    if console:
+        console.note("The metadata came from {} ({} answered 404).".format(fallback, url))
     return metadata
 
 
@@ -2494,24 +2495,20 @@ class Doctor:
         return "ok", "{} ({})".format(backend, named_by), ""
 
     def _metadata(self):
-        url = self.backend + METADATA_PATH
-        try:
-            answer, served = self.get(url), url
-            if answer.status == 404:
-                answer, served = self.get(url + ISSUER_PATH), url + ISSUER_PATH
+        url, hint = self.backend + METADATA_PATH, be_host_hint(self.backend)
+        try:  # the flow's own discovery, with its fallback to the path form
+            metadata = discover_metadata(Settings(backend_url=self.backend, http_timeout=self.http_timeout), None)
         except FlowError as error:
+            self.read_clock(getattr(error, "headers", None))
+            if error.status == 404:
+                return "fail", "{} and {} both answered 404: the tenant's OAuth authorization server may be turned " \
+                    "off".format(url, url + ISSUER_PATH), (hint.strip() + " Else ask" if hint else "Ask") + \
+                    " a Glean admin whether OAuth is enabled for this tenant, and check GLEAN_BACKEND_URL."
             self.failure = error
-            return "fail", str(error), self.unreachable_fix(error)
-        if answer.status == 404:
-            return "fail", "{} and {} both answered 404: the tenant's OAuth authorization server may be turned " \
-                "off".format(url, served), (be_host_hint(self.backend).strip() + " Else ask" if be_host_hint(
-                    self.backend) else "Ask") + " a Glean admin whether OAuth is enabled for this tenant, and check " \
-                "GLEAN_BACKEND_URL."
-        metadata = json_object(served, answer) if 200 <= answer.status < 300 else None
-        if metadata is None:
-            return "fail", "{} answered {}: {}".format(served, answer.status, excerpt(answer.body)), \
-                "Check GLEAN_BACKEND_URL: it must be the backend (…-be.glean.com), not the web app." + \
-                be_host_hint(self.backend)
+            return "fail", str(error), self.unreachable_fix(error) if error.status is None else \
+                "Check GLEAN_BACKEND_URL: it must be the backend (…-be.glean.com), not the web app." + hint
+        self.read_clock(metadata.headers)
+        served = metadata.url
         for key in ENDPOINTS:
             if key in metadata or key != "revocation_endpoint":
                 check_endpoint(metadata.get(key), "The metadata's " + key, self.backend)
@@ -2536,12 +2533,10 @@ class Doctor:
             fix = "Check {} and the network (GLEAN_HTTP_TIMEOUT sets how long to wait).".format(source)
         return fix + be_host_hint(self.backend)
 
-    def get(self, url):
-        """GET `url`; the server's clock is read from the answer's Date."""
-        answer = http_request(url, deadline=Deadline(self.http_timeout))
-        offset = clock_offset(answer.headers, time.time())
+    def read_clock(self, headers):
+        """The server's clock, from an answer's Date."""
+        offset = clock_offset(headers, time.time())
         self.offset = offset if offset is not None else self.offset
-        return answer
 
     def auth_method(self):
         return self.args.auth_method or self.saved().get("auth_method") or "client_secret_post"
@@ -3648,16 +3643,27 @@ def excerpt(body, redact=()):
 
 
 def json_object(url, response, redact=()):
-    """The Response's body parsed as a JSON object; FlowError (showing it less `redact`)
-    when it is anything else."""
+    """The Response's body parsed as a JSON object (an Answer: it knows its url and headers);
+    FlowError (showing it less `redact`, and keeping the headers) when it is anything else."""
     try:
         value = parse_json(response.body.decode("utf-8"))
     except ValueError:  # also UnicodeDecodeError
         value = None
     if not isinstance(value, dict):
-        raise FlowError("Response from {} ({}) is not a JSON object: {}".format(
+        error = FlowError("Response from {} ({}) is not a JSON object: {}".format(
             url, response.status, excerpt(response.body, redact)), status=response.status)
-    return value
+        error.headers = response.headers
+        raise error
+    answer = Answer(value)
+    answer.url, answer.headers = url, response.headers
+    return answer
+
+
+class Answer(dict):
+    """A JSON object a server answered, and where from: `url` and the answer's `headers`
+    (doctor reads the server's clock from its Date). Printed and kept as the dict it is."""
+
+    url = headers = None
 
 
 def fetch_json(url, deadline=None):
@@ -3671,9 +3677,11 @@ def fetch_json(url, deadline=None):
 
 def request_failed(url, response, redact=(), hint=""):
     """The example's fetchJson error, `Request to <url> failed (<status>): <body>` (the body
-    less `redact`, on one line, cut short), with `hint` after it."""
-    return FlowError("Request to {} failed ({}): {}{}".format(url, response.status, excerpt(response.body, redact),
-                                                              hint), status=response.status)
+    less `redact`, on one line, cut short), with `hint` after it; it keeps the answer's headers."""
+    error = FlowError("Request to {} failed ({}): {}{}".format(url, response.status, excerpt(response.body, redact),
+                                                               hint), status=response.status)
+    error.headers = response.headers
+    return error
 
 
 def token_request(token_endpoint, fields, headers=None, timeout=HTTP_TIMEOUT_SECONDS, redact=()):

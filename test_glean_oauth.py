@@ -4085,8 +4085,9 @@ def test_doctor_shows_a_metadata_error_and_a_store_for_another_backend(tmp_path)
         stored(glean, path, scope="chat offline_access", backend_url="https://elsewhere-be.glean.com")
         glean.overrides[glean_oauth.METADATA_PATH] = (500, {}, "<html>oops</html>")
         code, checks, _ = doctor(glean, path, args=["--backend-url", glean.url])
-    assert code == 1 and checks["metadata"][:2] == ("fail", "{}{} answered 500: <html>oops</html>".format(
-        glean.url, glean_oauth.METADATA_PATH))
+    assert code == 1 and checks["metadata"][:2] == ("fail", "Request to {}{} failed (500): <html>oops</html>".format(
+        glean.url, glean_oauth.METADATA_PATH))  # the flow's own discovery, in the flow's words
+    assert checks["clock"][0] == "ok"  # read from that answer's Date all the same
     assert checks["token_store"][0] == "warn" and checks["token_store"][1].endswith(": not for " + glean.url)
     assert checks["token_store"][2] == "Sign in there with: python3 glean_oauth.py login --token-file {} " \
                                        "--backend-url {}".format(path, glean.url)  # the flags that chose them
