@@ -2781,6 +2781,11 @@ def test_one_output_flag_at_a_time(args, message):
     assert run_cli({}, ["token"] + args) == (2, "", message + "\n")
 
 
+def test_min_valid_below_zero_is_a_usage_error():
+    assert run_cli({}, ["token", "--min-valid", "-1"]) == (
+        2, "", "--min-valid must be a positive (or 0) number of seconds, at most 604800, not '-1'.\n")
+
+
 def test_min_valid_zero_force_refresh_and_a_min_valid_beyond_the_lifetime(tmp_path):
     path = tmp_path / "tokens.json"
     with StandInGlean() as glean:
@@ -3577,6 +3582,9 @@ def test_status_exit_codes_say_whether_a_sign_in_is_needed(tmp_path, state, code
             env["GLEAN_BACKEND_URL"] = "https://other-be.glean.com"
         result = run_cli(env, ["status", "--token-file", str(path)])
     assert result[0] == code, result
+    if state == "no secret here":
+        assert result[2].startswith("The access token has expired, and its refresh token needs the client secret, "
+                                    "which is not here: set CLIENT_SECRET or CLIENT_SECRET_FILE, or keep it with: ")
     if state == "other backend":  # what is stored is still shown
         assert "Backend:       {}\n".format(glean.url) in result[1]
         assert result[2].startswith("GLEAN_BACKEND_URL names https://other-be.glean.com, but these tokens are for ")
@@ -4155,6 +4163,13 @@ def test_the_flow_suggests_the_be_host_when_a_web_host_is_not_the_backend(monkey
                   "not known. Did you mean https://acme-be.glean.com?\n"
 
 
+def test_doctor_on_a_backend_that_never_answers_says_what_to_check():
+    with RawServer(silent) as server, StandInGlean() as glean:
+        _, checks, _ = doctor(glean, GLEAN_BACKEND_URL=server.url, GLEAN_HTTP_TIMEOUT="0.2")
+    assert checks["metadata"][0] == "fail" and "no answer in time" in checks["metadata"][1]
+    assert checks["metadata"][2] == "Check GLEAN_BACKEND_URL and the network (GLEAN_HTTP_TIMEOUT sets how long to wait)."
+
+
 def test_doctor_asks_no_admin_for_offline_access_when_a_refresh_token_came_anyway(tmp_path):
     path = tmp_path / "tokens.json"
     with StandInGlean() as glean:
@@ -4463,6 +4478,9 @@ def test_a_hostile_jwks_is_refused_or_checked_within_its_bounds_in_short_lines()
         assert time.monotonic() - started < 2, result.line
         assert status in (None, result.status) and result.status != "valid"
         assert len(result.line) <= 400, result.line
+        assert result.detail.endswith("has 4000 signing keys") if jwks is huge else re.match(
+            r"(its keys took over 1 s to try \(\d+ of 50\)|no key in the JWKS from .* verifies it: .*; and \d+ more)$",
+            result.detail), result.detail
 
 
 def test_jwks_are_fetched_with_the_checks_every_url_gets(tmp_path):
