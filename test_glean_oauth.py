@@ -2781,8 +2781,8 @@ def test_one_output_flag_at_a_time(args, message):
     assert run_cli({}, ["token"] + args) == (2, "", message + "\n")
 
 
-def test_min_valid_below_zero_is_a_usage_error():
-    assert run_cli({}, ["token", "--min-valid", "-1"]) == (
+def test_min_valid_below_zero_is_a_usage_error(tmp_path):
+    assert run_cli({"GLEAN_TOKEN_FILE": str(tmp_path / "tokens.json")}, ["token", "--min-valid", "-1"]) == (
         2, "", "--min-valid must be a positive (or 0) number of seconds, at most 604800, not '-1'.\n")
 
 
