@@ -1864,11 +1864,10 @@ def fresh_tokens_for(args, environ, console):
         if getattr(args, "force_refresh", False) else None  # refreshed as if refused: once, under the lock
     tokens = fresh_tokens(store, environ, min_valid, http_timeout_setting(args, environ), console,
                           getattr(args, "client_secret_file", None), refused, named)
-    lifetime = expires_at(tokens) - parse_iso_time(tokens.get("obtained_at")) \
-        if expires_at(tokens) is not None and parse_iso_time(tokens.get("obtained_at")) is not None else None
-    if lifetime is not None and min_valid >= lifetime:
+    expires, obtained = expires_at(tokens), parse_iso_time(tokens.get("obtained_at"))
+    if None not in (expires, obtained) and min_valid >= expires - obtained:
         console.note("--min-valid {:g} is at or beyond the token's lifetime ({:g} s): every call refreshes.".format(
-            min_valid, lifetime))
+            min_valid, expires - obtained))
     return tokens
 
 
@@ -2000,17 +1999,16 @@ def stored_client(saved, environ, http_timeout, store, secret_file=None, console
                             named, store.path, one_line(saved["client_id"]), named, store.command("login")),
                         EXIT_USAGE)
     secret = "" if auth_method == "none" else read_client_secret(environ, secret_file, console)
-    if not unset("CLIENT_SECRET", secret) and store.shared and unset("CLIENT_ID", named):
-        kept = kept_secret(store, saved["client_id"], console)[0]  # the tenant's own comes first then
-        if not kept:
+    borrowed = store.shared and unset("CLIENT_ID", named)  # several tenants: the environment's may be another's
+    if auth_method != "none" and (unset("CLIENT_SECRET", secret) or borrowed):
+        kept = kept_secret(store, saved["client_id"], console)[0]  # the tenant's own
+        if borrowed and not kept and not unset("CLIENT_SECRET", secret):
             raise FlowError("Tokens for several backends are stored, and the secret in {} is one client's: to use it "
                             "for {}, set CLIENT_ID={} (that backend's client), or keep its secret with: {}".format(
                                 secret_source(environ, secret_file), one_line(str(saved.get("backend_url"))),
                                 _shell_word(saved["client_id"]), store.command("login --save-secret")),
                             EXIT_USAGE)
         secret = kept
-    if auth_method != "none" and unset("CLIENT_SECRET", secret):
-        secret = kept_secret(store, saved["client_id"], console)[0]
     if auth_method != "none" and unset("CLIENT_SECRET", secret):
         raise FlowError("Set CLIENT_SECRET or CLIENT_SECRET_FILE: the client {} authenticates with {}, and its "
                         "secret was not kept at login (keep it with: {}).".format(
