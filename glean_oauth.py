@@ -109,8 +109,7 @@ def main(argv, environ, console, stdin):
     --token-file deliver it even when a later step fails."""
     # 1. Configuration: CLIENT_ID, CLIENT_SECRET, GLEAN_BACKEND_URL, REDIRECT_URI (a flag wins).
     config = load_config(argv, environ, ask_secret=_ask_secret if _isatty(stdin) else None, console=console)
-    results = Results()
-    with Delivery(config, results, console):
+    with Results(config, console) as results:  # delivered (--json, --token-file) whatever happens next
         if config.refresh:  # --refresh: only step 10, with a refresh token kept from an earlier run
             return refresh_later(config, console, results)
 
@@ -161,22 +160,90 @@ def load_config(argv, environ, ask_secret=None, command=None, console=None):
     unset, the auth method needs one, and all else is right. Raises FlowError (exit 2)
     naming what to fix, before any traffic."""
     flags = parse_args(command, argv)
+    backend_url, backend_source = backend_setting(environ, flags.backend_url)
     config = Settings(
         client_id=_setting(flags.client_id, environ, "CLIENT_ID"),
-        client_secret=read_client_secret(environ, flags.client_secret_file, console),
-        backend_url=backend_setting(environ, flags.backend_url)[0],
+        client_secret=read_client_secret(environ, flags.client_secret_file, console),  # or CLIENT_SECRET_FILE
+        backend_url=backend_url,
         redirect_uri=_setting(flags.redirect_uri, environ, "REDIRECT_URI", DEFAULT_REDIRECT_URI),
         auth_method=flags.auth_method,
     )
-    ask = check_required(config, ask_secret, backend_setting(environ, flags.backend_url)[1])  # "..." is unset too
+    ask = check_required(config, ask_secret, backend_source)
     config.backend_url = named_backend(environ, flags.backend_url)[0]  # https:// for a bare host; the origin only
-    check_redirect_uri(config.redirect_uri)
-    read_more_settings(config, flags, environ, command)  # scopes, timeouts, streaming, the token file
+    read_more_settings(config, flags, environ, command)  # the redirect URI checked; scopes, timeouts, token file
     if ask:
         config.client_secret = ask_secret("Client secret for {}: ".format(config.client_id)).strip()
         if not config.client_secret:
             raise FlowError("Set CLIENT_SECRET before you run this script (see --help).", EXIT_USAGE)
     return config
+
+
+def _isatty(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed stream
+        return False
+
+
+def _ask_secret(prompt):
+    import getpass  # only when there is a terminal to ask on
+
+    return getpass.getpass(prompt)
+
+
+def _setting(flag_value, environ, name, default=""):
+    """The flag's value, else `environ[name]`, stripped; `default` when that is empty."""
+    value = (environ.get(name, "") if flag_value is None else flag_value).strip()
+    return value or default
+
+
+BACKEND_SOURCES = ("--backend-url", "GLEAN_BACKEND_URL", "GLEAN_SERVER_URL")  # in the order they win
+
+
+def backend_setting(environ, flag_value=None):
+    """The backend URL as given and what gave it: --backend-url, else GLEAN_BACKEND_URL,
+    else GLEAN_SERVER_URL (what Glean's newer tools read); ("", None) when none does."""
+    for name, value in zip(BACKEND_SOURCES, (flag_value or "", environ.get("GLEAN_BACKEND_URL", ""),
+                                             environ.get("GLEAN_SERVER_URL", ""))):
+        if value.strip():
+            return value.strip().rstrip("/"), name
+    return "", None
+
+
+# What a value still equal to the doc's placeholder (or "...") should be set to instead.
+WANTED = {"CLIENT_ID": "your static OAuth client's id", "CLIENT_SECRET": "its secret (or unset it, to be asked)",
+          "GLEAN_BACKEND_URL": "your backend, e.g. https://acme-be.glean.com"}
+
+
+def unset(kind, value):
+    """True when `value` was never set: empty, "...", or still the doc's placeholder for
+    `kind` (CLIENT_ID, CLIENT_SECRET or GLEAN_BACKEND_URL). The one placeholder rule."""
+    return value in ("", "...", PLACEHOLDERS[kind])
+
+
+def placeholder_problem(name, value):
+    kind = "GLEAN_BACKEND_URL" if name in BACKEND_SOURCES else name
+    shown = "" if kind == "CLIENT_SECRET" and value != "..." else " " + value  # a secret's value is never shown
+    return "{} is still the {}placeholder{}: set it to {}".format(
+        name, "doc's " if value == PLACEHOLDERS[kind] else "", shown, WANTED[kind])
+
+
+def check_required(config, ask_secret, backend_source="GLEAN_BACKEND_URL"):
+    """FlowError (exit 2) naming what to set, and each value still a placeholder; True when
+    only the secret is missing and can be asked for."""
+    needs_secret = config.auth_method != "none"  # a public client has none
+    values = [("CLIENT_ID", "CLIENT_ID", config.client_id), ("CLIENT_SECRET", "CLIENT_SECRET", config.client_secret),
+              (backend_source or "GLEAN_BACKEND_URL", "GLEAN_BACKEND_URL", config.backend_url)]
+    missing = [(name, value) for name, kind, value in values
+               if unset(kind, value) and (needs_secret or kind != "CLIENT_SECRET")]
+    if missing == [("CLIENT_SECRET", "")] and ask_secret:  # the secret alone, once all else is known to be right
+        return True
+    empty = [name for name, value in missing if not value]
+    problems = (["Set {} before you run this script".format(", ".join(empty))] if empty else []) + [
+        placeholder_problem(name, value) for name, value in missing if value]
+    if problems:
+        raise FlowError("; ".join(problems) + " (see --help).", EXIT_USAGE)
+    return False
 
 
 class Settings:
@@ -209,8 +276,9 @@ class Client:
         """The form fields and headers that authenticate this client (CLIENT_AUTH)."""
         return CLIENT_AUTH[self.auth_method](self.client_id, self.client_secret)
 
-    def secret_forms(self):
-        return secret_forms(self.client_id, self.client_secret)
+    def secret_forms(self, *also):
+        """What an answer must never show: the secret in every form, and each of `also`'s."""
+        return secret_forms(self.client_id, self.client_secret, *also)
 
 
 # --- Step 2: discovery --------------------------------------------------------------------
@@ -405,15 +473,19 @@ def exchange_code(token_endpoint, client, code, code_verifier, redirect_uri):
 
 
 def grant_request(token_endpoint, client, grant_fields, after_auth=()):
-    """POST a grant to the token endpoint, authenticated as the client's auth method says.
-    The client's fields go between `grant_fields` and `after_auth`, where the doc puts them."""
+    """POST a grant to the token endpoint as a form, authenticated as the client's auth
+    method says: its fields go between `grant_fields` and `after_auth`, where the doc puts
+    them. Returns the token response, which must hold an access token."""
     auth_fields, headers = client.authentication()
     fields = list(grant_fields) + auth_fields + list(after_auth)
     # An error answer may echo what was sent: the secret, and the code or token spent.
-    in_flight = [value for name, value in fields if name in ("code", "code_verifier", "refresh_token")]
-    return token_request(token_endpoint, fields, headers, client.http_timeout,
-                         redact=_longest_first(client.secret_forms()
-                                               + [form for value in in_flight for form in credential_forms(value)]))
+    redact = client.secret_forms(*[value for name, value in fields if name in ("code", "code_verifier",
+                                                                             "refresh_token")])
+    tokens = fetch_json(token_endpoint, Deadline(client.http_timeout), fields, headers, redact, oauth=True)
+    if not isinstance(tokens.get("access_token"), str) or not tokens["access_token"]:
+        raise FlowError("The token response from {} has no access_token: {}".format(
+            token_endpoint, excerpt(tokens.body, redact)))
+    return tokens
 
 
 def _client_secret_post(client_id, client_secret):
@@ -597,6 +669,27 @@ def refresh_tokens(token_endpoint, client, refresh_token):
     return grant_request(token_endpoint, client, [("grant_type", "refresh_token"), ("refresh_token", refresh_token)])
 
 
+# --- The example's fetchJson ----------------------------------------------------------------
+
+
+def fetch_json(url, deadline=None, form=None, headers=None, redact=(), oauth=False):
+    """The example's fetchJson: GET `url`, or POST `form` (fields) to it; return the
+    answer's JSON object. Any status but 2xx raises `Request to <url> failed (<status>):
+    <body>`, or with `oauth`, for an RFC 6749 §5.2 error, `token request failed (<status>):
+    <error>: <description>`; `redact`: what the answer may echo and must not show."""
+    response = form_post(url, form, headers, deadline) if form is not None else http_request(url, deadline=deadline)
+    if not 200 <= response.status < 300:
+        raise request_failed(url, response, redact, oauth=oauth)
+    return json_object(url, response, redact)
+
+
+def form_post(url, fields, headers, deadline):
+    """POST `fields` as an application/x-www-form-urlencoded form; return the Response."""
+    body = urllib.parse.urlencode(fields, errors=ENV_ERRORS).encode("ascii")
+    headers = dict(headers or {}, **{"Content-Type": "application/x-www-form-urlencoded"})
+    return http_request(url, body, headers, deadline)
+
+
 # ==========================================================================================
 # Beyond the documented flow: everything below serves the steps above, and nothing below
 # calls back into their order. New features go here.
@@ -609,14 +702,30 @@ def refresh_tokens(token_endpoint, client, refresh_token):
 class Results:
     """What a run obtained, kept for --json and --token-file even when a later step fails:
     `sections` by name (metadata, token_response, ...), the newest `tokens` and when they
-    came, and the sections whose refresh token a later refresh has spent."""
+    came, and the sections whose refresh token a later refresh has spent. As a context
+    manager around the flow, it delivers them on the way out."""
 
-    def __init__(self):
+    def __init__(self, config=None, console=None):
+        self.config, self.console = config, console
         self.sections = {}
         self.tokens = None
         self.obtained_at = None
         self.spent = []  # names of sections whose refresh_token the run's own refresh spent
         self.saved = False  # the token file was written already (under its lock)
+
+    def __enter__(self):
+        """Around the flow: the secret's forms known to the console, and stdout kept for --json."""
+        self.console.secrets = secret_forms(self.config.client_id, self.config.client_secret)
+        if self.config.json:
+            self.console.claim_stdout()
+            self.console.tokens_shortened = True  # stderr is a terminal or a CI log: the JSON carries them whole
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        """Whatever happened, the --json object and the token file; a delivery that failed
+        (and said so) when the flow did not makes the run fail."""
+        if not deliver(self.config, self, self.console) and kind is None:
+            raise Reported()
 
     def got_tokens(self, response, previous=None, spent_section=None):
         """Record a token response; what it leaves out is kept from `previous` (kept_tokens)."""
@@ -639,32 +748,13 @@ class Results:
 def kept_tokens(response, previous):
     """A refresh response with what it leaves out kept from the tokens it replaces: an
     absent refresh_token or scope means unchanged (RFC 6749 §5.1, §6)."""
-    tokens = TokenResponse(response)
-    tokens.clock_offset = getattr(response, "clock_offset", None)
+    import copy  # here: only a grant's answer is kept
+
+    tokens = copy.copy(response)  # an Answer stays one: its clock_offset is kept with the tokens
     for kept in ("refresh_token", "scope"):
         if not tokens.get(kept) and previous.get(kept):
             tokens[kept] = previous[kept]
     return tokens
-
-
-class Delivery:
-    """Around the flow: the secret's forms known to the console and stdout kept for --json
-    on the way in; on the way out, whatever happened, the --json object and the token
-    file. A delivery that failed (and said so) when the flow did not makes the run fail."""
-
-    def __init__(self, config, results, console):
-        self.config, self.results, self.console = config, results, console
-
-    def __enter__(self):
-        self.console.secrets = secret_forms(self.config.client_id, self.config.client_secret)
-        if self.config.json:
-            self.console.claim_stdout()
-            self.console.tokens_shortened = True  # stderr is a terminal or a CI log: the JSON carries them whole
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if not deliver(self.config, self.results, self.console) and kind is None:
-            raise Reported()
 
 
 class Reported(FlowError):
@@ -2062,10 +2152,10 @@ def revoke_token(endpoint, client, value, kind):
     (§2.2.1: servers need not revoke it)."""
     auth_fields, headers = client.authentication()
     fields = [("token", value), ("token_type_hint", kind)] + auth_fields
-    answer = form_post(endpoint, fields, headers, client.http_timeout)
+    answer = form_post(endpoint, fields, headers, Deadline(client.http_timeout))
     if 200 <= answer.status < 300:
         return None
-    redact = _longest_first(client.secret_forms() + credential_forms(value))
+    redact = client.secret_forms(value)
     if kind == "refresh_token":
         raise FlowError("Revoking the refresh token failed ({}): {}. The tokens were kept; try again.".format(
             answer.status, excerpt(answer.body, redact)))
@@ -3311,40 +3401,10 @@ def _output_failed(error, console):
     return EXIT_FAILURE
 
 
-def _isatty(stream):
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):  # a closed stream
-        return False
-
-
-def _ask_secret(prompt):
-    import getpass  # only when there is a terminal to ask on
-
-    return getpass.getpass(prompt)
-
-
 # --- Checks: settings, URLs and metadata --------------------------------------------------
 
 
-def _setting(flag_value, environ, name, default=""):
-    """The flag's value, else `environ[name]`, stripped; `default` when that is empty."""
-    value = (environ.get(name, "") if flag_value is None else flag_value).strip()
-    return value or default
-
-
-BACKEND_SOURCES = ("--backend-url", "GLEAN_BACKEND_URL", "GLEAN_SERVER_URL")  # in the order they win
 WEB_APP_HOSTS = ("app.glean.com", "glean.com", "www.glean.com")  # Glean's web app, never a backend
-
-
-def backend_setting(environ, flag_value=None):
-    """The backend URL as given and what gave it: --backend-url, else GLEAN_BACKEND_URL,
-    else GLEAN_SERVER_URL (what Glean's newer tools read); ("", None) when none does."""
-    for name, value in zip(BACKEND_SOURCES, (flag_value or "", environ.get("GLEAN_BACKEND_URL", ""),
-                                             environ.get("GLEAN_SERVER_URL", ""))):
-        if value.strip():
-            return value.strip().rstrip("/"), name
-    return "", None
 
 
 def named_backend(environ, flag_value=None):
@@ -3400,45 +3460,10 @@ def be_host_hint(backend_url):
     return " Did you mean https://{}-be.glean.com?".format(match.group(1))
 
 
-# What a value still equal to the doc's placeholder (or "...") should be set to instead.
-WANTED = {"CLIENT_ID": "your static OAuth client's id", "CLIENT_SECRET": "its secret (or unset it, to be asked)",
-          "GLEAN_BACKEND_URL": "your backend, e.g. https://acme-be.glean.com"}
-
-
-def unset(kind, value):
-    """True when `value` was never set: empty, "...", or still the doc's placeholder for
-    `kind` (CLIENT_ID, CLIENT_SECRET or GLEAN_BACKEND_URL). The one placeholder rule."""
-    return value in ("", "...", PLACEHOLDERS[kind])
-
-
-def placeholder_problem(name, value):
-    kind = "GLEAN_BACKEND_URL" if name in BACKEND_SOURCES else name
-    shown = "" if kind == "CLIENT_SECRET" and value != "..." else " " + value  # a secret's value is never shown
-    return "{} is still the {}placeholder{}: set it to {}".format(
-        name, "doc's " if value == PLACEHOLDERS[kind] else "", shown, WANTED[kind])
-
-
-def check_required(config, ask_secret, backend_source="GLEAN_BACKEND_URL"):
-    """FlowError (exit 2) naming what to set, and each value still a placeholder; True when
-    only the secret is missing and can be asked for."""
-    needs_secret = config.auth_method != "none"  # a public client has none
-    values = [("CLIENT_ID", "CLIENT_ID", config.client_id), ("CLIENT_SECRET", "CLIENT_SECRET", config.client_secret),
-              (backend_source or "GLEAN_BACKEND_URL", "GLEAN_BACKEND_URL", config.backend_url)]
-    missing = [(name, value) for name, kind, value in values
-               if unset(kind, value) and (needs_secret or kind != "CLIENT_SECRET")]
-    if missing == [("CLIENT_SECRET", "")] and ask_secret:  # the secret alone, once all else is known to be right
-        return True
-    empty = [name for name, value in missing if not value]
-    problems = (["Set {} before you run this script".format(", ".join(empty))] if empty else []) + [
-        placeholder_problem(name, value) for name, value in missing if value]
-    if problems:
-        raise FlowError("; ".join(problems) + " (see --help).", EXIT_USAGE)
-    return False
-
-
 def read_more_settings(config, flags, environ, command):
-    """The settings beyond the doc's four variables; the token file is checked before any
-    traffic, since a sign-in whose tokens cannot be kept is wasted."""
+    """The redirect URI checked, and the settings beyond the doc's four variables; the token
+    file is checked before any traffic, since a sign-in whose tokens cannot be kept is wasted."""
+    check_redirect_uri(config.redirect_uri)
     config.scope = " ".join(_setting(flags.scope, environ, "GLEAN_SCOPES").split())
     config.http_timeout = seconds(flags.http_timeout, environ, "GLEAN_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS)
     config.callback_timeout = seconds(flags.callback_timeout, environ, "GLEAN_CALLBACK_TIMEOUT",
@@ -3653,70 +3678,33 @@ def json_object(url, response, redact=()):
         error.headers = response.headers
         raise error
     answer = Answer(value)
-    answer.url, answer.headers = url, response.headers
+    answer.url, answer.headers, answer.body, answer.received_at = url, response.headers, response.body, time.time()
     return answer
 
 
 class Answer(dict):
-    """A JSON object a server answered, and where from: `url` and the answer's `headers`
-    (doctor reads the server's clock from its Date). Printed and kept as the dict it is."""
+    """A JSON object a server answered, and where from: `url`, the answer's `headers` and
+    `body`, and when it came. Printed and kept as the dict it is."""
 
-    url = headers = None
+    url = headers = body = received_at = None
 
-
-def fetch_json(url, deadline=None):
-    """GET `url` and return its JSON object answer; a status other than 2xx is
-    request_failed, as the example's fetchJson has it."""
-    response = http_request(url, deadline=deadline)
-    if not 200 <= response.status < 300:
-        raise request_failed(url, response)
-    return json_object(url, response)
+    @property
+    def clock_offset(self):
+        """How far the server's clock (its Date) was ahead of this one's, in seconds, or None."""
+        return clock_offset(self.headers, self.received_at) if self.headers is not None else None
 
 
-def request_failed(url, response, redact=(), hint=""):
+def request_failed(url, response, redact=(), hint="", oauth=False):
     """The example's fetchJson error, `Request to <url> failed (<status>): <body>` (the body
-    less `redact`, on one line, cut short), with `hint` after it; it keeps the answer's headers."""
-    error = FlowError("Request to {} failed ({}): {}{}".format(url, response.status, excerpt(response.body, redact),
-                                                               hint), status=response.status)
+    less `redact`, on one line, cut short), with `hint` after it; with `oauth`, an RFC 6749
+    §5.2 error answer is `token request failed (<status>): <error>: <description>`. The
+    error keeps the answer's headers."""
+    code, said = _oauth_error(response.body, redact) if oauth else (None, None)
+    error = FlowError("token request failed ({}): {}".format(response.status, said) if said else
+                      "Request to {} failed ({}): {}{}".format(url, response.status, excerpt(response.body, redact),
+                                                               hint), status=response.status, oauth_error=code)
     error.headers = response.headers
     return error
-
-
-def token_request(token_endpoint, fields, headers=None, timeout=HTTP_TIMEOUT_SECONDS, redact=()):
-    """POST `fields` to the token endpoint as a form; return the token response.
-
-    An RFC 6749 §5.2 error answer becomes `token request failed (400): invalid_grant:
-    <error_description>`. An answer without an access token is an error too. Error
-    messages show the answer with each of `redact` (the secret's forms) blanked out.
-    """
-    answer = form_post(token_endpoint, fields, headers, timeout)
-    if not 200 <= answer.status < 300:
-        code, error = _oauth_error(answer.body, redact)
-        if error:
-            raise FlowError("token request failed ({}): {}".format(answer.status, error), status=answer.status,
-                            oauth_error=code)
-        raise request_failed(token_endpoint, answer, redact)
-    response = TokenResponse(json_object(token_endpoint, answer, redact))
-    if not isinstance(response.get("access_token"), str) or not response["access_token"]:
-        raise FlowError("The token response from {} has no access_token: {}".format(
-            token_endpoint, excerpt(answer.body, redact)))
-    response.clock_offset = clock_offset(answer.headers, time.time())
-    return response
-
-
-class TokenResponse(dict):
-    """A token response as the server sent it, and `clock_offset`: how far the server's
-    clock (its Date header) was ahead of this one's, kept with the tokens. Never sent or
-    printed: the sections show the response alone."""
-
-    clock_offset = None
-
-
-def form_post(url, fields, headers=None, timeout=HTTP_TIMEOUT_SECONDS):
-    """POST `fields` as an application/x-www-form-urlencoded form; return the Response."""
-    body = urllib.parse.urlencode(fields, errors=ENV_ERRORS).encode("ascii")
-    headers = dict(headers or {}, **{"Content-Type": "application/x-www-form-urlencoded"})
-    return http_request(url, body, headers, Deadline(timeout))
 
 
 def _oauth_error(body, redact=(), key=None):
@@ -4083,13 +4071,13 @@ class OutputError(Exception):
 MIN_SECRET_CHARACTERS = 8  # shorter forms are not redacted: they would shred unrelated text
 
 
-def secret_forms(client_id, client_secret):
+def secret_forms(client_id, client_secret, *also):
     """The client secret in every form a server could echo it back in (credential_forms),
-    and inside the Basic credential. What must never be printed, longest first."""
-    if not client_secret:
-        return []
-    basic = _client_secret_basic(client_id, client_secret)[1]["Authorization"].split(" ", 1)[1]
-    return _longest_first(credential_forms(client_secret) + [basic])
+    and inside the Basic credential, and each of `also` (a code, a token) in its forms.
+    What must never be printed, longest first."""
+    basic = [_client_secret_basic(client_id, client_secret)[1]["Authorization"].split(" ", 1)[1]] \
+        if client_secret else []
+    return _longest_first(basic + [form for value in (client_secret,) + also for form in credential_forms(value)])
 
 
 def credential_forms(value):

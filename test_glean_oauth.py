@@ -5503,7 +5503,7 @@ def test_a_connection_that_breaks_after_the_request_was_sent_is_not_retried():
     with RawServer(answer_once_then_drop) as server:
         assert glean_oauth.fetch_json(server.url + "/.well-known/x") == {}
         with pytest.raises(glean_oauth.FlowError) as caught:
-            glean_oauth.token_request(server.url + "/token", [("grant_type", "authorization_code")])
+            glean_oauth.fetch_json(server.url + "/token", None, [("grant_type", "authorization_code")])
     assert str(caught.value).startswith("Request to {}/token failed: ".format(server.url))
     assert len(server.connections) == 1 and len(heads) == 1  # sent once, on the kept connection
 
@@ -5735,7 +5735,7 @@ def test_the_proxy_tunnel_is_made_once_and_the_secret_never_crosses_it_in_clear(
             for _ in range(3):
                 glean_oauth.fetch_json("https://glean.test/.well-known/oauth-authorization-server")
             with pytest.raises(glean_oauth.FlowError, match="invalid_client"):
-                glean_oauth.token_request("https://glean.test/oauth/token", [("client_secret", CLIENT_SECRET)])
+                glean_oauth.fetch_json("https://glean.test/oauth/token", None, [("client_secret", CLIENT_SECRET)], oauth=True)
         finally:
             glean_oauth._tls_context.cache_clear()
     assert [head.split(b" ")[:2] for head in log if head.startswith(b"CONNECT")] == [[b"CONNECT", b"glean.test:443"]]
