@@ -73,6 +73,9 @@ PLACEHOLDERS = {
 METADATA_PATH = "/.well-known/oauth-authorization-server"  # RFC 8414 §3
 ISSUER_PATH = "/oauth"  # Glean's issuer is {backend}/oauth: the RFC 8414 §3.1 path form appends it
 CHAT_PATH = "/rest/api/v1/chat"
+
+
+BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*\Z")  # RFC 6750 §2.1 b64token, with no line end after it
 CHAT_QUESTION = "Who is on the executive team?"
 CODE_PREFIX_LENGTH = 16  # how much of the authorization code is ever printed
 STATE_BYTES = 32
@@ -92,6 +95,8 @@ class FlowError(Exception):
 
     `status` is the HTTP status when a server's answer was the problem.
     """
+
+    headers = body = None  # the server's answer, when that was the problem
 
     def __init__(self, message, exit_code=EXIT_FAILURE, status=None, oauth_error=None):
         super().__init__(message)
@@ -169,8 +174,7 @@ def load_config(argv, environ, ask_secret=None, command=None, console=None):
         auth_method=flags.auth_method,
     )
     ask = check_required(config, ask_secret, backend_source)
-    config.backend_url = named_backend(environ, flags.backend_url)[0]  # https:// for a bare host; the origin only
-    read_more_settings(config, flags, environ, command)  # the redirect URI checked; scopes, timeouts, token file
+    read_more_settings(config, flags, environ, command)  # the backend's origin; the redirect URI; scopes, timeouts...
     if ask:
         config.client_secret = ask_secret("Client secret for {}: ".format(config.client_id)).strip()
         if not config.client_secret:
@@ -289,7 +293,7 @@ def discover(config, console, show=True):
     try:
         metadata = discover_metadata(config, console)
     except FlowError as error:  # https://acme.glean.com is likely the web host: say which backend was meant
-        raise hinted(error, be_host_hint(config.backend_url))
+        raise hinted(error, config)
     if show:
         print_metadata(metadata, console)
     check_metadata(metadata, config.auth_method, config.backend_url)
@@ -304,13 +308,13 @@ def discover_metadata(config, console):
     stderr. When both answer 404, the doc URL's error stands."""
     url = config.backend_url + METADATA_PATH
     try:
-        return fetch_json(url, deadline=Deadline(config.http_timeout))
+        return fetch_json(url, config.http_timeout)
     except FlowError as error:
         if error.status != 404:
             raise
         fallback = url + ISSUER_PATH
         try:
-            metadata = fetch_json(fallback, deadline=Deadline(config.http_timeout))
+            metadata = fetch_json(fallback, config.http_timeout)
         except FlowError as second:
             raise error if second.status == 404 else second
     if console:
@@ -366,7 +370,7 @@ def authorize(config, console, metadata, state, code_challenge, stdin, environ):
     has (with port 0, the system picked its port)."""
     with open_receiver(config, console, stdin) as receiver:
         console.line("\n" + receiver.announcement)
-        say_how_to_reach(receiver, console, environ)
+        receiver.say_how_to_reach(console, environ)  # a paste, or over SSH a tunnel
 
         # 5. The authorization URL.
         authorize_url = build_authorization_url(
@@ -388,16 +392,40 @@ def authorize(config, console, metadata, state, code_challenge, stdin, environ):
                 config.callback_timeout, on_stray=console.problem,
             )
         except FlowError as error:  # invalid_scope: say which scopes the server does not list
-            raise hinted(error, scope_refusal_hint(error, config.scope, metadata))
+            raise hinted(error, config, metadata)
         return code, receiver.redirect_uri
 
 
 def open_receiver(config, console, stdin):
-    """The receiver of the authorization response: the listener (which also takes a paste
-    on a terminal), or only the paste (--manual)."""
-    if config.manual:
-        return PastedRedirect(config.redirect_uri, stdin, console)
-    return CallbackListener(config.redirect_uri, stdin if _can_paste(stdin) else None, console)
+    """Doc step 4, as waitForOAuthCallback starts: listen on the redirect URI's host and port
+    (loopback only), before the URL is shown. Each request it receives is answered by
+    handle_callback. On a terminal a pasted redirect is taken too; with --manual, only that."""
+    return CallbackListener(config.redirect_uri, stdin, console, listen=not config.manual)
+
+
+def handle_callback(method, path, query, callback_path, check, on_stray=None):
+    """waitForOAuthCallback's request handler: `(status, page, outcome)` for one request.
+    Another path is 404, a method other than GET 405; at the callback path, `check(query)`
+    (parse_callback) gives the code: 200 and the done page. A StrayCallback gets the
+    failed page and `on_stray(message)`, and the wait goes on (outcome None); any other
+    FlowError gets the failed page and is the outcome, which ends the wait."""
+    if path != callback_path:
+        return "404 Not Found", "Not found\n", None
+    if method != "GET":
+        return "405 Method Not Allowed", "Method not allowed\n", None
+    try:
+        return "200 OK", CALLBACK_DONE_PAGE, check(query)
+    except StrayCallback as error:
+        if on_stray:
+            on_stray("Ignored a callback that is not the answer to this run's request ({}); still "
+                     "waiting.".format(str(error).split(":", 1)[0]))
+        return "400 Bad Request", CALLBACK_FAILED_PAGE, None
+    except FlowError as error:
+        return "400 Bad Request", CALLBACK_FAILED_PAGE, error
+
+
+CALLBACK_DONE_PAGE = "OAuth callback captured. You can return to the terminal.\n"
+CALLBACK_FAILED_PAGE = "OAuth callback failed. Check the terminal for details.\n"
 
 
 # --- Step 5: the authorization URL --------------------------------------------------------
@@ -475,17 +503,13 @@ def exchange_code(token_endpoint, client, code, code_verifier, redirect_uri):
 def grant_request(token_endpoint, client, grant_fields, after_auth=()):
     """POST a grant to the token endpoint as a form, authenticated as the client's auth
     method says: its fields go between `grant_fields` and `after_auth`, where the doc puts
-    them. Returns the token response, which must hold an access token."""
+    them. Returns the token response (fetch_json checks that it holds an access token)."""
     auth_fields, headers = client.authentication()
     fields = list(grant_fields) + auth_fields + list(after_auth)
     # An error answer may echo what was sent: the secret, and the code or token spent.
     redact = client.secret_forms(*[value for name, value in fields if name in ("code", "code_verifier",
                                                                              "refresh_token")])
-    tokens = fetch_json(token_endpoint, Deadline(client.http_timeout), fields, headers, redact, oauth=True)
-    if not isinstance(tokens.get("access_token"), str) or not tokens["access_token"]:
-        raise FlowError("The token response from {} has no access_token: {}".format(
-            token_endpoint, excerpt(tokens.body, redact)))
-    return tokens
+    return fetch_json(token_endpoint, client.http_timeout, fields, headers, redact, oauth=True)
 
 
 def _client_secret_post(client_id, client_secret):
@@ -520,10 +544,10 @@ def chat_step(config, console, results, token_response):
     """Doc step 8. A failure (401/403 without the CHAT scope is common) is reported and
     the run goes on, so the tokens already obtained are still decoded and refreshed.
     Returns the exit code this step calls for."""
-    granted = chat_scope_missing(token_response)
-    if granted is not None:
+    lacking = chat_scope_missing(token_response)
+    if lacking is not None:
         console.note('The token was not granted the chat scope (granted: {}); the Chat API will likely refuse '
-                     'it. Ask for it with --scope "{}".'.format(granted, " ".join(
+                     'it. Ask for it with --scope "{}".'.format(lacking, " ".join(
                          _scope_union(config.scope.split() + ["chat", "offline_access"]))))
     try:
         chat_response = results.sections["chat_response"] = call_chat_api(
@@ -544,31 +568,20 @@ def call_chat_api(config, access_token, console, granted=None):
 
     The whole call is bounded by GLEAN_CHAT_TIMEOUT (agent answers can take minutes);
     a stream, also by GLEAN_HTTP_TIMEOUT between two lines. A 401 or 403 says why, as far
-    as the answer and the scopes `granted` tell (scope_hint).
+    as the answer and the scopes `granted` tell.
     """
     if not BEARER_TOKEN.match(access_token):  # nor could it go in a header safely
         raise FlowError("The access token holds characters a bearer token cannot (RFC 6750 §2.1); not sending it.")
     url = config.backend_url + CHAT_PATH
     headers = {"Authorization": "Bearer " + access_token, "Content-Type": "application/json"}
     body = chat_request_body(config.message, config.stream)
-    deadline = Deadline(config.chat_timeout, "GLEAN_CHAT_TIMEOUT")
-    redact = credential_forms(access_token)  # an error answer may echo the token it refused
-    stream = ChatStream(console, config.http_timeout, redact) if config.stream else None
-    waiting = None
-    if not stream and _isatty(console.err):
-        waiting = threading.Timer(WAITING_NOTE_SECONDS, console.note, ["Waiting for the Chat API answer..."])
-        waiting.daemon = True
-        waiting.start()
-    try:
-        response = http_request(url, body, headers, deadline, on_line=stream.add if stream else None)
-    finally:
-        if waiting:
-            waiting.cancel()
-        if stream:
-            stream.end_answer_line()
-    if not 200 <= response.status < 300:
-        raise request_failed(url, response, redact, scope_hint(response, config, granted))
-    return stream.finish() if stream else json_object(url, response)
+    redact = config.client.secret_forms(access_token)  # an error answer may echo the token it refused
+    with ChatStream(console, config, redact) as stream:  # --stream: shown as it comes; else a note while it waits
+        try:
+            answer = fetch_json(url, stream.deadline, body, headers, redact, on_line=stream.on_line)
+        except FlowError as error:
+            raise hinted(error, config, granted=granted)  # a 401 or 403: the scope or sign-in it needs
+    return stream.finish() if config.stream else answer
 
 
 def chat_request_body(question=CHAT_QUESTION, stream=False):
@@ -593,6 +606,43 @@ def chat_answer(chat_response):
         return "".join(fragment["text"] for fragment in (fragments if isinstance(fragments, list) else [])
                        if isinstance(fragment, dict) and isinstance(fragment.get("text"), str))
     return ""
+
+
+def chat_scope_missing(token_response):
+    """The scopes granted when they visibly lack chat (compared case-insensitively), else None."""
+    granted = granted_scope(token_response)
+    if granted is None or "chat" in granted.lower().split():
+        return None
+    return granted
+
+
+def granted_scope(saved):
+    """The scopes granted: the token response's scope, else the JWT's scope or scp."""
+    claims = jwt_claims(saved.get("access_token"))
+    for value in (saved.get("scope"), claims.get("scope"), claims.get("scp")):
+        if isinstance(value, list):
+            value = " ".join(str(item) for item in value)
+        if isinstance(value, str) and value.strip():
+            return " ".join(value.split())
+    return None
+
+
+def jwt_claims(access_token):
+    """The access token's claims when it is a JWT, else {}."""
+    try:
+        return decode_jwt(access_token)[1]
+    except (ValueError, AttributeError):
+        return {}
+
+
+def _scope_union(scopes):
+    """`scopes` without repeats, compared case-insensitively (Glean writes CHAT, sends chat)."""
+    seen, union = set(), []
+    for scope in scopes:
+        if scope.lower() not in seen:
+            seen.add(scope.lower())
+            union.append(scope)
+    return union
 
 
 # --- Step 9: the access token's claims ----------------------------------------------------
@@ -640,8 +690,7 @@ def print_jwt(access_token, console, verify=None):
 def jwt_step(config, console, results, metadata, access_token):
     """Doc step 9 as the flow runs it: print_jwt, and with --verify the Signature: line
     in place of the one that says it is not checked. Returns 1 when it is INVALID."""
-    check = SignatureCheck(lambda: metadata_keys(metadata, config.backend_url, config.http_timeout)) \
-        if config.verify else None
+    check = SignatureCheck.of_metadata(metadata, config.backend_url, config.http_timeout) if config.verify else None
     results.sections["jwt_header"], results.sections["jwt_claims"] = print_jwt(access_token, console, check)
     if check is None:
         return EXIT_OK
@@ -672,22 +721,79 @@ def refresh_tokens(token_endpoint, client, refresh_token):
 # --- The example's fetchJson ----------------------------------------------------------------
 
 
-def fetch_json(url, deadline=None, form=None, headers=None, redact=(), oauth=False):
-    """The example's fetchJson: GET `url`, or POST `form` (fields) to it; return the
-    answer's JSON object. Any status but 2xx raises `Request to <url> failed (<status>):
-    <body>`, or with `oauth`, for an RFC 6749 §5.2 error, `token request failed (<status>):
-    <error>: <description>`; `redact`: what the answer may echo and must not show."""
-    response = form_post(url, form, headers, deadline) if form is not None else http_request(url, deadline=deadline)
+def fetch_json(url, deadline=None, body=None, headers=None, redact=(), oauth=False, on_line=None):
+    """The example's fetchJson: GET `url`, or POST `body` (bytes, or a list of fields sent
+    as a form); return the answer's JSON object. Any status but 2xx raises `Request to
+    <url> failed (<status>): <body>`, or with `oauth`, for an RFC 6749 §5.2 error, `token
+    request failed (<status>): <error>: <description>`, and an answer without an
+    access_token is an error too. `redact`: what the answer may echo
+    and must not show; `deadline`: seconds or a Deadline. With `on_line` (a stream), each
+    line goes there as it comes, and None is returned."""
+    response = http_request(url, *form_body(body, headers), deadline=deadline, on_line=on_line)
     if not 200 <= response.status < 300:
         raise request_failed(url, response, redact, oauth=oauth)
-    return json_object(url, response, redact)
+    return None if on_line else json_object(url, response, redact, oauth)
 
 
-def form_post(url, fields, headers, deadline):
-    """POST `fields` as an application/x-www-form-urlencoded form; return the Response."""
-    body = urllib.parse.urlencode(fields, errors=ENV_ERRORS).encode("ascii")
+def form_body(body, headers):
+    """`(body, headers)` for a request: a list of fields as an application/x-www-form-urlencoded form."""
+    if not isinstance(body, list):
+        return body, headers
     headers = dict(headers or {}, **{"Content-Type": "application/x-www-form-urlencoded"})
-    return http_request(url, body, headers, deadline)
+    return urllib.parse.urlencode(body, errors=ENV_ERRORS).encode("ascii"), headers
+
+
+MAX_JSON_DEPTH = 64  # Glean's answers nest a few levels; deeper is an attack
+
+
+def parse_json(text):
+    """JSON as RFC 8259 has it. ValueError for what Python's json takes but no JSON
+    parser need (NaN, Infinity, numbers too large for a float, which --json could not
+    print back as JSON) and for nesting deeper than MAX_JSON_DEPTH (which would crash
+    the printing)."""
+    try:
+        value = json.loads(text, parse_constant=_not_json, parse_float=_finite)
+    except RecursionError:
+        raise ValueError("nested too deeply")
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError("nested deeper than {} levels".format(MAX_JSON_DEPTH))
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return value
+
+
+def _not_json(name):
+    raise ValueError("{} is not JSON".format(name))
+
+
+def _finite(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("{} is too large a number".format(text))
+    return value
+
+
+def printable(text, keep=""):
+    """`text` with control and other unprintable characters (but those in `keep`) made spaces.
+
+    Text from a server or a browser goes through here before it reaches a terminal, so
+    it cannot move the cursor, recolour, or hide what follows (escape injection).
+    """
+    return "".join(c if c.isprintable() or c in keep else " " for c in text)
+
+
+def one_line(text):
+    """`text` made printable, on one line."""
+    return " ".join(printable(text).split())
+
+
+def set_off(answer):
+    """The chat answer with each of its lines after the first indented, so that no line of
+    it can pass for the tool's own output (a fake "Token response:")."""
+    return re.sub(r"\r\n?|\n", "\n  ", answer)
 
 
 # ==========================================================================================
@@ -1498,7 +1604,6 @@ EXIT_SIGN_IN = 3
 
 EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND = 126, 127  # as shells have them
 LOCK_MARGIN_SECONDS = 10  # a run holding the lock may take the HTTP timeout, and a little more
-BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*\Z")  # RFC 6750 §2.1 b64token, with no line end after it
 
 # What a child of `exec` never needs: the client's secret and a refresh token.
 EXEC_DROPPED = ("CLIENT_SECRET", "CLIENT_SECRET_FILE", "REFRESH_TOKEN")
@@ -2152,7 +2257,7 @@ def revoke_token(endpoint, client, value, kind):
     (§2.2.1: servers need not revoke it)."""
     auth_fields, headers = client.authentication()
     fields = [("token", value), ("token_type_hint", kind)] + auth_fields
-    answer = form_post(endpoint, fields, headers, Deadline(client.http_timeout))
+    answer = http_request(endpoint, *form_body(fields, headers), deadline=client.http_timeout)
     if 200 <= answer.status < 300:
         return None
     redact = client.secret_forms(value)
@@ -2195,31 +2300,12 @@ def whole_seconds(value):
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def jwt_claims(access_token):
-    """The access token's claims when it is a JWT, else {}."""
-    try:
-        return decode_jwt(access_token)[1]
-    except (ValueError, AttributeError):
-        return {}
-
-
 def user_of(saved):
     """Who the tokens belong to: the JWT's email or sub claim, or None."""
     claims = jwt_claims(saved.get("access_token"))
     for claim in ("email", "sub"):
         if isinstance(claims.get(claim), str) and claims[claim]:
             return claims[claim]
-    return None
-
-
-def granted_scope(saved):
-    """The scopes granted: the token response's scope, else the JWT's scope or scp."""
-    claims = jwt_claims(saved.get("access_token"))
-    for value in (saved.get("scope"), claims.get("scope"), claims.get("scp")):
-        if isinstance(value, list):
-            value = " ".join(str(item) for item in value)
-        if isinstance(value, str) and value.strip():
-            return " ".join(value.split())
     return None
 
 
@@ -2352,6 +2438,11 @@ class SignatureCheck:
         self.verdict = check_signature(token, keys)
         self.exit_code = max(self.exit_code, Verdict.EXIT_CODES[self.verdict.status])
         return self.verdict.line
+
+    @classmethod
+    def of_metadata(cls, metadata, backend_url, http_timeout):
+        """The check with the keys at the metadata's jwks_uri."""
+        return cls(lambda: metadata_keys(metadata, backend_url, http_timeout))
 
 
 def metadata_keys(metadata, backend_url, http_timeout):
@@ -3445,9 +3536,14 @@ def backend_origin(value, source="GLEAN_BACKEND_URL"):
     return origin
 
 
-def hinted(error, hint):
-    """`error` with `hint` added to its message (the same exit code and status); itself without one."""
-    text = str(error) + ("" if str(error).endswith(".") else ".")
+def hinted(error, config, metadata=None, granted=False):
+    """`error` with what leads to its fix (the same exit code and status), or itself: after
+    discovery, the -be host likely meant; after the callback (`metadata`), the scopes the
+    server does not list; after the Chat API (`granted`: its scopes, or None), why it
+    refused the token."""
+    hint = scope_hint(error, config, granted) if granted is not False else \
+        scope_refusal_hint(error, config.scope, metadata) if metadata is not None else be_host_hint(config.backend_url)
+    text = str(error) + ("" if str(error).endswith(".") or hint.startswith(" (") else ".")
     return FlowError(text + hint, error.exit_code, error.status, error.oauth_error) if hint else error
 
 
@@ -3461,8 +3557,10 @@ def be_host_hint(backend_url):
 
 
 def read_more_settings(config, flags, environ, command):
-    """The redirect URI checked, and the settings beyond the doc's four variables; the token
-    file is checked before any traffic, since a sign-in whose tokens cannot be kept is wasted."""
+    """The backend URL read as an origin (https:// for a bare host), the redirect URI checked,
+    and the settings beyond the doc's four variables; the token file is checked before any
+    traffic, since a sign-in whose tokens cannot be kept is wasted."""
+    config.backend_url = named_backend(environ, flags.backend_url)[0]
     check_redirect_uri(config.redirect_uri)
     config.scope = " ".join(_setting(flags.scope, environ, "GLEAN_SCOPES").split())
     config.http_timeout = seconds(flags.http_timeout, environ, "GLEAN_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS)
@@ -3624,38 +3722,7 @@ def check_endpoint(url, name, backend_url):
 # --- Answers: what a server says, parsed with care ----------------------------------------
 
 
-MAX_JSON_DEPTH = 64  # Glean's answers nest a few levels; deeper is an attack
 EXCERPT_CHARACTERS = 300  # how much of an unexpected body an error message shows
-
-
-def parse_json(text):
-    """JSON as RFC 8259 has it. ValueError for what Python's json takes but no JSON
-    parser need (NaN, Infinity, numbers too large for a float, which --json could not
-    print back as JSON) and for nesting deeper than MAX_JSON_DEPTH (which would crash
-    the printing)."""
-    try:
-        value = json.loads(text, parse_constant=_not_json, parse_float=_finite)
-    except RecursionError:
-        raise ValueError("nested too deeply")
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            if depth > MAX_JSON_DEPTH:
-                raise ValueError("nested deeper than {} levels".format(MAX_JSON_DEPTH))
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return value
-
-
-def _not_json(name):
-    raise ValueError("{} is not JSON".format(name))
-
-
-def _finite(text):
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError("{} is too large a number".format(text))
-    return value
 
 
 def excerpt(body, redact=()):
@@ -3665,9 +3732,10 @@ def excerpt(body, redact=()):
     return text if len(text) <= EXCERPT_CHARACTERS else text[:EXCERPT_CHARACTERS] + "..."
 
 
-def json_object(url, response, redact=()):
+def json_object(url, response, redact=(), oauth=False):
     """The Response's body parsed as a JSON object (an Answer: it knows its url and headers);
-    FlowError (showing it less `redact`, and keeping the headers) when it is anything else."""
+    FlowError (showing it less `redact`, and keeping the headers) when it is anything else,
+    or with `oauth`, a token response without an access_token."""
     try:
         value = parse_json(response.body.decode("utf-8"))
     except ValueError:  # also UnicodeDecodeError
@@ -3677,6 +3745,8 @@ def json_object(url, response, redact=()):
             url, response.status, excerpt(response.body, redact)), status=response.status)
         error.headers = response.headers
         raise error
+    if oauth and not (isinstance(value.get("access_token"), str) and value["access_token"]):
+        raise FlowError("The token response from {} has no access_token: {}".format(url, excerpt(response.body, redact)))
     answer = Answer(value)
     answer.url, answer.headers, answer.body, answer.received_at = url, response.headers, response.body, time.time()
     return answer
@@ -3703,6 +3773,7 @@ def request_failed(url, response, redact=(), hint="", oauth=False):
     error = FlowError("token request failed ({}): {}".format(response.status, said) if said else
                       "Request to {} failed ({}): {}{}".format(url, response.status, excerpt(response.body, redact),
                                                                hint), status=response.status, oauth_error=code)
+    error.body = response.body
     error.headers = response.headers
     return error
 
@@ -3740,7 +3811,7 @@ def scope_hint(response, config, granted=None):
     scopes `granted` include chat. "" for other statuses."""
     if response.status not in (401, 403):
         return ""
-    challenge = response.headers.get("WWW-Authenticate") or ""
+    challenge = (response.headers or {}).get("WWW-Authenticate") or ""
     wanted = re.search(r'\bscope="([^"]*)"', challenge)
     if wanted and wanted.group(1).split():
         scopes = [one_line(scope) for scope in wanted.group(1).split()]
@@ -3748,7 +3819,7 @@ def scope_hint(response, config, granted=None):
         return ' (the token lacks the scope {}: sign in again with --scope "{}")'.format(" ".join(scopes),
                                                                                           " ".join(ask))
     said = re.search(r'\berror="([^"]*)"', challenge)
-    error = said.group(1) if said else _oauth_error(response.body, key="code")[0]
+    error = said.group(1) if said else _oauth_error(response.body or b"", key="code")[0]
     if error in ("invalid_token", "token_expired"):
         return REFUSED_TOKEN_HINT
     chat_granted = granted is not None and "chat" in granted.lower().split()
@@ -3770,43 +3841,41 @@ def scope_refusal_hint(error, scope, metadata):
     return hint
 
 
-def _scope_union(scopes):
-    """`scopes` without repeats, compared case-insensitively (Glean writes CHAT, sends chat)."""
-    seen, union = set(), []
-    for scope in scopes:
-        if scope.lower() not in seen:
-            seen.add(scope.lower())
-            union.append(scope)
-    return union
-
-
-def chat_scope_missing(token_response):
-    """The scopes granted when they visibly lack chat (compared case-insensitively), else None."""
-    granted = granted_scope(token_response)
-    if granted is None or "chat" in granted.lower().split():
-        return None
-    return granted
-
-
 class ChatStream:
-    """--stream: Glean's NDJSON answer, one ChatResponse a line. Shows the stages (UPDATE
-    messages) as short lines and the answer (CONTENT deltas) as it grows, on stderr, and
-    merges the lines into one ChatResponse: messages in arrival order, one per
-    messageId, each CONTENT message's text fragments joined into one."""
+    """Around the Chat API call: its `deadline` (GLEAN_CHAT_TIMEOUT), and without --stream
+    a note on a terminal when the answer is slow to come. With --stream (`on_line` set):
+    Glean's NDJSON answer, one ChatResponse a line. Shows the stages (UPDATE messages) as
+    short lines and the answer (CONTENT deltas) as it grows, on stderr, and merges the
+    lines into one ChatResponse: messages in arrival order, one per messageId, each
+    CONTENT message's text fragments joined into one."""
 
-    def __init__(self, console, silence, redact=()):
-        self.console, self.silence, self.redact = console, silence, redact
+    def __init__(self, console, config, redact=()):
+        self.console, self.silence, self.redact = console, config.http_timeout, redact
+        self.deadline = Deadline(config.chat_timeout, "GLEAN_CHAT_TIMEOUT")
+        self.on_line = self.add if config.stream else None
         self.count = 0  # lines so far
         self.response = {}  # the fields of the lines but messages, the last one winning
         self.messages = {}  # messageId (or the arrival number) -> merged message
-        self.end = None  # the whole call's deadline
+        self.end = self.deadline.at  # the whole call's deadline
         self.writing = False  # an answer line on stderr is still open
+        self.waiting = None
+
+    def __enter__(self):
+        if not self.on_line and _isatty(self.console.err):
+            self.waiting = threading.Timer(WAITING_NOTE_SECONDS, self.console.note,
+                                           ["Waiting for the Chat API answer..."])
+            self.waiting.daemon = True
+            self.waiting.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.waiting:
+            self.waiting.cancel()
+        self.end_answer_line()
 
     def add(self, raw, deadline):
         """Take one line of the stream (http_request's on_line)."""
         self.count += 1
-        if self.end is None:
-            self.end = deadline.at
         # Once the first line has come, GLEAN_HTTP_TIMEOUT bounds the silence before the next.
         deadline.at = min(self.end, time.monotonic() + self.silence)
         deadline.setting = "GLEAN_HTTP_TIMEOUT" if deadline.at < self.end else "GLEAN_CHAT_TIMEOUT"
@@ -3864,12 +3933,6 @@ class ChatStream:
         return dict(self.response, messages=list(self.messages.values()))
 
 
-def set_off(answer):
-    """The chat answer with each of its lines after the first indented, so that no line of
-    it can pass for the tool's own output (a fake "Token response:")."""
-    return re.sub(r"\r\n?|\n", "\n  ", answer)
-
-
 def _joined_text(fragments):
     """`fragments` with each run of text-only fragments joined into one."""
     joined = []
@@ -3883,20 +3946,6 @@ def _joined_text(fragments):
 
 
 # --- Output and redaction -----------------------------------------------------------------
-
-
-def printable(text, keep=""):
-    """`text` with control and other unprintable characters (but those in `keep`) made spaces.
-
-    Text from a server or a browser goes through here before it reaches a terminal, so
-    it cannot move the cursor, recolour, or hide what follows (escape injection).
-    """
-    return "".join(c if c.isprintable() or c in keep else " " for c in text)
-
-
-def one_line(text):
-    """`text` made printable, on one line."""
-    return " ".join(printable(text).split())
 
 
 def json_text(value, ascii_only=False):
@@ -4113,12 +4162,21 @@ class CallbackListener:
 
     It listens on loopback only (RFC 8252 §8.3), so no other machine can send it a code.
     One thread and `select`: a connection that opens and sends nothing (a browser's
-    pre-connect) just sits there, so it can never hold up the real callback.
+    pre-connect) just sits there, so it can never hold up the real callback. On a POSIX
+    terminal it also takes the redirect pasted (the browser may be on another machine, as
+    over SSH); with `listen` false (--manual) it takes only that.
     """
 
-    def __init__(self, redirect_uri, paste_from=None, console=None):
+    def __init__(self, redirect_uri, stdin=None, console=None, listen=True):
         parts = urllib.parse.urlsplit(redirect_uri)
-        self.path = parts.path or "/"
+        self.path, self.sockets, self.redirect_uri = parts.path or "/", [], redirect_uri
+        self.announcement = "No listener (--manual): the redirect is read from this terminal."
+        if listen:
+            self._listen(parts)
+        can_paste = stdin is not None and (not listen or os.name == "posix" and _isatty(stdin))
+        self.paste = Paste(stdin, self.redirect_uri, console) if can_paste else None
+
+    def _listen(self, parts):
         port = 80 if parts.port is None else parts.port  # 0: the system picks one
         # Browsers may resolve localhost to either address, so listen on both.
         hosts = ["127.0.0.1", "::1"] if parts.hostname.lower() == "localhost" else [parts.hostname]
@@ -4134,11 +4192,8 @@ class CallbackListener:
             raise
         # With port 0 the system picked one: the redirect URI must name it.
         self.redirect_uri = urllib.parse.urlunsplit(
-            parts._replace(netloc="{}:{}".format(_bracketed(parts.hostname), port))
-        )
+            parts._replace(netloc="{}:{}".format(_bracketed(parts.hostname), port)))
         self.announcement = "Listening for callback at " + self.redirect_uri
-        # A terminal can also paste the redirect, when the browser cannot reach this machine.
-        self.paste = Paste(paste_from, self.redirect_uri, console) if paste_from is not None else None
 
     def close(self):
         for sock in self.sockets:
@@ -4151,19 +4206,23 @@ class CallbackListener:
         self.close()
 
     def wait(self, check, timeout=CALLBACK_TIMEOUT_SECONDS, on_stray=None):
-        """Serve until a request to the callback path arrives; return `check(query)`.
-
-        `check` turns the callback's query string into the authorization code or raises
-        FlowError. Either way the browser gets its answer before this returns. A
-        StrayCallback gets a 400 page and `on_stray(message)`, and the wait goes on.
-        """
+        """Serve until a request to the callback path arrives (or a paste of it); return
+        `check(query)`. Each request is answered as handle_callback says before this
+        returns or raises. Where stdin cannot be waited on (--manual on Windows), the wait
+        for a paste is unbounded; Ctrl-C ends it."""
         import select  # here: only a sign-in listens
 
+        if not self.sockets:
+            self.paste.console.note("\nPaste the address your browser was redirected to (the page will not load; "
+                                    "that is expected), then press Enter:")
         deadline = time.monotonic() + timeout
         pending = {}  # connection -> the bytes of its request head so far
         try:
             while True:
                 remaining = deadline - time.monotonic()
+                if remaining <= 0 and not self.sockets:
+                    raise FlowError("No address was pasted within {:g} s (GLEAN_CALLBACK_TIMEOUT sets the limit "
+                                    "in seconds).".format(timeout))
                 if remaining <= 0:
                     raise FlowError(
                         "No callback reached {} within {:g} s. Check that this redirect URI "
@@ -4171,9 +4230,13 @@ class CallbackListener:
                         "the browser (GLEAN_CALLBACK_TIMEOUT sets the limit in seconds)."
                         .format(self.redirect_uri, timeout)
                     )
-                watched = self.sockets + list(pending) + ([self.paste] if self.paste and not self.paste.ended else [])
+                pasting = self.paste and not self.paste.ended
+                if not self.sockets and not pasting:
+                    raise FlowError("No address was pasted.")
+                watched = self.sockets + list(pending) + ([self.paste] if pasting else [])
                 # In slices: on Windows, Ctrl-C does not interrupt select() (CPython issue 79115).
-                readable, _, _ = select.select(watched, [], [], min(remaining, WAIT_SLICE_SECONDS))
+                readable = [self.paste] if not self.sockets and (self.paste.fd is None or os.name != "posix") \
+                    else select.select(watched, [], [], min(remaining, WAIT_SLICE_SECONDS))[0]
                 for sock in readable:
                     if sock is self.paste:
                         code = self.paste.read(check)
@@ -4191,34 +4254,31 @@ class CallbackListener:
                 conn.close()
 
     def _answer(self, conn, head, check, on_stray):
-        """Answer one request; return the code when it was the callback, else None."""
+        """Answer one request as handle_callback says; return the code when it was the callback."""
         if b"\r\n\r\n" not in head:
             _respond(conn, "431 Request Header Fields Too Large", "Request too large\n")
             return None
-        method, path, query = _parse_request_head(head)
-        if path != self.path:
-            _respond(conn, "404 Not Found", "Not found\n")
-            return None
-        if method != "GET":
-            _respond(conn, "405 Method Not Allowed", "Method not allowed\n", "Allow: GET\r\n")
-            return None
-        try:
-            code = check(query)
-        except StrayCallback as error:
-            _respond(conn, "400 Bad Request", CALLBACK_FAILED_PAGE)
-            if on_stray:
-                on_stray("Ignored a callback that is not the answer to this run's request ({}); still "
-                         "waiting.".format(str(error).split(":", 1)[0]))
-            return None
-        except FlowError:
-            _respond(conn, "400 Bad Request", CALLBACK_FAILED_PAGE)
-            raise
-        _respond(conn, "200 OK", CALLBACK_DONE_PAGE)
-        return code
+        status, page, outcome = handle_callback(*_parse_request_head(head), callback_path=self.path, check=check,
+                                                on_stray=on_stray)
+        _respond(conn, status, page, "Allow: GET\r\n" if status.startswith("405") else "")
+        if isinstance(outcome, FlowError):
+            raise outcome
+        return outcome
 
-
-CALLBACK_DONE_PAGE = "OAuth callback captured. You can return to the terminal.\n"
-CALLBACK_FAILED_PAGE = "OAuth callback failed. Check the terminal for details.\n"
+    def say_how_to_reach(self, console, environ):
+        """On stderr: that the redirect can be pasted here too, and over SSH the one command
+        that lets a browser on the user's own machine reach this listener."""
+        if self.sockets and self.paste is not None:
+            console.note("(Or paste here the address your browser was redirected to, if it cannot reach this "
+                         "machine.)")
+        if self.sockets and (environ.get("SSH_CONNECTION") or environ.get("SSH_TTY")):
+            address, port = self.sockets[0].getsockname()[:2]  # the tunnel's far end: where the listener is
+            fields = environ.get("SSH_CONNECTION", "").split()  # client address, client port, server address, port
+            user = environ.get("USER") or environ.get("LOGNAME")
+            host = (user + "@" if user else "") + (fields[2] if len(fields) == 4 else "THIS_HOST")
+            ssh_port = " -p " + fields[3] if len(fields) == 4 and fields[3] != "22" else ""
+            console.note("Over SSH: on the machine with the browser, run this first, then open the URL there:\n"
+                         "  ssh -N -L {0}:{1}:{0}{2} {3}".format(port, _bracketed(address), ssh_port, host))
 
 
 def _listen(host, port, optional=False):
@@ -4252,26 +4312,6 @@ def _listen(host, port, optional=False):
         if optional and error.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
             return None
         raise FlowError("Cannot listen on {}: {}.".format(address, error.strerror or error))
-
-
-def _can_paste(stdin):
-    """A terminal on POSIX, where it can be waited on beside the listener's sockets."""
-    return os.name == "posix" and _isatty(stdin)
-
-
-def say_how_to_reach(receiver, console, environ):
-    """On stderr: that the redirect can be pasted here too, and over SSH the one command
-    that lets a browser on the user's own machine reach this listener."""
-    if getattr(receiver, "paste", None) is not None:
-        console.note("(Or paste here the address your browser was redirected to, if it cannot reach this machine.)")
-    if getattr(receiver, "sockets", None) and (environ.get("SSH_CONNECTION") or environ.get("SSH_TTY")):
-        address, port = receiver.sockets[0].getsockname()[:2]  # the tunnel's far end: where the listener is
-        fields = environ.get("SSH_CONNECTION", "").split()  # client address, client port, server address, port
-        user = environ.get("USER") or environ.get("LOGNAME")
-        host = (user + "@" if user else "") + (fields[2] if len(fields) == 4 else "THIS_HOST")
-        ssh_port = " -p " + fields[3] if len(fields) == 4 and fields[3] != "22" else ""
-        console.note("Over SSH: on the machine with the browser, run this first, then open the URL there:\n"
-                     "  ssh -N -L {0}:{1}:{0}{2} {3}".format(port, _bracketed(address), ssh_port, host))
 
 
 def _accept(sock, pending):
@@ -4399,41 +4439,6 @@ class Paste:
             return None
 
 
-class PastedRedirect:
-    """--manual: no listener. The user signs in on any machine and pastes the address the
-    browser was sent to (it fails to load, which is expected); the same checks apply."""
-
-    def __init__(self, redirect_uri, stdin, console):
-        self.redirect_uri, self.stdin, self.console = redirect_uri, stdin, console
-        self.announcement = "No listener (--manual): the redirect is read from this terminal."
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def wait(self, check, timeout=CALLBACK_TIMEOUT_SECONDS, on_stray=None):
-        """Read pasted addresses until one is this run's redirect, within `timeout` s where
-        stdin can be waited on (a terminal or pipe on POSIX; elsewhere the wait is unbounded,
-        Ctrl-C ends it); return `check(its query)`."""
-        import select  # here: only --manual waits on stdin
-
-        self.console.note("\nPaste the address your browser was redirected to (the page will not load; "
-                          "that is expected), then press Enter:")
-        paste = Paste(self.stdin, self.redirect_uri, self.console)
-        deadline = time.monotonic() + timeout
-        while not paste.ended:
-            left = max(deadline - time.monotonic(), 0)
-            if paste.fd is not None and os.name == "posix" and not select.select([paste.fd], [], [], left)[0]:
-                raise FlowError("No address was pasted within {:g} s (GLEAN_CALLBACK_TIMEOUT sets the limit "
-                                "in seconds).".format(timeout))
-            code = paste.read(check)
-            if code is not None:
-                return code
-        raise FlowError("No address was pasted.")
-
-
 BROWSER_WAIT_SECONDS = 2  # long enough for a BROWSER command that fails at once to say so
 
 
@@ -4516,7 +4521,7 @@ def http_request(url, data=None, headers=None, deadline=None, on_line=None, limi
     """Send one request (a POST when `data` is given) on the origin's kept-alive
     connection; return its Response.
 
-    `deadline` (a Deadline, default GLEAN_HTTP_TIMEOUT's 30 s from now) bounds the
+    `deadline` (a Deadline, or seconds from now: default 30) bounds the
     whole request: connect, TLS, status line, headers and body. With `on_line`, the
     body is read a line at a time as it arrives and each line is handed to
     `on_line(line, deadline)`, which may move the deadline (a streamed answer); the
@@ -4526,7 +4531,7 @@ def http_request(url, data=None, headers=None, deadline=None, on_line=None, limi
     pointed. Raises FlowError when no answer comes in time, when the connection fails,
     or when the body is over `limit` bytes (default MAX_RESPONSE_BYTES).
     """
-    deadline = deadline or Deadline(HTTP_TIMEOUT_SECONDS)
+    deadline = deadline if isinstance(deadline, Deadline) else Deadline(deadline or HTTP_TIMEOUT_SECONDS)
     parts = urllib.parse.urlsplit(url)
     origin = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
     target = (parts.path or "/") + ("?" + parts.query if parts.query else "")

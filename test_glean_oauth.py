@@ -2090,8 +2090,9 @@ def test_the_chat_call_says_it_is_waiting_on_a_terminal(monkeypatch):
     with StandInGlean() as glean:
         glean.access_tokens["tok"] = None
         glean.chat_delay = 0.5
-        config = argparse.Namespace(backend_url=glean.url, message="Q?", stream=False, chat_timeout=5,
-                                    http_timeout=5, scope="")
+        config = glean_oauth.Settings(backend_url=glean.url, message="Q?", stream=False, chat_timeout=5,
+                                      http_timeout=5, scope="", client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
+                                      auth_method="client_secret_post")
         err = Terminal()
         answer = glean_oauth.call_chat_api(config, "tok", glean_oauth.Console(io.StringIO(), err))
     assert err.getvalue() == "Waiting for the Chat API answer...\n"
