@@ -721,7 +721,7 @@ def refresh_tokens(token_endpoint, client, refresh_token):
 # --- The example's fetchJson ----------------------------------------------------------------
 
 
-def fetch_json(url, deadline=None, body=None, headers=None, redact=(), oauth=False, on_line=None):
+def fetch_json(url, deadline=None, body=None, headers=None, redact=(), oauth=False, on_line=None, limit=None):
     """The example's fetchJson: GET `url`, or POST `body` (bytes, or a list of fields sent
     as a form); return the answer's JSON object. Any status but 2xx raises `Request to
     <url> failed (<status>): <body>`, or with `oauth`, for an RFC 6749 §5.2 error, `token
@@ -729,10 +729,10 @@ def fetch_json(url, deadline=None, body=None, headers=None, redact=(), oauth=Fal
     access_token is an error too. `redact`: what the answer may echo
     and must not show; `deadline`: seconds or a Deadline. With `on_line` (a stream), each
     line goes there as it comes, and None is returned."""
-    response = http_request(url, *form_body(body, headers), deadline=deadline, on_line=on_line)
+    response = http_request(url, *form_body(body, headers), deadline=deadline, on_line=on_line, limit=limit)
     if not 200 <= response.status < 300:
-        raise request_failed(url, response, redact, oauth=oauth)
-    return None if on_line else json_object(url, response, redact, oauth)
+        raise response.failed(redact, oauth=oauth)
+    return None if on_line else response.json_object(redact, oauth)
 
 
 def form_body(body, headers):
@@ -2457,10 +2457,7 @@ def metadata_keys(metadata, backend_url, http_timeout):
 def fetch_jwks(url, http_timeout):
     """The JWK Set at `url`, over the kept connection, at most MAX_JWKS_BYTES."""
     check_transport(url, "The JWKS URL")
-    response = http_request(url, deadline=Deadline(http_timeout), limit=MAX_JWKS_BYTES)
-    if not 200 <= response.status < 300:
-        raise request_failed(url, response)
-    return json_object(url, response)
+    return fetch_json(url, http_timeout, limit=MAX_JWKS_BYTES)
 
 
 def jwks_file(path):
@@ -3732,26 +3729,6 @@ def excerpt(body, redact=()):
     return text if len(text) <= EXCERPT_CHARACTERS else text[:EXCERPT_CHARACTERS] + "..."
 
 
-def json_object(url, response, redact=(), oauth=False):
-    """The Response's body parsed as a JSON object (an Answer: it knows its url and headers);
-    FlowError (showing it less `redact`, and keeping the headers) when it is anything else,
-    or with `oauth`, a token response without an access_token."""
-    try:
-        value = parse_json(response.body.decode("utf-8"))
-    except ValueError:  # also UnicodeDecodeError
-        value = None
-    if not isinstance(value, dict):
-        error = FlowError("Response from {} ({}) is not a JSON object: {}".format(
-            url, response.status, excerpt(response.body, redact)), status=response.status)
-        error.headers = response.headers
-        raise error
-    if oauth and not (isinstance(value.get("access_token"), str) and value["access_token"]):
-        raise FlowError("The token response from {} has no access_token: {}".format(url, excerpt(response.body, redact)))
-    answer = Answer(value)
-    answer.url, answer.headers, answer.body, answer.received_at = url, response.headers, response.body, time.time()
-    return answer
-
-
 class Answer(dict):
     """A JSON object a server answered, and where from: `url`, the answer's `headers` and
     `body`, and when it came. Printed and kept as the dict it is."""
@@ -3762,20 +3739,6 @@ class Answer(dict):
     def clock_offset(self):
         """How far the server's clock (its Date) was ahead of this one's, in seconds, or None."""
         return clock_offset(self.headers, self.received_at) if self.headers is not None else None
-
-
-def request_failed(url, response, redact=(), hint="", oauth=False):
-    """The example's fetchJson error, `Request to <url> failed (<status>): <body>` (the body
-    less `redact`, on one line, cut short), with `hint` after it; with `oauth`, an RFC 6749
-    §5.2 error answer is `token request failed (<status>): <error>: <description>`. The
-    error keeps the answer's headers."""
-    code, said = _oauth_error(response.body, redact) if oauth else (None, None)
-    error = FlowError("token request failed ({}): {}".format(response.status, said) if said else
-                      "Request to {} failed ({}): {}{}".format(url, response.status, excerpt(response.body, redact),
-                                                               hint), status=response.status, oauth_error=code)
-    error.body = response.body
-    error.headers = response.headers
-    return error
 
 
 def _oauth_error(body, redact=(), key=None):
@@ -4479,10 +4442,39 @@ def _open_quietly(browser, url):
 # Every request of a run goes through http_request, so the kept-alive connection, the
 # deadline, the size limit, the no-redirect rule and the User-Agent live in one place.
 class Response:
-    """An HTTP answer: `status`, `headers` (case-insensitive `get`) and the `body` bytes."""
+    """An HTTP answer from `url`: `status`, `headers` (case-insensitive `get`) and the `body` bytes."""
 
-    def __init__(self, status, headers, body):
-        self.status, self.headers, self.body = status, headers, body
+    def __init__(self, status, headers, body, url=None):
+        self.status, self.headers, self.body, self.url = status, headers, body, url
+
+    def failed(self, redact=(), oauth=False, what=None):
+        """The example's fetchJson error, `Request to <url> failed (<status>): <body>` (the body
+        less `redact`, on one line, cut short), or `Response from <url> (<status>) <what>:
+        <body>`; with `oauth`, an RFC 6749 §5.2 error answer is `token request failed
+        (<status>): <error>: <description>`. The error keeps the answer's headers and body."""
+        code, said = _oauth_error(self.body, redact) if oauth else (None, None)
+        error = FlowError("token request failed ({}): {}".format(self.status, said) if said else (
+            "Response from {} ({}) {}: " if what else "Request to {} failed ({}){}: ").format(
+                self.url, self.status, what or "") + excerpt(self.body, redact), status=self.status, oauth_error=code)
+        error.headers, error.body = self.headers, self.body
+        return error
+
+    def json_object(self, redact=(), oauth=False):
+        """The Response's body parsed as a JSON object (an Answer: it knows its url and headers);
+        FlowError (showing it less `redact`, and keeping the headers) when it is anything else,
+        or with `oauth`, a token response without an access_token."""
+        try:
+            value = parse_json(self.body.decode("utf-8"))
+        except ValueError:  # also UnicodeDecodeError
+            value = None
+        if not isinstance(value, dict):
+            raise self.failed(redact, what="is not a JSON object")
+        if oauth and not (isinstance(value.get("access_token"), str) and value["access_token"]):
+            raise FlowError("The token response from {} has no access_token: {}".format(self.url, excerpt(
+                self.body, redact)))
+        answer = Answer(value)
+        answer.url, answer.headers, answer.body, answer.received_at = self.url, self.headers, self.body, time.time()
+        return answer
 
 
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # far above any token or chat answer
@@ -4560,7 +4552,7 @@ def http_request(url, data=None, headers=None, deadline=None, on_line=None, limi
         if response.isclosed() and not response.length and not response.will_close:
             _keep(origin, conn)
             conn = None
-        return Response(response.status, response.headers, body)
+        return Response(response.status, response.headers, body, url)
     except (TimeoutError, OSError) as error:  # socket.timeout and ssl.SSLError are OSErrors
         raise FlowError("Request to {} failed: {}".format(url, _reason(error, deadline)))
     except (ValueError, UnicodeError):  # its message would echo the header value: a credential, maybe
