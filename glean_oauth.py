@@ -115,9 +115,6 @@ def main(argv, environ, console, stdin):
     # 1. Configuration: CLIENT_ID, CLIENT_SECRET, GLEAN_BACKEND_URL, REDIRECT_URI (a flag wins).
     config = load_config(argv, environ, ask_secret=_ask_secret if _isatty(stdin) else None, console=console)
     with Results(config, console) as results:  # delivered (--json, --token-file) whatever happens next
-        if config.refresh:  # --refresh: only step 10, with a refresh token kept from an earlier run
-            return refresh_later(config, console, results)
-
         # 2. Discover the authorization server's metadata (RFC 8414).
         metadata = results.sections["metadata"] = discover(config, console)
 
@@ -912,21 +909,23 @@ def save_tokens(config, results, console):
     return True
 
 
-def refresh_later(config, console, results):
-    """--refresh: discover the token endpoint, then refresh REFRESH_TOKEN or the one in
-    the token file; no sign-in. The file's token is read, spent and replaced under the
-    store's lock, so that no other run spends it too."""
-    if config.refresh_token:
+def refresh_later(argv, environ, console, stdin):
+    """The bare command with --refresh: discover the token endpoint, then refresh
+    REFRESH_TOKEN or the one in the token file (doc steps 2 and 10); no sign-in. The file's
+    token is read, spent and replaced under the store's lock, so that no other run spends it too."""
+    config = load_config(argv, environ, ask_secret=_ask_secret if _isatty(stdin) else None, console=console)
+    with Results(config, console) as results:
+        if not config.refresh_token:
+            stored_tokens(config.store, console)  # its problems before any traffic
         metadata = results.sections["metadata"] = discover(config, console)
-        refresh_step(config, console, results, metadata, {"refresh_token": config.refresh_token})
-        return EXIT_OK
-    stored_tokens(config.store, console)  # its problems before any traffic
-    metadata = results.sections["metadata"] = discover(config, console)
-    with config.store.locked(config.http_timeout + LOCK_MARGIN_SECONDS, console):
-        saved = stored_tokens(config.store)  # again, under the lock: another run may have rotated it
-        with config.store.refreshing():
-            refresh_step(config, console, results, metadata, saved)
-            save_tokens(config, results, console)
+        if config.refresh_token:
+            refresh_step(config, console, results, metadata, {"refresh_token": config.refresh_token})
+            return EXIT_OK
+        with config.store.locked(config.http_timeout + LOCK_MARGIN_SECONDS, console):
+            saved = stored_tokens(config.store)  # again, under the lock: another run may have rotated it
+            with config.store.refreshing():
+                refresh_step(config, console, results, metadata, saved)
+                save_tokens(config, results, console)
     return EXIT_OK
 
 
@@ -3438,8 +3437,8 @@ def cli(argv=None, environ=None, out=None, err=None, stdin=None):
         if console.out is None and command not in ("exec", "login", "logout"):
             raise FlowError("Standard output is closed, so nothing could be shown; run with it open "
                             "(redirect it to a file to keep it).", EXIT_USAGE)
-        if command is None:
-            return main(argv, environ, console, stdin)
+        if command is None:  # the documented flow, or with --refresh only its steps 2 and 10
+            return (refresh_later if "--refresh" in argv else main)(argv, environ, console, stdin)
         return COMMANDS[command][0](argv[1:], environ, console, stdin)
     except Reported as error:
         return error.exit_code
