@@ -21,11 +21,24 @@ function, in this order (main() calls each, or sign_in() does, for steps 3 to 7)
      9. the access token's JWT claims, decoded ........ jwt_step(), which calls print_jwt()
     10. the refresh_token grant ....................... refresh_step(), which calls refresh_tokens()
 
-Everything else sits below the line that says "beyond the documented flow": what a run
-keeps (--json, --token-file), the token store and the login, token, exec, status and
-logout subcommands, the doctor and inspect diagnostics and the signature checks behind
---verify, the command line, the checks, the output and its redaction, and the listener's
-and HTTP's machinery.
+The example's own helpers have theirs in the core too: its placeholder check
+(check_required), fetchJson (fetch_json) and waitForOAuthCallback's handler
+(handle_callback). The steps lean on these from below the line, each named for what
+it guarantees:
+
+    parse_args, read_client_secret, read_more_settings .. the flags and settings, checked
+    Results ........... what a run obtained, delivered (--json, --token-file) even on failure
+    http_request ...... one request on the kept-alive connection, in time, never redirected
+    secret_forms ...... every form of a secret a server could echo, to redact
+    hinted ............ an error with the hint that leads to its fix
+    check_metadata .... metadata this flow can use safely
+    CallbackListener .. the loopback listener's sockets, stray clients and a paste
+    open_browser ...... a browser, where there is a graphical one
+    ChatStream ........ the chat call's deadline, its waiting note and --stream
+    SignatureCheck .... --verify's Signature: line
+
+Below the line that says "beyond the documented flow" is everything else: --refresh, the
+token store, the subcommands, doctor, inspect, the command line and the machinery.
 
 Standard library only; runs on CPython 3.6 and newer. Copy this one file anywhere. Where
 the doc's example has fetch and node:http, this file has http.client and a select() loop:
@@ -370,10 +383,8 @@ def authorize(config, console, metadata, state, code_challenge, stdin, environ):
         receiver.say_how_to_reach(console, environ)  # a paste, or over SSH a tunnel
 
         # 5. The authorization URL.
-        authorize_url = build_authorization_url(
-            metadata["authorization_endpoint"], config.client_id, receiver.redirect_uri,
-            state, code_challenge, config.scope,
-        )
+        authorize_url = build_authorization_url(metadata["authorization_endpoint"], config.client_id,
+                                                receiver.redirect_uri, state, code_challenge, config.scope)
         console.line("\nOpen this URL in your browser:\n")
         console.line(authorize_url)
         if config.open_browser and not config.manual:
@@ -384,10 +395,8 @@ def authorize(config, console, metadata, state, code_challenge, stdin, environ):
         # 6. The callback: state, then issuer, error and code checks.
         iss_required = metadata.get("authorization_response_iss_parameter_supported") is True
         try:
-            code = receiver.wait(
-                lambda query: parse_callback(query, state, metadata.get("issuer"), iss_required),
-                config.callback_timeout, on_stray=console.problem,
-            )
+            code = receiver.wait(lambda query: parse_callback(query, state, metadata.get("issuer"), iss_required),
+                                 config.callback_timeout, on_stray=console.problem)
         except FlowError as error:  # invalid_scope: say which scopes the server does not list
             raise hinted(error, config, metadata)
         return code, receiver.redirect_uri
@@ -434,14 +443,9 @@ def build_authorization_url(authorization_endpoint, client_id, redirect_uri, sta
     A query the endpoint already has is kept; names set here replace their old values,
     as URLSearchParams.set does in the example. `scope` is sent only when given.
     """
-    params = [
-        ("response_type", "code"),
-        ("client_id", client_id),
-        ("redirect_uri", redirect_uri),
-        ("state", state),
-        ("code_challenge", code_challenge),
-        ("code_challenge_method", "S256"),
-    ] + ([("scope", scope)] if scope else [])
+    params = [("response_type", "code"), ("client_id", client_id), ("redirect_uri", redirect_uri), ("state", state),
+              ("code_challenge", code_challenge), ("code_challenge_method", "S256")]
+    params += [("scope", scope)] if scope else []
     parts = urllib.parse.urlsplit(authorization_endpoint)
     names = {name for name, _ in params}
     kept = [p for p in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if p[0] not in names]
@@ -719,13 +723,11 @@ def refresh_tokens(token_endpoint, client, refresh_token):
 
 
 def fetch_json(url, deadline=None, body=None, headers=None, redact=(), oauth=False, on_line=None, limit=None):
-    """The example's fetchJson: GET `url`, or POST `body` (bytes, or a list of fields sent
-    as a form); return the answer's JSON object. Any status but 2xx raises `Request to
-    <url> failed (<status>): <body>`, or with `oauth`, for an RFC 6749 §5.2 error, `token
-    request failed (<status>): <error>: <description>`, and an answer without an
-    access_token is an error too. `redact`: what the answer may echo
-    and must not show; `deadline`: seconds or a Deadline. With `on_line` (a stream), each
-    line goes there as it comes, and None is returned."""
+    """The example's fetchJson: GET `url`, or POST `body` (bytes, or fields sent as a form);
+    return the answer's JSON object. Any status but 2xx raises `Request to <url> failed
+    (<status>): <body>`, less `redact`; with `oauth`, an RFC 6749 §5.2 error is `token request
+    failed (<status>): <error>: <description>`, and an answer needs an access_token. With
+    `on_line` (a stream), each line goes there as it comes, and None is returned."""
     response = http_request(url, *form_body(body, headers), deadline=deadline, on_line=on_line, limit=limit)
     if not 200 <= response.status < 300:
         raise response.failed(redact, oauth=oauth)
@@ -4351,7 +4353,7 @@ def _respond(conn, status, text, extra_headers=""):
 class Paste:
     """The redirect address, pasted: with --manual, and beside the listener when stdin is a
     terminal (the browser may be on another machine, as over SSH). A paste that is not this
-    run's redirect says what is wrong, and the wait goes on. The one paste reader of both."""
+    run's redirect says what is wrong, and the wait goes on."""
 
     def __init__(self, stdin, redirect_uri, console):
         self.stdin, self.redirect_uri, self.console = stdin, redirect_uri, console

@@ -1186,6 +1186,16 @@ def test_the_map_main_the_step_headers_and_the_readme_name_the_same_functions_in
         assert not counterpart or counterpart in calls[name], (step, name, counterpart)
         assert {name, counterpart or name} <= set(glean_oauth.__all__), (step, name)  # the public names
     assert all(hasattr(glean_oauth, name) for name in glean_oauth.__all__)
+    # The names from below the line that the core uses are the ones the map lists, and no more than 12.
+    below = set()
+    for node in ast.parse(source).body:
+        if node.lineno > markers[0]:
+            below |= {node.name} if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else {
+                target.id for target in getattr(node, "targets", []) if isinstance(target, ast.Name)}
+    used = {name.id for node in ast.parse(source).body if node.lineno < markers[0]
+            and not isinstance(node, ast.Expr) for name in ast.walk(node) if isinstance(name, ast.Name)} & below
+    listed = {name for line in re.findall(r"^    ([\w, ]+) \.+ ", glean_oauth.__doc__, re.M) for name in line.split(", ")}
+    assert used == listed and len(listed) <= 12, (used ^ listed)
     # README's step table names the same function first in each row.
     readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
     table = re.findall(r"^\| (\d+)\. [^|]* \| .* \| `(\w+)`", readme, re.M)
