@@ -1206,7 +1206,7 @@ class TokenStore:
             try:
                 os.makedirs(folder, 0o700)  # the default place: made for the user alone
             except OSError as error:
-                problem = "its folder cannot be made ({})".format(error.strerror or error)
+                problem = "its folder cannot be made ({})".format(_why(error))
         elif not os.path.isdir(folder):
             problem = "its folder {} does not exist".format(folder)
         elif len(os.path.basename(self.journal_path).encode("utf-8", ENV_ERRORS)) > 255:
@@ -1223,7 +1223,7 @@ class TokenStore:
             _remove(probe)
         except OSError as error:
             raise FlowError("Cannot use the token file {}: its folder {} is not writable by you ({}).".format(
-                self.path, folder, error.strerror or error), EXIT_USAGE)
+                self.path, folder, _why(error)), EXIT_USAGE)
 
     def read(self, console=None):
         """The saved contents (a dict), or None when there is no file. The checks run on the
@@ -1262,7 +1262,7 @@ class TokenStore:
 
             fd, temporary = tempfile.mkstemp(prefix=self.temporary_prefix(), suffix=".tmp", dir=folder)  # 0600
         except OSError as error:
-            raise FlowError("Cannot write the token file {}: {}.".format(self.path, error.strerror or error))
+            raise FlowError("Cannot write the token file {}: {}.".format(self.path, _why(error)))
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(contents, f, indent=2)
@@ -1274,7 +1274,7 @@ class TokenStore:
             _remove(temporary)
             if isinstance(error, (OSError, ValueError)):
                 raise FlowError("Cannot write the token file {}: {}.".format(
-                    self.path, getattr(error, "strerror", None) or error))
+                    self.path, _why(error)))
             raise
         _fsync_folder(folder)
 
@@ -1287,7 +1287,7 @@ class TokenStore:
         except FileNotFoundError:
             existed = False
         except OSError as error:
-            raise FlowError("Cannot remove the token file {}: {}.".format(self.path, error.strerror or error))
+            raise FlowError("Cannot remove the token file {}: {}.".format(self.path, _why(error)))
         for path in (self.secret_store().path, self.journal_path, self.lock_path):
             try:
                 _remove(path)
@@ -1399,6 +1399,11 @@ def _while_shared(action, patience=None):
             time.sleep(SHARING_RETRY_SECONDS)
 
 
+def _why(error):
+    """An OSError's reason in words (its strerror), else what it says."""
+    return getattr(error, "strerror", None) or error
+
+
 def _remove(path):
     """Remove the file at `path`; one already gone is no error."""
     try:
@@ -1451,7 +1456,7 @@ def read_private_file(path, what, owners, console=None):
     except OSError as error:
         if error.errno == errno.ELOOP:
             raise FlowError("Not using {} {}: it is a symlink; give the real path.".format(what, path), EXIT_USAGE)
-        raise FlowError("Cannot read {} {}: {}.".format(what, path, error.strerror or error), EXIT_USAGE)
+        raise FlowError("Cannot read {} {}: {}.".format(what, path, _why(error)), EXIT_USAGE)
     try:
         info = os.fstat(fd)
         mode = info.st_mode & 0o777
@@ -1481,7 +1486,7 @@ def read_private_file(path, what, owners, console=None):
                             EXIT_USAGE)
         return b"".join(chunks)
     except OSError as error:
-        raise FlowError("Cannot read {} {}: {}.".format(what, path, error.strerror or error), EXIT_USAGE)
+        raise FlowError("Cannot read {} {}: {}.".format(what, path, _why(error)), EXIT_USAGE)
     finally:
         os.close(fd)
 
@@ -1512,7 +1517,7 @@ class _StoreLock:
         try:
             self.lock.__enter__()
         except OSError as error:  # the folder has gone, or cannot be written
-            raise FlowError("Cannot write the token file {}: {}.".format(self.store.path, error.strerror or error))
+            raise FlowError("Cannot write the token file {}: {}.".format(self.store.path, _why(error)))
         try:
             self.store.recover(self.console)
         except BaseException:
@@ -1544,7 +1549,7 @@ class _RefreshJournal:
                 os.close(fd)
         except OSError as error:
             raise FlowError("Cannot write the refresh journal {}: {}.".format(
-                self.store.journal_path, error.strerror or error))
+                self.store.journal_path, _why(error)))
         _fsync_folder(os.path.dirname(self.store.path))
         return self
 
@@ -1810,7 +1815,7 @@ def exec_command(argv, environ, console, stdin):
     except (OSError, ValueError) as error:  # ValueError: a NUL in the command or the environment
         found = not isinstance(error, FileNotFoundError)
         raise FlowError("Cannot run {}: {}.".format(one_line(command[0]), "not found" if not found else (
-            getattr(error, "strerror", None) or error)), EXIT_CANNOT_EXECUTE if found else EXIT_NOT_FOUND)
+            _why(error))), EXIT_CANNOT_EXECUTE if found else EXIT_NOT_FOUND)
 
 
 def status_command(argv, environ, console, stdin):
@@ -2467,7 +2472,7 @@ def jwks_file(path):
         with open(path, "rb") as f:
             data = f.read(MAX_JWKS_BYTES + 1)
     except OSError as error:
-        raise FlowError("Cannot read the JWKS file {}: {}.".format(path, error.strerror or error), EXIT_USAGE)
+        raise FlowError("Cannot read the JWKS file {}: {}.".format(path, _why(error)), EXIT_USAGE)
     try:
         value = parse_json(data.decode("utf-8")) if len(data) <= MAX_JWKS_BYTES else None
     except ValueError:
@@ -3486,7 +3491,7 @@ def _output_failed(error, console):
     # A reader that went away: a broken pipe, or on Windows EINVAL for a write to a closed one.
     gone = isinstance(error, BrokenPipeError) or os.name == "nt" and getattr(error, "errno", None) == errno.EINVAL
     if not gone:
-        console.problem("Cannot write the output: {}.".format(getattr(error, "strerror", None) or error))
+        console.problem("Cannot write the output: {}.".format(_why(error)))
     return EXIT_FAILURE
 
 
@@ -4275,7 +4280,7 @@ def _listen(host, port, optional=False):
                 "REDIRECT_URI to it.".format(port, _bracketed(host)), EXIT_USAGE)
         if optional and error.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
             return None
-        raise FlowError("Cannot listen on {}: {}.".format(address, error.strerror or error))
+        raise FlowError("Cannot listen on {}: {}.".format(address, _why(error)))
 
 
 def _accept(sock, pending):
@@ -4781,7 +4786,7 @@ def _tls_context():
             context.load_verify_locations(cafile=cafile)
         except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
             problem = "it holds no PEM certificate" if isinstance(error, (ssl.SSLError, ValueError)) \
-                else error.strerror or str(error)
+                else _why(error)
             raise FlowError("SSL_CERT_FILE {} cannot be used: {}. Point it at a PEM CA bundle.".format(
                 cafile, problem), EXIT_USAGE)
     return context
@@ -4855,7 +4860,7 @@ def _reason(error, deadline):
     if ssl and isinstance(error, ssl.CertificateError) or "CERTIFICATE_VERIFY_FAILED" in str(error):
         return ("the server's TLS certificate is not trusted ({}); behind a corporate proxy or CA, "
                 "set SSL_CERT_FILE to its CA bundle".format(getattr(error, "verify_message", None) or error))
-    return one_line(str(getattr(error, "strerror", None) or error))
+    return one_line(str(_why(error)))
 
 
 def _read_limited(response, url, limit):
