@@ -812,10 +812,8 @@ class Results:
 
     def __init__(self, config=None, console=None):
         self.config, self.console = config, console
-        self.sections = {}
-        self.tokens = None
-        self.obtained_at = None
-        self.spent = []  # names of sections whose refresh_token the run's own refresh spent
+        self.sections, self.spent = {}, []  # spent: sections whose refresh_token the run's own refresh spent
+        self.tokens = self.obtained_at = None
         self.saved = False  # the token file was written already (under its lock)
 
     def __enter__(self):
@@ -827,10 +825,41 @@ class Results:
         return self
 
     def __exit__(self, kind, error, traceback):
-        """Whatever happened, the --json object and the token file; a delivery that failed
-        (and said so) when the flow did not makes the run fail."""
-        if not deliver(self.config, self, self.console) and kind is None:
-            raise Reported()
+        """Whatever happened, hand over what the run obtained: the --json object, then the
+        token file. Its own problem is reported, not raised over the flow's; a save that
+        failed (and said so) when the flow did not makes the run fail (exit 1)."""
+        if self.tokens is None:
+            return
+        unprinted, saved = None, True
+        if self.config.json:
+            try:
+                self.console.result(self.as_json())
+            except OutputError as failed:  # the file is still written: the tokens are not lost
+                unprinted = failed
+        if self.config.store and not self.saved:
+            try:
+                with self.config.store.locked(self.config.http_timeout + LOCK_MARGIN_SECONDS):
+                    saved = self.save()
+            except FlowError as failed:
+                self.console.problem(str(failed))
+                saved = False
+        if unprinted:
+            raise unprinted
+        if not saved and kind is None:
+            raise FlowError("")  # said already
+
+    def save(self):
+        """Write what a refresh needs to the token store, whose lock the caller holds; False
+        (and a line) when it cannot."""
+        settings = settings_of(self.config, self.sections.get("metadata") or {})
+        try:
+            self.config.store.write(store_contents(self.tokens, self.obtained_at, settings), self.console.secrets)
+        except FlowError as error:
+            self.console.problem(str(error))
+            return False
+        self.saved = True
+        self.console.note("Saved the tokens to {}.".format(self.config.store.path))
+        return True
 
     def got_tokens(self, response, previous=None, spent_section=None):
         """Record a token response; what it leaves out is kept from `previous` (kept_tokens)."""
@@ -862,55 +891,6 @@ def kept_tokens(response, previous):
     return tokens
 
 
-class Reported(FlowError):
-    """A failure already told to the user: exit 1, no further line."""
-
-    def __init__(self):
-        super().__init__("")
-
-
-def deliver(config, results, console):
-    """Hand over what the run obtained: the --json object, then the token file.
-
-    Runs after a failed flow too, so it reports its own problem instead of raising one
-    that would hide the flow's. Returns False when the tokens could not be saved.
-    """
-    if results.tokens is None:
-        return True
-    unprinted = None
-    if config.json:
-        try:
-            console.result(results.as_json())
-        except OutputError as error:  # the file is still written: the tokens are not lost
-            unprinted = error
-    saved = True
-    if config.store and not results.saved:
-        try:
-            with config.store.locked(config.http_timeout + LOCK_MARGIN_SECONDS):
-                saved = save_tokens(config, results, console)
-        except FlowError as error:
-            console.problem(str(error))
-            saved = False
-    if unprinted:
-        raise unprinted
-    return saved
-
-
-def save_tokens(config, results, console):
-    """Write what a refresh needs to the token store, whose lock the caller holds; False
-    (and a line) when it cannot."""
-    metadata = results.sections.get("metadata") or {}
-    try:
-        config.store.write(store_contents(results.tokens, results.obtained_at, settings_of(config, metadata)),
-                           console.secrets)
-    except FlowError as error:
-        console.problem(str(error))
-        return False
-    results.saved = True
-    console.note("Saved the tokens to {}.".format(config.store.path))
-    return True
-
-
 def refresh_later(argv, environ, console, stdin):
     """The bare command with --refresh: discover the token endpoint, then refresh
     REFRESH_TOKEN or the one in the token file (doc steps 2 and 10); no sign-in. The file's
@@ -927,7 +907,7 @@ def refresh_later(argv, environ, console, stdin):
             saved = stored_tokens(config.store)  # again, under the lock: another run may have rotated it
             with config.store.refreshing():
                 refresh_step(config, console, results, metadata, saved)
-                save_tokens(config, results, console)
+                results.save()
     return EXIT_OK
 
 
@@ -3447,10 +3427,9 @@ def cli(argv=None, environ=None, out=None, err=None, stdin=None):
         if command is None:  # the documented flow, or with --refresh only its steps 2 and 10
             return (refresh_later if "--refresh" in argv else main)(argv, environ, console, stdin)
         return COMMANDS[command][0](argv[1:], environ, console, stdin)
-    except Reported as error:
-        return error.exit_code
     except FlowError as error:
-        console.problem(str(error))
+        if str(error):  # else said already
+            console.problem(str(error))
         return error.exit_code
     except (OutputError, BrokenPipeError) as error:
         return _output_failed(getattr(error, "error", error), console)
