@@ -2371,7 +2371,10 @@ DOCTOR_CHECKS = ("python", "client_id", "client_secret", "backend_url", "metadat
 # no fix of its own) and names the check to fix instead.
 DOCTOR_NEEDS = {"metadata": ["backend_url"], "issuer": ["metadata"], "pkce": ["metadata"], "auth_method": ["metadata"],
                 "proxy": ["backend_url"], "tls": ["backend_url"], "scopes": ["token_store"],
-                "access_token": ["token_store"], "refresh_token": ["token_store"], "signature": ["access_token"]}
+                "access_token": ["token_store"], "refresh_token": ["token_store"], "signature": ["access_token"],
+                "reachable": ["backend_url"], "client_auth": ["metadata", "client_id", "client_secret"],
+                "registration": ["metadata", "client_id"], "token_use": ["backend_url", "access_token"]}
+PROBE_CHECKS = ("reachable", "client_auth", "registration", "token_use")  # doctor --probe's, after the others
 SKIPPED = "not checked: needs the {} check"
 # The fix for a check that failed with a FlowError of the flow's own (its message says what is wrong).
 DOCTOR_FIXES = {
@@ -2545,7 +2548,7 @@ def doctor_command(argv, environ, console, stdin):
     args = parse_args("doctor", argv)
     doctor = Doctor(args, environ, console)
     about = doctor.about()  # the time the checks started, for the ticket
-    checks = [doctor.check(name) for name in DOCTOR_CHECKS]
+    checks = [doctor.check(name) for name in DOCTOR_CHECKS + (PROBE_CHECKS if args.probe else ())]
     if args.json:
         console.result(dict(about, checks=checks))
     else:
@@ -2602,8 +2605,27 @@ class Doctor:
     def found(self, need):
         """Whether an earlier check found what `need` (in DOCTOR_NEEDS) names."""
         saved = self.saved()
+        client = self.client()
         return {"backend_url": bool(self.backend), "metadata": self.metadata is not None, "token_store": bool(saved),
-                "access_token": isinstance(saved.get("access_token"), str) and bool(saved["access_token"])}[need]
+                "access_token": isinstance(saved.get("access_token"), str) and bool(saved["access_token"]),
+                "client_id": not unset("CLIENT_ID", client.client_id),
+                "client_secret": client.auth_method == "none" or not unset("CLIENT_SECRET", client.client_secret)}[need]
+
+    def client(self):
+        """The client as a sign-in here would authenticate it: CLIENT_ID (else the stored one)
+        and the secret from CLIENT_SECRET, its file or, failing those, the one kept at login."""
+        client_id = _setting(self.args.client_id, self.environ, "CLIENT_ID")
+        client_id = self.saved().get("client_id") or "" if unset("CLIENT_ID", client_id) else client_id
+        try:
+            secret = read_client_secret(self.environ, self.args.client_secret_file)
+        except FlowError:  # the client_secret check says why
+            secret = ""
+        if unset("CLIENT_SECRET", secret) and self.stored()[0] and self.saved():
+            secret = kept_secret(self.stored()[0], client_id)[0]
+        return Client(client_id, secret, self.auth_method(), self.http_timeout)
+
+    def redirect_uri(self):
+        return _setting(self.args.redirect_uri, self.environ, "REDIRECT_URI", DEFAULT_REDIRECT_URI)
 
     def stored(self):
         """(store, saved or None, the problem reading it or None), read once."""
@@ -2734,7 +2756,7 @@ class Doctor:
         return "ok", "{} advertised".format(what), ""
 
     def _redirect_uri(self):
-        uri = _setting(self.args.redirect_uri, self.environ, "REDIRECT_URI", DEFAULT_REDIRECT_URI)
+        uri = self.redirect_uri()
         check_redirect_uri(uri)
         parts = urllib.parse.urlsplit(uri)
         port = 80 if parts.port is None else parts.port
@@ -2879,6 +2901,125 @@ class Doctor:
         fixes = {"ok": "", "fail": "The token is not signed by a key its issuer publishes: sign in again, and "
                                    "check GLEAN_BACKEND_URL.", "warn": "Nothing, if the Chat API takes the token."}
         return status, check.verdict.line.replace("Signature: ", "", 1), fixes[status]
+
+
+    # --- doctor --probe: what only the server can tell, asked without a sign-in
+
+    def _reachable(self):
+        url = self.backend + "/liveness_check"
+        try:
+            status = http_request(url, deadline=self.http_timeout).status
+        except FlowError as error:
+            return "fail", str(error), self.unreachable_fix(error)
+        if 200 <= status < 300:
+            return "ok", "{} answered {}".format(url, status), ""
+        return "warn", "{} answered {}".format(url, status), "Nothing, if the metadata check is ok: not every " \
+            "backend serves it."
+
+    def _client_auth(self):
+        """The token endpoint, asked to trade a code that cannot exist, authenticated as a
+        real exchange is: invalid_grant means the client's id and secret were accepted."""
+        client, (state, verifier, _) = self.client(), make_pkce()
+        code = "glean-oauth-doctor-probe-not-a-code-" + state[:16]
+        try:
+            exchange_code(self.metadata["token_endpoint"], client, code, verifier, self.redirect_uri())
+        except FlowError as error:
+            if error.oauth_error == "invalid_grant":
+                return "ok", "client id and secret accepted ({}; the made-up code was refused, as it must be)".format(
+                    client.auth_method), ""
+            if error.oauth_error != "invalid_client" and error.status != 401:
+                return "warn", str(error), "Nothing, if sign-in works; else report this to Glean support."
+            return "fail", "the server does not accept this client id and secret: {}".format(error), \
+                "A rotated secret is the usual cause: set CLIENT_SECRET to the client's current secret, and check " \
+                "that CLIENT_ID {} is the static client's id (auth method {}).".format(client.client_id,
+                                                                                    client.auth_method)
+        return "warn", "the token endpoint took a code that cannot exist", "Report this to Glean support."
+
+    def _registration(self):
+        """The authorization request a sign-in makes, never followed: a redirect elsewhere
+        than the redirect URI (to sign in) means the client and its redirect URI are known."""
+        client, uri, (state, _, challenge) = self.client(), self.redirect_uri(), make_pkce()
+        scope = " ".join(_setting(self.args.scope, self.environ, "GLEAN_SCOPES").split()) or \
+            self.saved().get("requested_scope") or ""
+        url = build_authorization_url(self.metadata["authorization_endpoint"], client.client_id, uri, state, challenge,
+                                      scope)
+        try:
+            answer = http_request(url, deadline=self.http_timeout)
+        except FlowError as error:
+            if error.headers is None:
+                raise
+            answer, location = None, urllib.parse.urlsplit(error.headers.get("Location") or "")
+            said = urllib.parse.parse_qs(location.query)
+            if location[:3] != urllib.parse.urlsplit(uri)[:3] or "error" not in said:
+                return "ok", "the server knows the client {} and its redirect URI {} (it sends the browser to " \
+                    "sign in)".format(client.client_id, uri), ""
+            code = said.get("error", [""])[0]
+            refusal = one_line(code + ": " + said.get("error_description", [""])[0]).rstrip(": ")
+        if answer is not None and 200 <= answer.status < 300:
+            return "ok", "the server answered the authorization request with a page ({})".format(answer.status), ""
+        if answer is not None:
+            code, refusal = _oauth_error(answer.body)
+            refusal = refusal or "{}: {}".format(answer.status, excerpt(answer.body))
+        fix = {"invalid_redirect_uri": "Register {} on the client exactly, or set REDIRECT_URI to a redirect URI "
+                                       "registered there.".format(uri),
+               "invalid_client": "Check CLIENT_ID: the server does not know the client {} (deleted, or another "
+                                 "tenant's?).".format(client.client_id),
+               "invalid_scope": "Ask only for scopes the client has: check --scope or GLEAN_SCOPES ({}).{}".format(
+                   scope or "none", scope_refusal_hint(FlowError("", oauth_error=code), scope, self.metadata))}
+        return "fail", "the server refused the authorization request ({})".format(refusal), fix.get(
+            code, "Check CLIENT_ID and REDIRECT_URI against the client's registration in Glean's admin console.")
+
+    def _token_use(self):
+        """One request per surface the stored token's scopes cover (search, mcp), and none
+        that starts a chat; after a 401, one refresh (under the lock) and one retry."""
+        store, saved = self.stored()[:2]
+        if not valid_for(saved, 0, time.time()):
+            return "skip", SKIPPED.format("access_token") + " (it has expired)", ""
+        granted = (granted_scope(saved) or "").lower().split()
+        server = self.args.mcp_server or ("default" if "mcp" in granted else None)
+        surfaces = ([("search", self.backend + "/rest/api/v1/search", {"query": "glean", "pageSize": 1})]
+                    if "search" in granted else []) + ([("mcp", "{}/mcp/{}".format(self.backend, server), {
+                        "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                            "protocolVersion": "2025-06-18", "capabilities": {},
+                            "clientInfo": {"name": "glean_oauth.py doctor", "version": __version__}}})]
+                                                       if server else [])
+        if not surfaces:
+            return "skip", "nothing to try: the token has neither search nor mcp (chat is never tried: it would " \
+                "start a chat; --mcp-server tries MCP)", ""
+        token, refreshed, outcomes = saved["access_token"], False, []
+        for scope, url, body in surfaces:
+            while True:
+                answer = http_request(url, json.dumps(body).encode("utf-8"), {
+                    "Authorization": "Bearer " + token, "Content-Type": "application/json",
+                    "Accept": "application/json, text/event-stream"}, deadline=self.http_timeout)
+                if answer.status != 401 or refreshed or not saved.get("refresh_token"):
+                    break
+                refreshed, token = True, fresh_tokens(store, self.environ, 0, self.http_timeout, refused=token,
+                                                      named=self.named)["access_token"]
+            outcomes.append(self.used(scope, url, answer, saved, refreshed, token))
+        worst = max(outcomes, key=lambda outcome: ("ok", "warn", "fail").index(outcome[0]))
+        return worst[0], "; ".join(outcome[1] for outcome in outcomes), worst[2]
+
+    def used(self, scope, url, answer, saved, refreshed, token):
+        """(status, detail, fix) of one surface's answer, by Glean's meanings of its statuses."""
+        said = "{} answered {}".format(url, answer.status)
+        if 200 <= answer.status < 300:
+            return "ok", said + " (the token works there)", ""
+        sign_in = self.stored()[0].command('login --force --scope "{}"'.format(" ".join(_scope_union(
+            (saved.get("requested_scope") or "").split() + [scope, "offline_access"]))))
+        if answer.status == 401:
+            return "fail", said + ": the token was refused" + (" after a refresh" if refreshed else ""), \
+                "Sign in again with: " + sign_in
+        if answer.status == 403:
+            granted = granted_scope(saved)
+            lacks = "the {} scope".format(scope) if granted and scope not in granted.lower().split() else "a scope"
+            return "fail", said + ": the token lacks {} or a policy blocks it (granted: {})".format(
+                lacks, granted or "not said"), "Sign in asking for {}: {}".format(scope, sign_in)
+        if answer.status == 404:
+            return "fail", said + ": not enabled on this tenant", "Ask a Glean admin to enable it" + (
+                ", and check the server name (--mcp-server)." if scope == "mcp" else ".")
+        return "warn", "{}: {}".format(said, excerpt(answer.body, credential_forms(token))), \
+            "Nothing, if your tool works with the token; else report this to Glean support."
 
 
 # --- Signatures: JWS checked in pure Python (inspect, doctor, --verify) -------------------
@@ -3299,6 +3440,13 @@ FLAGS = {
                                                "the metadata's jwks_uri: a Signature: line instead of the doc's"),
     "--jwks": dict(metavar="URL_OR_FILE", help="the keys to check the signature with: a JWK Set's URL, or a file "
                                                "(then no configuration and no request); default: the jwks_uri"),
+    "--probe": dict(action="store_true", help="also ask the server: GET /liveness_check; the token endpoint with a "
+                                              "made-up code (the client's id and secret checked, nothing issued); the "
+                                              "authorization endpoint, never followed (the client, redirect URI and "
+                                              "scopes); and with a valid stored token, one search and one MCP "
+                                              "initialize, as its scopes allow (one refresh after a 401)"),
+    "--mcp-server": dict(metavar="NAME", help="with --probe: try the token on the MCP server /mcp/NAME (default: "
+                                              "default, when the token has the mcp scope)"),
 }
 
 SIGN_IN_FLAGS = ["--backend-url", "--client-id", "--client-secret-file", "--redirect-uri", "--auth-method", "--scope",
@@ -3328,9 +3476,10 @@ COMMANDS = {
     "logout": (logout_command, "revoke the tokens where the server can, and delete them (--local: only delete them)",
                ["--backend-url", "--token-file", "--http-timeout", "--local", "--all", "--client-secret-file"], None),
     "doctor": (doctor_command, "check the client's setup, the server and the store; a block for a support ticket",
-               ["--backend-url", "--client-id", "--client-secret-file", "--redirect-uri", "--auth-method",
-                "--token-file", "--json", "--http-timeout"],
-               "It never signs in, never refreshes, and never shows a token or the secret.\n"
+               ["--backend-url", "--client-id", "--client-secret-file", "--redirect-uri", "--auth-method", "--scope",
+                "--token-file", "--json", "--http-timeout", "--probe", "--mcp-server"],
+               "Without --probe it sends two requests: the metadata and the JWKS. It never signs in, never\n"
+               "refreshes (but --probe, once, after a 401), and never shows a token, a code or the secret.\n"
                "exit codes: 0 no check failed; 1 a check failed; 2 bad usage"),
     "inspect": (inspect_command, "show the stored access token's header and claims, and check its signature",
                 ["--backend-url", "--token-file", "--jwks", "--http-timeout"],
@@ -4392,16 +4541,27 @@ BROWSER_WAIT_SECONDS = 2  # long enough for a BROWSER command that fails at once
 
 def open_browser(url, environ):
     """Open `url` in the user's browser where there is a graphical one, or BROWSER says
-    which; never a text browser in this terminal. Returns the note to show: that it was
-    opened, or that the browser command failed; None when no browser was tried."""
+    which, or on WSL in Windows' own (windows_browser); never a text browser in this
+    terminal. Returns the note to show: that it was opened, or that the browser command
+    failed; None when no browser was tried."""
     import webbrowser  # here: it is slow to import and only this step needs it
 
-    try:
-        browser = webbrowser.get()
-    except webbrowser.Error:
-        return None
-    if isinstance(browser, webbrowser.GenericBrowser) and not environ.get("BROWSER"):
-        return None  # lynx, w3m and the like: they would take over the terminal
+    opened = "(Opened it in your browser.)"
+    release = os.uname().release.lower() if hasattr(os, "uname") else ""
+    if not environ.get("BROWSER") and (environ.get("WSL_DISTRO_NAME") or "microsoft" in release):
+        browser, url, name = windows_browser(webbrowser, url)
+        if browser is None:
+            return "(WSL: neither wslview nor powershell.exe is on PATH to open your Windows browser; open the URL " \
+                   "above there: WSL2 forwards 127.0.0.1 to this listener. Or paste the address here.)"
+        opened = "(Opened it in your Windows browser{}; WSL2 forwards 127.0.0.1, so its redirect reaches this " \
+                 "listener.)".format(name)
+    else:
+        try:
+            browser, name = webbrowser.get(), " with BROWSER=" + environ["BROWSER"] if environ.get("BROWSER") else ""
+        except webbrowser.Error:
+            return None
+        if isinstance(browser, webbrowser.GenericBrowser) and not environ.get("BROWSER"):
+            return None  # lynx, w3m and the like: they would take over the terminal
     # Some browsers (and BROWSER commands) only return when closed: wait a moment for a
     # verdict, not for them.
     outcome = []
@@ -4409,9 +4569,22 @@ def open_browser(url, environ):
     opener.start()
     opener.join(BROWSER_WAIT_SECONDS)
     if outcome == [False]:
-        return "(Could not open a browser{}; open the URL above yourself.)".format(
-            " with BROWSER=" + environ["BROWSER"] if environ.get("BROWSER") else "")
-    return "(Opened it in your browser.)"
+        return "(Could not open a browser{}; open the URL above yourself.)".format(name)
+    return opened
+
+
+def windows_browser(webbrowser, url):
+    """On WSL, Windows' browser: `(browser, url as it must be given to it, " with <program>")`
+    by wslview, else by powershell.exe's Start-Process, the URL in single quotes (where
+    PowerShell reads '' as ' and nothing else specially); (None, url, "") with neither."""
+    import shutil
+
+    if shutil.which("wslview"):
+        return webbrowser.GenericBrowser(["wslview", "%s"]), url, " with wslview"
+    if shutil.which("powershell.exe"):
+        command = ["powershell.exe", "-NoProfile", "-Command", "Start-Process '%s'"]
+        return webbrowser.GenericBrowser(command), url.replace("'", "''"), " with powershell.exe"
+    return None, url, ""
 
 
 def _open_quietly(browser, url):
@@ -4519,13 +4692,14 @@ def http_request(url, data=None, headers=None, deadline=None, on_line=None, limi
         conn.sock.settimeout(deadline.remaining())
         conn.request("POST" if data is not None else "GET", target, body=data, headers=headers)
         response = conn.getresponse()
-        if 300 <= response.status < 400:
-            raise FlowError(
+        if 300 <= response.status < 400:  # its Location kept for doctor --probe, never followed
+            redirected = FlowError(
                 "Request to {} was redirected ({}) to {}; not following it, since no "
                 "credential may go to another address. Check GLEAN_BACKEND_URL.".format(
                     url, response.status, one_line(response.getheader("Location") or "nowhere")),
-                status=response.status,
-            )
+                status=response.status)
+            redirected.headers = response.headers
+            raise redirected
         if on_line and 200 <= response.status < 300:
             _read_lines(response, url, deadline, on_line)
             body = b""

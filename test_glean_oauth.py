@@ -310,6 +310,7 @@ class StandInGlean:
         self.issue_refresh_token = True
         self.opaque_tokens = False  # access tokens that are not JWTs
         self.authorize_error = None  # e.g. "access_denied": the user said no
+        self.known_scopes = None  # the scopes the server takes (None: any); another is invalid_scope
         self.error_description = None
         self.callback_iss = "issuer"  # what the redirect's iss is: "issuer", None or a string
         self.metadata_extra = {}
@@ -383,20 +384,22 @@ class StandInGlean:
 
     def authorize(self, request):
         q = {k: v[0] for k, v in request.query.items()}
-        if q.get("client_id") != self.client_id:
-            return 400, {}, "unknown client_id\n"
+        if q.get("client_id") != self.client_id:  # no redirect then (RFC 6749 §4.1.2.1)
+            return _oauth_error(400, "invalid_client", "unknown client_id")
         if not _same_loopback_redirect(q.get("redirect_uri", ""), self.registered_redirect):
-            return 400, {}, "redirect_uri is not registered on this client\n"
+            return _oauth_error(400, "invalid_redirect_uri", "redirect_uri is not registered on this client")
         if q.get("response_type") != "code" or q.get("code_challenge_method") != "S256" \
                 or not q.get("code_challenge"):
             return 400, {}, "PKCE S256 and response_type=code are required\n"
         answer = {"state": q.get("state", "")}
         if self.callback_iss:
             answer["iss"] = self.issuer if self.callback_iss == "issuer" else self.callback_iss
-        if self.authorize_error:
-            answer["error"] = self.authorize_error
-            if self.error_description:
-                answer["error_description"] = self.error_description
+        unknown = [scope for scope in (q.get("scope") or "").split()
+                   if self.known_scopes is not None and scope not in self.known_scopes]
+        if self.authorize_error or unknown:
+            answer["error"] = self.authorize_error or "invalid_scope"
+            if self.error_description or unknown:
+                answer["error_description"] = self.error_description or "Unsupported scope: " + " ".join(unknown)
         else:
             code = secrets.token_urlsafe(32)
             with self._lock:
@@ -491,6 +494,29 @@ class StandInGlean:
             self.revoked.append((f.get("token_type_hint"), f.get("token")))
         return 200, {}, ""
 
+    def _bearer(self, request, scope):
+        """None when the request's bearer token is one this server issued with `scope` (or with
+        no scope said); else the refusal, as Glean's meanings have it: 401 for a token it does
+        not know, 403 for one that lacks the scope."""
+        kind, _, token = request.headers.get("Authorization", "").partition(" ")
+        if kind != "Bearer" or token not in self.access_tokens:
+            return 401, {"WWW-Authenticate": "Bearer"}, {"error": "invalid_token"}
+        granted = self.access_tokens[token]
+        if granted is not None and scope not in granted.lower().split():
+            return 403, {}, {"error": "insufficient_scope"}
+        return None
+
+    def search(self, request):
+        """The Client API's search: one result."""
+        return self._bearer(request, "search") or (200, {}, {"results": [{"title": "Glean"}], "hasMoreResults": True})
+
+    def mcp(self, request):
+        """The remote MCP server /mcp/default: JSON-RPC, initialize only."""
+        if json.loads(request.body.decode("utf-8")).get("method") != "initialize":
+            return 400, {}, {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "initialize first"}}
+        return self._bearer(request, "mcp") or (200, {}, {"jsonrpc": "2.0", "id": 1, "result": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "serverInfo": {"name": "glean-stand-in"}}})
+
     def chat(self, request):
         """Glean's Chat API: a stage (UPDATE) message, then the answer (CONTENT); with
         "stream": true, NDJSON lines: the stages, then the answer a word at a time."""
@@ -561,7 +587,8 @@ class _StandInHandler(BaseHTTPRequestHandler):
         self._serve({"/.well-known/oauth-authorization-server": metadata,
                      "/.well-known/oauth-authorization-server/oauth": metadata,  # RFC 8414 §3.1's form
                      "/oauth/authorize": self.glean.authorize,
-                     "/oauth/jwks": lambda r: (200, {}, stand_in_jwks())})
+                     "/oauth/jwks": lambda r: (200, {}, stand_in_jwks()),
+                     "/liveness_check": lambda r: (200, {}, "OK\n")})
 
     def date_time_string(self, timestamp=None):
         """The Date header, skewed as the test asks: a server whose clock is off."""
@@ -569,7 +596,8 @@ class _StandInHandler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self._serve({"/oauth/token": self.glean.token, "/rest/api/v1/chat": self.glean.chat,
-                     "/oauth/revoke": self.glean.revoke})
+                     "/oauth/revoke": self.glean.revoke, "/rest/api/v1/search": self.glean.search,
+                     "/mcp/default": self.glean.mcp})
 
     def _serve(self, routes):
         length = int(self.headers.get("Content-Length") or 0)
@@ -1878,6 +1906,33 @@ def test_a_browser_command_that_fails_is_not_reported_as_opened(tmp_path):
     assert flow.code == 0, flow.run.output()
     assert "(Opened it in your browser.)" not in flow.stderr
     assert "(Could not open a browser with BROWSER={}; open the URL above yourself.)".format(browser) in flow.stderr
+
+
+@posix_only(FAKE_BROWSER)
+def test_on_wsl_login_hands_windows_the_exact_url_and_the_listener_still_takes_the_redirect(tmp_path):
+    fake_program(tmp_path, "powershell.exe")
+    with StandInGlean() as glean:
+        glean.overrides["/oauth/it's%41"] = glean.authorize
+        glean.metadata_extra["authorization_endpoint"] = glean.url + "/oauth/it's%41?tenant=a&b=%25"
+        flow = run_flow(glean, ["login", "--token-file", str(tmp_path / "tokens.json")], process=True,
+                        WSL_DISTRO_NAME="Ubuntu", PATH=str(tmp_path) + os.pathsep + os.environ["PATH"])
+    assert flow.code == 0, flow.run.output()
+    url = flow.stderr.split("Open this URL in your browser:\n\n", 1)[1].split("\n", 1)[0]
+    assert "'" in url and "&" in url and "%" in url
+    assert (tmp_path / "powershell.exe.args").read_text() == "-NoProfile -Command Start-Process '{}'".format(
+        url.replace("'", "''"))
+    assert "(Opened it in your Windows browser with powershell.exe; WSL2 forwards 127.0.0.1, so its redirect " \
+        "reaches this listener.)" in flow.stderr
+    assert flow.browser[0] == 200  # the redirect reached the listener
+
+
+@posix_only(FAKE_BROWSER)
+def test_on_wsl_without_a_way_to_windows_the_url_is_left_to_the_user(tmp_path):
+    with StandInGlean() as glean:
+        flow = run_flow(glean, ["--no-chat"], process=True, WSL_DISTRO_NAME="Ubuntu", PATH=str(tmp_path))
+    assert flow.code == 0, flow.run.output()
+    assert "(WSL: neither wslview nor powershell.exe is on PATH to open your Windows browser; open the URL above " \
+        "there: WSL2 forwards 127.0.0.1 to this listener. Or paste the address here.)" in flow.stderr
 
 
 # --- Step 6: the callback -----------------------------------------------------------------
@@ -3874,7 +3929,8 @@ def doctor(glean, path=None, args=(), **env):
     path = path or os.path.join(tempfile.mkdtemp(), "tokens.json")
     code, out, err = run_cli(good_environ(glean, **env), ["doctor", "--json", "--token-file", str(path)] + list(args))
     checks = json.loads(out)["checks"]
-    assert [check["check"] for check in checks] == list(glean_oauth.DOCTOR_CHECKS)
+    assert [check["check"] for check in checks] == list(glean_oauth.DOCTOR_CHECKS) + list(
+        glean_oauth.PROBE_CHECKS if "--probe" in args else ())
     for check in checks:  # every fail and warn says what to do; a skipped check names the one to fix
         assert bool(check["fix"]) == (check["status"] in ("warn", "fail")), check
     return code, {check["check"]: (check["status"], check["detail"], check["fix"]) for check in checks}, out + err
@@ -4200,6 +4256,88 @@ def test_doctor_reports_an_interrupted_refresh(tmp_path):
         code, checks, _ = doctor(glean, path)
     assert checks["token_store"][0] == "warn" and "a refresh was interrupted after it was sent" in checks["token_store"][1]
 
+
+
+def test_doctor_probe_asks_the_server_and_finds_a_right_setup_ok(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        saved = stored(glean, path, scope="chat search mcp offline_access")
+        glean.requests.clear()
+        code, checks, output = doctor(glean, path, ["--probe"])
+        sent = list(glean.requests)
+        text_code, text, err = run_cli(good_environ(glean), ["doctor", "--probe", "--token-file", str(path)])
+    assert code == 0 and text_code == 0, output
+    assert [checks[name][0] for name in glean_oauth.PROBE_CHECKS] == ["ok"] * 4, output
+    assert [(r.method, r.path) for r in sent] == [("GET", glean_oauth.METADATA_PATH), ("GET", "/oauth/jwks"),
+                                                  ("GET", "/liveness_check"), ("POST", "/oauth/token"),
+                                                  ("GET", "/oauth/authorize"), ("POST", "/rest/api/v1/search"),
+                                                  ("POST", "/mcp/default")]
+    made_up = sent[3].form["code"][0]  # a code that cannot exist, and says so
+    assert made_up.startswith("glean-oauth-doctor-probe-not-a-code-")
+    assert sent[3].form["client_secret"] == [CLIENT_SECRET]
+    assert sent[3].form["grant_type"] == ["authorization_code"] and sent[3].form["code_verifier"][0]
+    assert {k: v[0] for k, v in sent[4].query.items() if k not in ("state", "code_challenge")} == {
+        "response_type": "code", "client_id": CLIENT_ID, "redirect_uri": good_environ(glean)["REDIRECT_URI"],
+        "code_challenge_method": "S256", "scope": "chat search mcp offline_access"}
+    assert all(r.headers["Authorization"] == "Bearer " + saved["access_token"] for r in sent[5:])
+    assert json.loads(sent[6].body)["method"] == "initialize"
+    assert checks["client_auth"][1].startswith("client id and secret accepted (client_secret_post")
+    assert "ok    token_use" in text and text.endswith("\n21 checks: 21 ok, 0 warn, 0 fail, 0 skipped\n")
+    for value in (saved["access_token"], saved["refresh_token"], CLIENT_SECRET, made_up):
+        assert value not in output + text + err
+
+
+@parametrize("env, failing, named", [
+    ({"CLIENT_SECRET": "not-the-secret-at-all"}, {"client_auth"}, "CLIENT_SECRET"),
+    ({"CLIENT_ID": "no-such-client"}, {"client_auth", "registration"}, "no-such-client"),
+    ({"REDIRECT_URI": "http://localhost:0/elsewhere"}, {"registration"}, "http://localhost:0/elsewhere"),
+    ({"GLEAN_SCOPES": "CHAT OFFLINE_ACCESS"}, {"registration"}, '--scope "chat offline_access"'),
+])
+def test_doctor_probe_fails_exactly_the_check_a_wrong_setup_breaks_with_the_value_to_change(env, failing, named):
+    with StandInGlean() as glean:
+        glean.known_scopes = {"chat", "search", "mcp", "offline_access"}
+        code, checks, output = doctor(glean, args=["--probe"], **env)
+    assert code == 1, output
+    assert {name for name, (status, _, _) in checks.items() if status == "fail"} == failing, output
+    assert all(named in checks[name][2] for name in failing), output
+    assert "not-the-secret-at-all" not in output
+
+
+def test_doctor_probe_tries_the_token_where_its_scopes_say_and_names_the_one_it_lacks(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path, scope="chat offline_access")
+        _, lacking, _ = doctor(glean, path, ["--probe", "--mcp-server", "default"])
+        _, untried, _ = doctor(glean, path, ["--probe"])
+        stored(glean, path, scope="chat mcp offline_access")
+        _, granted, _ = doctor(glean, path, ["--probe"])
+        _, elsewhere, _ = doctor(glean, path, ["--probe", "--mcp-server", "sales"])
+    status, detail, fix = lacking["token_use"]
+    assert status == "fail" and "/mcp/default answered 403: the token lacks the mcp scope" in detail
+    assert fix.startswith("Sign in asking for mcp: ") and 'login --force --scope "chat offline_access mcp"' in fix
+    assert untried["token_use"][0] == "skip" and "chat is never tried" in untried["token_use"][1]
+    assert granted["token_use"][:2] == ("ok", "{}/mcp/default answered 200 (the token works there)".format(glean.url))
+    assert elsewhere["token_use"][0] == "fail" and "/mcp/sales answered 404: not enabled" in elsewhere["token_use"][1]
+    assert "--mcp-server" in elsewhere["token_use"][2]
+
+
+def test_doctor_probe_refreshes_once_after_a_401_and_tries_once_more_never_more(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        saved = stored(glean, path, scope="search offline_access")
+        del glean.access_tokens[saved["access_token"]]  # revoked at the server: 401
+        glean.requests.clear()
+        _, renewed, _ = doctor(glean, path, ["--probe"])
+        first = [(r.path, r.form.get("grant_type")) for r in glean.requests if r.method == "POST"]
+        glean.overrides["/rest/api/v1/search"] = (401, {}, {"error": "invalid_token"})
+        glean.requests.clear()
+        _, refused, output = doctor(glean, path, ["--probe"])
+        second = [(r.path, r.form.get("grant_type")) for r in glean.requests if r.method == "POST"]
+    assert renewed["token_use"][0] == "ok" and json.loads(path.read_text())["refresh_token"] != saved["refresh_token"]
+    search, refresh = ("/rest/api/v1/search", None), ("/oauth/token", ["refresh_token"])
+    assert first == second == [("/oauth/token", ["authorization_code"]), search, refresh, search]
+    assert refused["token_use"][0] == "fail" and "the token was refused after a refresh" in refused["token_use"][1]
+    assert refused["token_use"][2].startswith("Sign in again with: ")
 
 def test_a_token_response_says_how_far_the_servers_clock_is_and_status_shows_it(tmp_path):
     path = tmp_path / "tokens.json"
