@@ -1359,8 +1359,11 @@ def _shell_word(text):
     on Windows double quotes (and a path's backslashes as they are)."""
     if re.match(r"^[A-Za-z0-9_./:@%+=,\\-]+\Z" if os.name == "nt" else r"^[A-Za-z0-9_./:@%+=,-]+\Z", text):
         return text
-    if os.name == "nt":
-        return '"' + text + '"'
+    return '"' + text + '"' if os.name == "nt" else _sh(text)
+
+
+def _sh(text):
+    """`text` in single quotes for a POSIX shell's eval."""
     return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
@@ -1750,11 +1753,6 @@ def token_json(tokens, now):
     value = {key: tokens.get(key) for key in ("access_token", "token_type", "expires_at", "scope")}
     value.update(expires_in=None if when is None else int(when - now), expires_on=None if when is None else int(when))
     return value
-
-
-def _sh(text):
-    """`text` in single quotes for a POSIX shell's eval."""
-    return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
 # The ways `token` prints a token, one row each: name -> (access token, backend) -> text. The
@@ -2295,19 +2293,20 @@ def user_of(saved):
     return None
 
 
-def expiry_text(saved, now, relative_only=False):
-    """'the access token expires at <ISO> (in 59 min)', or that it expired, or is unknown;
-    `relative_only`: '59 min'."""
+def expiry_text(saved, now, relative_only=False, subject="the access token "):
+    """'the access token expires at <ISO> (in 59 min)', or that it expired, or is unknown
+    (with `subject` "": 'expires at ...'); `relative_only`: '59 min'."""
     when = expires_at(saved)
     if when is None:
-        return "an hour (its expiry is unknown)" if relative_only else "the access token's expiry is unknown"
+        return "an hour (its expiry is unknown)" if relative_only else \
+            "the access token's expiry is unknown" if subject else "expiry unknown"
     minutes = int(abs(when - now) // 60)
     relative = "{} min".format(minutes) if minutes < 120 else "{} h".format(minutes // 60)
     if relative_only:
         return relative
     if when > now:
-        return "the access token expires at {} (in {})".format(iso_time(when), relative)
-    return "the access token expired at {} ({} ago)".format(iso_time(when), relative)
+        return "{}expires at {} (in {})".format(subject, iso_time(when), relative)
+    return "{}expired at {} ({} ago)".format(subject, iso_time(when), relative)
 
 
 def until_text(when, now):
@@ -2338,10 +2337,8 @@ def status_of(saved, store, now, environ, default=None):
 
 
 def info_expiry(info):
-    """'expires at <ISO> (in 59 min)' of a status_of entry, or that it is unknown."""
-    if info["expires_at"] is None:
-        return "expiry unknown"
-    return expiry_text({"expires_at": info["expires_at"]}, time.time()).replace("the access token ", "")
+    """'expires at <ISO> (in 59 min)' of a status_of entry, or 'expiry unknown'."""
+    return expiry_text({"expires_at": info["expires_at"]}, time.time(), subject="")
 
 
 def secret_where(saved, store, environ, flag_path=None):
@@ -2375,6 +2372,12 @@ DOCTOR_NEEDS = {"metadata": ["backend_url"], "issuer": ["metadata"], "pkce": ["m
                 "reachable": ["backend_url"], "client_auth": ["metadata", "client_id", "client_secret"],
                 "registration": ["metadata", "client_id"], "token_use": ["backend_url", "access_token"]}
 PROBE_CHECKS = ("reachable", "client_auth", "registration", "token_use")  # doctor --probe's, after the others
+PROBE_SURFACES = {  # scope -> (path, body): token_use's one cheap request, none that starts a chat
+    "search": ("/rest/api/v1/search", {"query": "glean", "pageSize": 1}),
+    "mcp": ("/mcp/{}", {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "glean_oauth.py doctor",
+                                                                            "version": __version__}}}),
+}
 SKIPPED = "not checked: needs the {} check"
 # The fix for a check that failed with a FlowError of the flow's own (its message says what is wrong).
 DOCTOR_FIXES = {
@@ -2867,15 +2870,15 @@ class Doctor:
         if saved.get("refresh_refused_at"):
             return "fail", "spent: its refresh token was refused", "Sign in again with: " + store.command("login")
         now, when = time.time(), expires_at(saved)
+        said = expiry_text(saved, now, subject="")
         if when is None:
             return "warn", "its expiry is unknown (no expires_in, not a JWT with exp)", "Nothing, if it works."
         if when > now:
-            return "ok", expiry_text(saved, now).replace("the access token ", ""), ""
+            return "ok", said, ""
         if saved.get("refresh_token"):
-            return "warn", expiry_text(saved, now).replace("the access token ", "") + "; the refresh token can " \
-                "renew it", "Nothing: token, exec and TokenProvider refresh it when they need it."
-        return "fail", expiry_text(saved, now).replace("the access token ", "") + ", and there is no refresh token", \
-            "Sign in again with: " + store.command("login")
+            return "warn", said + "; the refresh token can renew it", \
+                "Nothing: token, exec and TokenProvider refresh it when they need it."
+        return "fail", said + ", and there is no refresh token", "Sign in again with: " + store.command("login")
 
     def _refresh_token(self):
         saved = self.saved()
@@ -2976,18 +2979,14 @@ class Doctor:
         if not valid_for(saved, 0, time.time()):
             return "skip", SKIPPED.format("access_token") + " (it has expired)", ""
         granted = (granted_scope(saved) or "").lower().split()
-        server = self.args.mcp_server or ("default" if "mcp" in granted else None)
-        surfaces = ([("search", self.backend + "/rest/api/v1/search", {"query": "glean", "pageSize": 1})]
-                    if "search" in granted else []) + ([("mcp", "{}/mcp/{}".format(self.backend, server), {
-                        "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-                            "protocolVersion": "2025-06-18", "capabilities": {},
-                            "clientInfo": {"name": "glean_oauth.py doctor", "version": __version__}}})]
-                                                       if server else [])
+        surfaces = [scope for scope in PROBE_SURFACES if scope in granted or scope == "mcp" and self.args.mcp_server]
         if not surfaces:
             return "skip", "nothing to try: the token has neither search nor mcp (chat is never tried: it would " \
                 "start a chat; --mcp-server tries MCP)", ""
         token, refreshed, outcomes = saved["access_token"], False, []
-        for scope, url, body in surfaces:
+        for scope in surfaces:
+            path, body = PROBE_SURFACES[scope]
+            url = self.backend + path.format(self.args.mcp_server or "default")
             while True:
                 answer = http_request(url, json.dumps(body).encode("utf-8"), {
                     "Authorization": "Bearer " + token, "Content-Type": "application/json",
