@@ -86,8 +86,6 @@ PLACEHOLDERS = {
 METADATA_PATH = "/.well-known/oauth-authorization-server"  # RFC 8414 §3
 ISSUER_PATH = "/oauth"  # Glean's issuer is {backend}/oauth: the RFC 8414 §3.1 path form appends it
 CHAT_PATH = "/rest/api/v1/chat"
-
-
 BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*\Z")  # RFC 6750 §2.1 b64token, with no line end after it
 CHAT_QUESTION = "Who is on the executive team?"
 CODE_PREFIX_LENGTH = 16  # how much of the authorization code is ever printed
@@ -545,10 +543,10 @@ def chat_step(config, console, results, token_response):
     """Doc step 8. A failure (401/403 without the CHAT scope is common) is reported and
     the run goes on, so the tokens already obtained are still decoded and refreshed.
     Returns the exit code this step calls for."""
-    lacking = chat_scope_missing(token_response)
-    if lacking is not None:
+    granted = chat_scope_missing(token_response)
+    if granted is not None:
         console.note('The token was not granted the chat scope (granted: {}); the Chat API will likely refuse '
-                     'it. Ask for it with --scope "{}".'.format(lacking, " ".join(
+                     'it. Ask for it with --scope "{}".'.format(granted, " ".join(
                          _scope_union(config.scope.split() + ["chat", "offline_access"]))))
     try:
         chat_response = results.sections["chat_response"] = call_chat_api(
@@ -773,6 +771,9 @@ def _finite(text):
     if value in (float("inf"), float("-inf")):
         raise ValueError("{} is too large a number".format(text))
     return value
+
+
+# --- What the steps print, made safe ---------------------------------------------------------
 
 
 def printable(text, keep=""):
@@ -1792,8 +1793,8 @@ def exec_command(argv, environ, console, stdin):
         return subprocess.call(command, env=child_environ)
     except (OSError, ValueError) as error:  # ValueError: a NUL in the command or the environment
         found = not isinstance(error, FileNotFoundError)
-        raise FlowError("Cannot run {}: {}.".format(one_line(command[0]), "not found" if not found else (
-            _why(error))), EXIT_CANNOT_EXECUTE if found else EXIT_NOT_FOUND)
+        raise FlowError("Cannot run {}: {}.".format(one_line(command[0]), _why(error) if found else "not found"),
+                        EXIT_CANNOT_EXECUTE if found else EXIT_NOT_FOUND)
 
 
 def status_command(argv, environ, console, stdin):
@@ -2582,7 +2583,7 @@ class Doctor:
             self.named, self.named_problem = ("", None), error
         self.backend = ""  # once the backend_url check has found it usable
         self.metadata, self.offset, self.failure = None, None, None  # failure: the metadata request's FlowError
-        self._stored = None
+        self._stored = self._client = None
 
     def check(self, name):
         """One check as doctor prints it: {"check", "status", "detail", "fix"}."""
@@ -2607,25 +2608,27 @@ class Doctor:
 
     def found(self, need):
         """Whether an earlier check found what `need` (in DOCTOR_NEEDS) names."""
-        saved = self.saved()
-        client = self.client()
+        saved, client = self.saved(), self.client()
         return {"backend_url": bool(self.backend), "metadata": self.metadata is not None, "token_store": bool(saved),
                 "access_token": isinstance(saved.get("access_token"), str) and bool(saved["access_token"]),
                 "client_id": not unset("CLIENT_ID", client.client_id),
                 "client_secret": client.auth_method == "none" or not unset("CLIENT_SECRET", client.client_secret)}[need]
 
     def client(self):
-        """The client as a sign-in here would authenticate it: CLIENT_ID (else the stored one)
-        and the secret from CLIENT_SECRET, its file or, failing those, the one kept at login."""
-        client_id = _setting(self.args.client_id, self.environ, "CLIENT_ID")
-        client_id = self.saved().get("client_id") or "" if unset("CLIENT_ID", client_id) else client_id
-        try:
-            secret = read_client_secret(self.environ, self.args.client_secret_file)
-        except FlowError:  # the client_secret check says why
-            secret = ""
-        if unset("CLIENT_SECRET", secret) and self.stored()[0] and self.saved():
-            secret = kept_secret(self.stored()[0], client_id)[0]
-        return Client(client_id, secret, self.auth_method(), self.http_timeout)
+        """The client as a sign-in here would authenticate it, read once: CLIENT_ID (else the
+        stored one) and the secret from CLIENT_SECRET, its file or, failing those, the one
+        kept at login."""
+        if self._client is None:
+            client_id = _setting(self.args.client_id, self.environ, "CLIENT_ID")
+            client_id = self.saved().get("client_id") or "" if unset("CLIENT_ID", client_id) else client_id
+            try:
+                secret = read_client_secret(self.environ, self.args.client_secret_file)
+                if unset("CLIENT_SECRET", secret) and self.saved():
+                    secret = kept_secret(self.stored()[0], client_id)[0]
+            except FlowError:  # the client_secret check says why
+                secret = ""
+            self._client = Client(client_id, secret, self.auth_method(), self.http_timeout)
+        return self._client
 
     def redirect_uri(self):
         return _setting(self.args.redirect_uri, self.environ, "REDIRECT_URI", DEFAULT_REDIRECT_URI)
