@@ -4303,6 +4303,25 @@ def test_doctor_probe_fails_exactly_the_check_a_wrong_setup_breaks_with_the_valu
     assert "not-the-secret-at-all" not in output
 
 
+def test_doctor_probe_before_login_and_without_the_secret_asks_what_it_can():
+    with StandInGlean() as glean:
+        glean.overrides["/liveness_check"] = (404, {}, "not found\n")
+        code, checks, output = doctor(glean, args=["--probe"], CLIENT_SECRET=None)
+    assert code == 0, output
+    assert checks["reachable"][0] == "warn" and checks["reachable"][1].endswith("/liveness_check answered 404")
+    assert checks["client_auth"] == ("skip", "not checked: needs the client_secret check", "")
+    assert checks["registration"][0] == "ok" and checks["token_use"][0] == "skip"
+    assert [r.path for r in glean.requests if r.path == "/oauth/token"] == []  # nothing to authenticate with
+
+def test_doctor_probe_authenticates_with_the_secret_kept_at_login(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path, scope="chat offline_access")
+        glean_oauth.TokenStore(str(path) + ".secret").write({"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET})
+        code, checks, output = doctor(glean, path, ["--probe"], CLIENT_SECRET=None)
+    assert checks["client_auth"][0] == "ok", output
+    assert glean.find("/oauth/token")[0].form["client_secret"] == [CLIENT_SECRET]
+
 def test_doctor_probe_tries_the_token_where_its_scopes_say_and_names_the_one_it_lacks(tmp_path):
     path = tmp_path / "tokens.json"
     with StandInGlean() as glean:
