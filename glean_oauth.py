@@ -1022,10 +1022,7 @@ class Tenants:
         return "{}.{}-{}{}".format(root, host, hashlib.sha256(backend.encode("utf-8")).hexdigest()[:10], ext)
 
     def backend_of(self, store):
-        try:
-            return backend_of(store.read() or {})
-        except FlowError:
-            return None  # unreadable: the command that reads it says why
+        return backend_of(store.peek())
 
     def select(self, named=None, named_by=None):
         """The store of the tenant a command is for: the one `named`, else the default one.
@@ -1052,12 +1049,8 @@ class Tenants:
     def default(self):
         """The default tenant's backend: the one `login --default` named, else the first
         signed in (the named file's); None when there is neither."""
-        try:
-            chosen = self.default_store().read()
-        except FlowError:
-            chosen = None
         backends = [self.backend_of(store) for store in self.files()]
-        named = backend_of(chosen or {})
+        named = self.backend_of(self.default_store())
         return named if named in backends else self.backend_of(self.base)
 
     def default_store(self):
@@ -1223,6 +1216,14 @@ class TokenStore:
             if saved.get(key) is not None and not isinstance(saved[key], str):
                 raise self.unusable("its {} is not text".format(key))
         return saved
+
+    def peek(self):
+        """What it holds, or {} when nothing, or nothing that can be read (the command that
+        reads it says why)."""
+        try:
+            return self.read() or {}
+        except FlowError:
+            return {}
 
     def unusable(self, problem):
         """The error for a file that cannot be read as a store, with the way to start over."""
@@ -1649,7 +1650,7 @@ def secret_kept(config, environ):
 
 def sign_in_and_save(config, environ, console, stdin):
     """login's sign-in: doc steps 2 to 7, the tokens saved, and what they are; returns the store."""
-    before = refresh_token_in(config.store)
+    before = config.store.peek().get("refresh_token")
     metadata = discover(config, console, show=False)
     token_response = sign_in(config, console, metadata, stdin, environ)
     contents = store_contents(token_response, time.time(), settings_of(config, metadata))
@@ -1670,14 +1671,6 @@ def sign_in_and_save(config, environ, console, stdin):
     return config.store
 
 
-def refresh_token_in(store):
-    """The refresh token `store` holds now, or None (none, or a file that cannot be read)."""
-    try:
-        return (store.read() or {}).get("refresh_token")
-    except FlowError:
-        return None
-
-
 def save_sign_in(config, tenants, contents, before, console):
     """Write a sign-in to its tenant's file, chosen again under the named file's lock (and
     written under its own): two logins at once for two backends each get a file of their
@@ -1691,7 +1684,7 @@ def save_sign_in(config, tenants, contents, before, console):
         store = tenants.store_for(config.backend_url)
         if store.path != tenants.base.path:
             held.enter_context(store.locked(timeout))  # not in the middle of its refresh
-        replaced = refresh_token_in(store)
+        replaced = store.peek().get("refresh_token")
         store.write(contents, console.secrets)
         if replaced not in (None, before) and replaced != contents.get("refresh_token"):
             console.note("Another sign-in for {} saved its tokens while this one ran; this one's replaced them, "
@@ -1715,10 +1708,7 @@ def current_sign_in(config):
     """The stored sign-in when it serves this `login` as it is: the same tenant and client,
     requested scopes that include the ones asked for now (compared case-insensitively),
     and an access token that is valid or can be renewed; else None."""
-    try:
-        saved = config.store.read()
-    except FlowError:
-        return None  # the sign-in replaces what cannot be read
+    saved = config.store.peek()  # what cannot be read, the sign-in replaces
     if not saved or (backend_of(saved), saved.get("client_id")) != (config.backend_url, config.client_id):
         return None
     asked, had = (set((scope or "").lower().split()) for scope in (config.scope, saved.get("requested_scope")))
