@@ -1927,6 +1927,18 @@ def test_on_wsl_login_hands_windows_the_exact_url_and_the_listener_still_takes_t
 
 
 @posix_only(FAKE_BROWSER)
+def test_on_wsl_wslview_opens_the_url_when_there_is_one(tmp_path):
+    fake_program(tmp_path, "wslview")
+    fake_program(tmp_path, "powershell.exe")
+    with StandInGlean() as glean:
+        flow = run_flow(glean, ["--no-chat"], process=True, WSL_DISTRO_NAME="Ubuntu",
+                        PATH=str(tmp_path) + os.pathsep + os.environ["PATH"])
+    assert flow.code == 0, flow.run.output()
+    url = flow.stdout.split("Open this URL in your browser:\n\n", 1)[1].split("\n", 1)[0]
+    assert (tmp_path / "wslview.args").read_text() == url and not (tmp_path / "powershell.exe.args").exists()
+    assert "(Opened it in your Windows browser with wslview; WSL2 forwards 127.0.0.1" in flow.stderr
+
+@posix_only(FAKE_BROWSER)
 def test_on_wsl_without_a_way_to_windows_the_url_is_left_to_the_user(tmp_path):
     with StandInGlean() as glean:
         flow = run_flow(glean, ["--no-chat"], process=True, WSL_DISTRO_NAME="Ubuntu", PATH=str(tmp_path))
@@ -4339,6 +4351,21 @@ def test_doctor_probe_tries_the_token_where_its_scopes_say_and_names_the_one_it_
     assert elsewhere["token_use"][0] == "fail" and "/mcp/sales answered 404: not enabled" in elsewhere["token_use"][1]
     assert "--mcp-server" in elsewhere["token_use"][2]
 
+
+def test_doctor_probe_on_answers_it_cannot_place_warns_with_the_servers_words(tmp_path):
+    path = tmp_path / "tokens.json"
+    with StandInGlean() as glean:
+        stored(glean, path, scope="search offline_access")
+        glean.overrides["/oauth/token"] = (400, {}, {"error": "invalid_request", "error_description": "odd"})
+        glean.overrides["/oauth/authorize"] = (200, {}, "<html>Sign in</html>")
+        glean.overrides["/rest/api/v1/search"] = (500, {}, "upstream down\n")
+        glean.overrides["/liveness_check"] = lambda request: (_ for _ in ()).throw(OSError("no answer"))
+        code, checks, output = doctor(glean, path, ["--probe"])
+    assert checks["client_auth"][:2] == ("warn", "token request failed (400): invalid_request: odd")
+    assert checks["registration"][:2] == ("ok", "the server answered the authorization request with a page (200)")
+    assert checks["token_use"][:2] == ("warn", "{}/rest/api/v1/search answered 500: upstream down".format(glean.url))
+    assert checks["reachable"][0] == "fail" and checks["reachable"][1].startswith("Request to {}/liveness_check "
+                                                                                "failed".format(glean.url))
 
 def test_doctor_probe_refreshes_once_after_a_401_and_tries_once_more_never_more(tmp_path):
     path = tmp_path / "tokens.json"
