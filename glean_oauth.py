@@ -2536,9 +2536,10 @@ def claim_checks(claims, issuer, offset, now):
 
 
 def doctor_command(argv, environ, console, stdin):
-    """`doctor`: every check of DOCTOR_CHECKS that can be made, each ok, warn or fail with
-    one line and a fix, as a block to paste into a support ticket. Never signs in, never
-    refreshes, never shows a token, a code or the secret. Exit 1 when a check failed."""
+    """`doctor`: every check of DOCTOR_CHECKS that can be made (and with --probe, of
+    PROBE_CHECKS), each ok, warn or fail with one line and a fix, as a block to paste into
+    a support ticket. Never signs in, never refreshes (but --probe, once, after a 401),
+    never shows a token, a code or the secret. Exit 1 when a check failed."""
     args = parse_args("doctor", argv)
     doctor = Doctor(args, environ, console)
     about = doctor.about()  # the time the checks started, for the ticket
