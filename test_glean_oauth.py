@@ -4367,6 +4367,18 @@ def test_doctor_probe_on_answers_it_cannot_place_warns_with_the_servers_words(tm
     assert checks["reachable"][0] == "fail" and checks["reachable"][1].startswith("Request to {}/liveness_check "
                                                                                 "failed".format(glean.url))
 
+def test_doctor_probe_warns_of_a_token_endpoint_that_takes_any_code_and_names_an_unknown_refusal():
+    with StandInGlean() as glean:
+        glean.overrides["/oauth/token"] = (200, {}, {"access_token": "x" * 20, "token_type": "Bearer"})
+        glean.overrides["/oauth/authorize"] = (400, {}, {"error": "temporarily_unavailable"})
+        code, checks, output = doctor(glean, args=["--probe"])
+    assert checks["client_auth"] == ("warn", "the token endpoint took a code that cannot exist",
+                                     "Report this to Glean support.")
+    assert checks["registration"] == ("fail", "the server refused the authorization request "
+                                              "(temporarily_unavailable)",
+                                      "Check CLIENT_ID and REDIRECT_URI against the client's registration in Glean's "
+                                      "admin console.")
+
 def test_doctor_probe_refreshes_once_after_a_401_and_tries_once_more_never_more(tmp_path):
     path = tmp_path / "tokens.json"
     with StandInGlean() as glean:
